@@ -1,0 +1,309 @@
+"""Sparse weight adapters: ``W' = W + strength * delta``, one delta per adapted Linear/Conv2d.
+
+Two delta kinds share one mechanism:
+- :class:`LoRADelta` (SPARE): ``delta = (alpha / r) * M * (B @ A)``, M an optional elementwise
+  saliency mask (element-level sparsity) on a few salient modules (module-level sparsity).
+- :class:`MaskedFullDelta` (SalUn's own parameterization): a trainable value per masked element,
+  every other element of the weight stays bit-identical.
+
+Written by hand instead of with peft's LoRA layers because (1) peft has no elementwise-masked
+LoRA, (2) ComfyUI patches weights rather than swapping modules, and the same ``delta()`` must serve
+both backends, and (3) the frozen teacher is the same UNet with the adapter switched off, which a
+weight parametrization gives for free. peft is used for the diffusers-format export (export.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .saliency import adaptable_modules
+
+
+def _fan_in(shape: torch.Size | tuple[int, ...]) -> int:
+    return int(math.prod(shape[1:]))
+
+
+class LoRADelta(nn.Module):
+    """Low-rank delta for one weight of shape ``[out, in]`` or ``[out, in, kh, kw]``.
+
+    Parameters: ``lora_A`` ``[r, in*kh*kw]`` (Kaiming-uniform init, as peft), ``lora_B``
+    ``[out, r]`` (zeros, so the adapter starts as the identity). Buffer ``mask``: bool,
+    weight-shaped, or absent.
+    """
+
+    kind = "lora"
+
+    def __init__(self, weight_shape: tuple[int, ...], rank: int, alpha: float,
+                 mask: Tensor | None = None, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        out, fan_in = int(weight_shape[0]), _fan_in(weight_shape)
+        if rank <= 0:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if rank > min(out, fan_in):
+            raise ValueError(f"rank {rank} is larger than the layer allows (min(out={out}, "
+                             f"in={fan_in}) = {min(out, fan_in)}); choose rank <= {min(out, fan_in)}")
+        if mask is not None and tuple(mask.shape) != tuple(weight_shape):
+            raise ValueError(f"mask shape {list(mask.shape)} != weight shape {list(weight_shape)}")
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.rank, self.alpha = int(rank), float(alpha)
+        a = torch.empty(rank, fan_in)
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) bound, as nn.Linear / peft
+        a.uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(out, rank))
+        self.register_buffer("mask", None if mask is None else mask.bool().clone())
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> Tensor:
+        d = (self.lora_B @ self.lora_A).view(self.weight_shape) * self.scale
+        return d if self.mask is None else d * self.mask
+
+    def num_trainable(self) -> int:
+        return self.lora_A.numel() + self.lora_B.numel()
+
+
+class MaskedFullDelta(nn.Module):
+    """Full-weight delta restricted to ``mask``: one trainable value per masked element, stored
+    densely only for those elements (``values`` ``[nnz]``, ``index`` ``[nnz]`` into the flat weight)."""
+
+    kind = "full"
+
+    def __init__(self, weight_shape: tuple[int, ...], mask: Tensor) -> None:
+        super().__init__()
+        if tuple(mask.shape) != tuple(weight_shape):
+            raise ValueError(f"mask shape {list(mask.shape)} != weight shape {list(weight_shape)}")
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        index = mask.flatten().nonzero().squeeze(1)
+        self.register_buffer("index", index)
+        self.values = nn.Parameter(torch.zeros(index.numel()))
+
+    def delta(self) -> Tensor:
+        flat = torch.zeros(math.prod(self.weight_shape), dtype=self.values.dtype,
+                           device=self.values.device)
+        return flat.index_put((self.index,), self.values).view(self.weight_shape)
+
+    def num_trainable(self) -> int:
+        return self.values.numel()
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "::")  # nn.ModuleDict keys may not contain '.'
+
+
+class _AddDelta(nn.Module):
+    """Weight parametrization ``W -> W + adapter.delta(name)``; holds the adapter without
+    registering it, so the UNet's parameters and state_dict stay its own."""
+
+    def __init__(self, adapter: "UnlearnAdapter", name: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "_adapter", adapter)
+        self.name = name
+
+    def forward(self, weight: Tensor) -> Tensor:
+        d = self._adapter.scaled_delta(self.name)
+        return weight if d is None else weight + d.to(weight.dtype)
+
+
+class UnlearnAdapter(nn.Module):
+    """A set of per-module deltas plus a global ``strength`` and an on/off switch.
+
+    ``attach(unet)`` applies it through weight parametrizations (the UNet's own tensors are never
+    written); ``detach(unet)`` restores the original parameters, so outputs are bit-identical.
+    ``with adapter.disabled():`` gives the frozen teacher without a second copy of the UNet.
+    """
+
+    def __init__(self, deltas: Mapping[str, nn.Module], meta: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        if not deltas:
+            raise ValueError("an adapter needs at least one module")
+        self.deltas = nn.ModuleDict({_key(n): d for n, d in deltas.items()})
+        self.names: list[str] = list(deltas)
+        self.strength = 1.0
+        self.enabled = True
+        self.meta: dict[str, str] = dict(meta or {})
+        self._attached_to: list[nn.Module] = []
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.deltas[_key(name)]
+
+    def scaled_delta(self, name: str) -> Tensor | None:
+        """``strength * delta`` of one module, or None while disabled."""
+        if not self.enabled or self.strength == 0.0:
+            return None
+        d = self[name].delta()
+        return d if self.strength == 1.0 else d * self.strength
+
+    def merged(self) -> dict[str, Tensor]:
+        """Dense deltas (weight-shaped, detached, strength applied) by module name."""
+        with torch.no_grad():
+            return {n: self[n].delta().detach() * self.strength for n in self.names}
+
+    def num_trainable(self) -> int:
+        return sum(self[n].num_trainable() for n in self.names)
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Temporarily switch the adapter off (the teacher's view of the same UNet)."""
+        prev, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = prev
+
+    def check_compatible(self, unet: nn.Module) -> None:
+        """Raise a clear error if a module is missing or has another weight shape."""
+        mods = adaptable_modules(unet)
+        missing = [n for n in self.names if n not in mods]
+        if missing:
+            raise ValueError(f"adapter was made for a model with different layers: {len(missing)} "
+                             f"module(s) not in this UNet, e.g. {missing[0]!r}")
+        for n in self.names:
+            want, got = self[n].weight_shape, tuple(mods[n].weight.shape)
+            if want != got:
+                raise ValueError(f"adapter was made for a model with different layer sizes: "
+                                 f"{n} has weight {list(got)}, adapter expects {list(want)}")
+
+    def attach(self, unet: nn.Module) -> "UnlearnAdapter":
+        """Patch ``unet`` (in place, reversibly) and move the adapter to its device."""
+        self.check_compatible(unet)
+        mods = adaptable_modules(unet)
+        for n in self.names:
+            if parametrize.is_parametrized(mods[n], "weight"):
+                raise RuntimeError(f"{n} already carries a weight parametrization; "
+                                   "detach the other adapter first")
+        w = mods[self.names[0]].weight
+        self.to(w.device)
+        for n in self.names:
+            parametrize.register_parametrization(mods[n], "weight", _AddDelta(self, n))
+        self._attached_to.append(unet)
+        return self
+
+    def detach(self, unet: nn.Module) -> None:
+        """Remove the patches; the original weight Parameters are put back untouched."""
+        mods = adaptable_modules(unet)
+        for n in self.names:
+            m = mods.get(n)
+            if m is not None and parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        if unet in self._attached_to:
+            self._attached_to.remove(unet)
+
+    @contextmanager
+    def applied(self, unet: nn.Module) -> Iterator["UnlearnAdapter"]:
+        """``with adapter.applied(unet):`` attach for the block, detach after (also on error)."""
+        self.attach(unet)
+        try:
+            yield self
+        finally:
+            self.detach(unet)
+
+    # ---- native serialization (the file I/O and validation live in files.py) ----
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """Native tensors (``<module>.lora_A/.lora_B/.mask`` or ``<module>.values/.index``) and
+        string metadata (``modules``: JSON of kind/shape/rank/alpha per module)."""
+        tensors: dict[str, Tensor] = {}
+        layout = {}
+        for n in self.names:
+            d = self[n]
+            entry = {"kind": d.kind, "shape": list(d.weight_shape)}
+            if isinstance(d, LoRADelta):
+                tensors[f"{n}.lora_A"] = d.lora_A.detach().float().cpu().contiguous()
+                tensors[f"{n}.lora_B"] = d.lora_B.detach().float().cpu().contiguous()
+                if d.mask is not None:
+                    tensors[f"{n}.mask"] = d.mask.cpu().contiguous()
+                entry.update(rank=d.rank, alpha=d.alpha)
+            else:
+                tensors[f"{n}.values"] = d.values.detach().float().cpu().contiguous()
+                tensors[f"{n}.index"] = d.index.cpu().contiguous()
+            layout[n] = entry
+        meta = dict(self.meta)
+        meta["modules"] = json.dumps(layout)
+        meta["strength"] = repr(float(self.strength))
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, str]) -> "UnlearnAdapter":
+        """Inverse of :meth:`to_tensors`; raises ValueError on a missing or misshaped tensor."""
+        layout = json.loads(meta["modules"])
+        deltas: dict[str, nn.Module] = {}
+        for n, e in layout.items():
+            shape = tuple(e["shape"])
+            if e["kind"] == "lora":
+                a, b = _need(tensors, f"{n}.lora_A"), _need(tensors, f"{n}.lora_B")
+                if tuple(a.shape) != (e["rank"], _fan_in(shape)) or tuple(b.shape) != (shape[0], e["rank"]):
+                    raise ValueError(f"{n}: lora_A/lora_B shapes {list(a.shape)}/{list(b.shape)} "
+                                     f"do not fit weight {list(shape)} at rank {e['rank']}")
+                d = LoRADelta(shape, e["rank"], e["alpha"], tensors.get(f"{n}.mask"))
+                with torch.no_grad():
+                    d.lora_A.copy_(a)
+                    d.lora_B.copy_(b)
+            elif e["kind"] == "full":
+                idx, vals = _need(tensors, f"{n}.index"), _need(tensors, f"{n}.values")
+                if idx.numel() != vals.numel() or (idx.numel() and int(idx.max()) >= math.prod(shape)):
+                    raise ValueError(f"{n}: index/values do not fit weight {list(shape)}")
+                mask = torch.zeros(math.prod(shape), dtype=torch.bool)
+                mask[idx.long()] = True
+                d = MaskedFullDelta(shape, mask.view(shape))
+                with torch.no_grad():
+                    d.values.copy_(vals)
+            else:
+                raise ValueError(f"{n}: unknown delta kind {e['kind']!r}")
+            deltas[n] = d
+        adapter = cls(deltas, {k: v for k, v in meta.items() if k not in ("modules", "strength")})
+        adapter.strength = float(meta.get("strength", 1.0))
+        return adapter
+
+
+def _need(tensors: Mapping[str, Tensor], key: str) -> Tensor:
+    if key not in tensors:
+        raise ValueError(f"adapter file is missing tensor {key!r} (truncated or not a SPARE adapter)")
+    return tensors[key]
+
+
+def init_sparse_lora(unet: nn.Module, modules: list[str], rank: int = 4, alpha: float | None = None,
+                     masks: Mapping[str, Tensor] | None = None, seed: int = 0,
+                     meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
+    """LoRA on ``modules`` of ``unet`` (optionally element-masked by ``masks[name]``).
+
+    ``alpha`` defaults to ``rank`` (scale 1). Raises ValueError for an unknown module or a rank
+    that does not fit a layer, before anything is allocated.
+    """
+    mods = adaptable_modules(unet)
+    unknown = [m for m in modules if m not in mods]
+    if unknown:
+        raise ValueError(f"modules not Linear/Conv2d in this UNet: {unknown[:3]}")
+    if not modules:
+        raise ValueError("no modules selected for the adapter")
+    if rank <= 0:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    for m in modules:
+        shape = tuple(mods[m].weight.shape)
+        if rank > min(shape[0], _fan_in(shape)):
+            raise ValueError(f"rank {rank} is larger than layer {m} allows "
+                             f"(weight {list(shape)}: at most {min(shape[0], _fan_in(shape))})")
+    gen = torch.Generator().manual_seed(seed)
+    alpha = float(rank if alpha is None else alpha)
+    deltas = {m: LoRADelta(tuple(mods[m].weight.shape), rank, alpha,
+                           None if masks is None else masks.get(m), gen) for m in modules}
+    return UnlearnAdapter(deltas, meta)
+
+
+def init_masked_full(unet: nn.Module, masks: Mapping[str, Tensor],
+                     meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
+    """SalUn's parameterization: every masked element of each module's weight is trainable."""
+    mods = adaptable_modules(unet)
+    kept = {n: m for n, m in masks.items() if bool(m.any())}
+    unknown = [n for n in kept if n not in mods]
+    if unknown:
+        raise ValueError(f"masks name modules not Linear/Conv2d in this UNet: {unknown[:3]}")
+    return UnlearnAdapter({n: MaskedFullDelta(tuple(mods[n].weight.shape), m)
+                           for n, m in kept.items()}, meta)

@@ -1,0 +1,108 @@
+"""The Denoiser protocol: everything a method may know about a model.
+
+A method sees a model only through ``eps(x_t, t, context)``, the training schedule
+``alphas_cumprod`` and ``encode(prompts)``. The trainable network is exposed as ``unet`` so that
+saliency and adapters can address its weights by module name. Backends: :class:`DiffusersDenoiser`
+(here) and the ComfyUI bridge (``nodes/comfy_bridge.py``).
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """Protocol every backend implements.
+
+    Attributes:
+        unet: the trainable noise-prediction network (its weights are what methods edit).
+        alphas_cumprod: ``[T]`` float32 tensor, the training schedule's cumulative alpha-bar.
+        latent_shape: ``(C, H, W)`` of one latent the UNet denoises.
+    """
+
+    unet: nn.Module
+    alphas_cumprod: Tensor
+    latent_shape: tuple[int, int, int]
+
+    def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """Noise prediction ``[B, C, H, W]`` for latents ``x_t`` ``[B, C, H, W]`` at integer
+        timesteps ``t`` ``[B]`` (0 .. T-1) under text context ``[B, L, D]``."""
+        ...
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """Text context ``[len(prompts), L, D]`` (no gradient; the text encoder is frozen)."""
+        ...
+
+
+def device_of(denoiser: Denoiser) -> torch.device:
+    """Device the UNet's first parameter lives on."""
+    return next(denoiser.unet.parameters()).device
+
+
+class DiffusersDenoiser:
+    """Denoiser over diffusers parts: ``UNet2DConditionModel`` + CLIP text encoder + tokenizer +
+    a DDPM-style scheduler (anything with ``alphas_cumprod``), i.e. what a
+    ``StableDiffusionPipeline`` holds. ``v_prediction`` UNets are converted to eps here."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler) -> None:
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise ValueError(
+                f"scheduler {type(scheduler).__name__} has no alphas_cumprod; pass a DDPM-style "
+                "scheduler (DDPMScheduler, DDIMScheduler, PNDMScheduler, ...)")
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.alphas_cumprod = scheduler.alphas_cumprod.detach().float().cpu()
+        self.prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported; "
+                             "use an epsilon or v_prediction model")
+        cfg = unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        self.latent_shape = (int(cfg.in_channels), int(size), int(size))
+        self.text_encoder.requires_grad_(False)
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "DiffusersDenoiser":
+        """Wrap the parts of a loaded diffusers pipeline (the pipeline is not copied)."""
+        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+    @classmethod
+    def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "DiffusersDenoiser":
+        """Load ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` from a pipeline folder
+        written by ``save_pretrained`` (offline; a VAE, if present, is not needed)."""
+        import os
+
+        from diffusers import DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
+            if not os.path.isdir(os.path.join(folder, sub)):
+                raise FileNotFoundError(
+                    f"{folder!r} is not a diffusers pipeline folder: no {sub}/ inside. "
+                    "Save one with pipe.save_pretrained(folder).")
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+        te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
+        tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+        sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+        return cls(unet.to(device).eval(), te.to(device).eval(), tok, sched)
+
+    def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        out = self.unet(x_t, t, encoder_hidden_states=context).sample
+        if self.prediction_type == "v_prediction":
+            a = self.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1).to(x_t.dtype)
+            out = a.sqrt() * out + (1 - a).sqrt() * x_t
+        return out
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        dev = next(self.text_encoder.parameters()).device
+        return self.text_encoder(ids.to(dev))[0]

@@ -1,0 +1,65 @@
+"""SPARE end to end: generate concept latents -> saliency -> sparse LoRA -> self-distillation."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .adapter import UnlearnAdapter
+from .denoiser import Denoiser
+from .loop import UnlearnConfig, unlearn
+from .saliency import Saliency, compute_saliency
+from .sampling import sample
+from .sparse_lora import sparse_lora_from_saliency
+from .tasks import ConceptTask, PoolConfig
+
+
+@dataclass
+class SpareResult:
+    adapter: UnlearnAdapter
+    saliency: Saliency
+    history: dict
+
+
+def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
+                  preserve: Sequence[str] = (), *, num_samples: int = 16, sample_steps: int = 25,
+                  guidance: float = 3.0, clip_x0: float | None = None, rank: int = 4,
+                  alpha: float | None = None, module_fraction: float = 0.25,
+                  mask_fraction: float | None = None, steps: int = 100, lr: float = 1e-3,
+                  batch_size: int = 4, timestep_sampler: str = "concept",
+                  forget_weight: float = 1.0, preserve_weight: float = 1.0, seed: int = 0,
+                  progress: Callable[[int, int, float], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> SpareResult:
+    """Forget ``concept`` (overwritten by ``surrogate``) while keeping ``preserve`` prompts.
+
+    All arguments are checked before any generation or training. Returns the trained adapter
+    (not attached: apply it with ``adapter.attach(denoiser.unet)`` or save it), the saliency
+    map and the training history.
+    """
+    pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
+    task = ConceptTask(concept, surrogate, list(preserve), pool=pool)
+    task.validate(denoiser)
+    config = UnlearnConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
+                           timestep_sampler=timestep_sampler)
+    config.validate()
+    if rank <= 0:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if not (0.0 < module_fraction <= 1.0):
+        raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
+    if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
+        raise ValueError(f"sparsity (mask fraction) must be in (0, 1], got {mask_fraction}")
+
+    gen = torch.Generator().manual_seed(seed)
+    latents = sample(denoiser, [concept] * num_samples, steps=sample_steps, guidance=guidance,
+                     method="ddim", generator=gen, clip_x0=clip_x0)
+    sal = compute_saliency(denoiser, concept, latents, seed=seed, should_stop=should_stop)
+    adapter = sparse_lora_from_saliency(denoiser.unet, sal, rank=rank, alpha=alpha,
+                                        module_fraction=module_fraction,
+                                        mask_fraction=mask_fraction, seed=seed)
+    adapter.meta.update(method="spare", surrogate=surrogate)
+    task.concept_latents = latents
+    res = unlearn(denoiser, adapter, task, "self_distill", config,
+                  objective_kwargs={"forget_weight": forget_weight, "preserve_weight": preserve_weight},
+                  progress=progress, should_stop=should_stop)
+    return SpareResult(res.adapter, sal, res.history)

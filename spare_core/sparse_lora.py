@@ -1,0 +1,38 @@
+"""SPARE stage 1: turn a saliency map into a sparse LoRA adapter."""
+from __future__ import annotations
+
+from torch import nn
+
+from .adapter import UnlearnAdapter, init_sparse_lora
+from .saliency import Saliency
+
+
+def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int = 4,
+                              alpha: float | None = None, module_fraction: float | None = 0.25,
+                              top_modules: int | None = None, mask_fraction: float | None = None,
+                              mask_scope: str = "layer", module_reduce: str = "mean",
+                              seed: int = 0) -> UnlearnAdapter:
+    """LoRA on the most salient modules, optionally element-masked.
+
+    Args:
+        module_fraction: share of Linear/Conv2d modules adapted, ranked by module saliency
+            (ignored when ``top_modules`` is given).
+        mask_fraction: if set, in (0, 1]: each adapted module's update is multiplied by a mask
+            keeping this share of its most salient elements (``mask_scope='layer'``) or of all
+            adapted elements ranked together (``'global'``). None: dense low-rank update.
+        rank: must fit every chosen layer; checked before anything is allocated.
+    """
+    if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
+        raise ValueError(f"sparsity (mask fraction) must be in (0, 1], got {mask_fraction}")
+    if top_modules is None and module_fraction is not None and not (0.0 < module_fraction <= 1.0):
+        raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
+    modules = saliency.top_modules(count=top_modules,
+                                   fraction=None if top_modules is not None else module_fraction,
+                                   reduce=module_reduce)
+    masks = None
+    if mask_fraction is not None and mask_fraction < 1.0:
+        masks = saliency.mask(fraction=mask_fraction, scope=mask_scope, modules=modules)
+    meta = {"concept": saliency.concept, "rank": str(rank),
+            "mask_fraction": "" if mask_fraction is None else repr(mask_fraction),
+            "module_count": str(len(modules))}
+    return init_sparse_lora(unet, modules, rank=rank, alpha=alpha, masks=masks, seed=seed, meta=meta)

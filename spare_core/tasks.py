@@ -1,0 +1,117 @@
+"""What to forget, and how each training batch is drawn for it.
+
+A task validates its inputs, prepares once (encodes prompts, generates latent pools with the
+frozen model, builds the timestep sampler) and then draws a :class:`~spare_core.objectives.Batch`
+per step. The loop does not know which task it runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .denoiser import Denoiser, device_of
+from .objectives import Batch, Part
+from .sampling import q_sample, sample
+from .timesteps import make_timestep_sampler
+
+
+@dataclass
+class PoolConfig:
+    """How latents of a prompt are generated when none are given (frozen model, DDIM)."""
+
+    size: int = 16
+    steps: int = 25
+    guidance: float = 3.0
+    clip_x0: float | None = None
+
+
+def _same_prompt(a: str, b: str) -> bool:
+    return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
+
+
+def _part(x0: Tensor, ctx: Tensor, t: Tensor, gen: torch.Generator, ac: Tensor,
+          dev: torch.device, dtype: torch.dtype) -> Part:
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = q_sample(x0.float(), t, noise, ac)
+    return Part(x0.to(dev, dtype), noise.to(dev, dtype), t.to(dev), x_t.to(dev, dtype), ctx.to(dev, dtype))
+
+
+@dataclass
+class ConceptTask:
+    """Forget ``concept`` by overwriting it with ``surrogate`` while keeping ``preserve`` prompts.
+
+    ``concept_latents`` ``[N, C, H, W]`` (e.g. from the saliency stage) and ``preserve_latents``
+    (one tensor per preserved prompt) are generated with the frozen model when not given.
+    ``surrogate`` may be ``""`` (the unconditional prediction).
+    """
+
+    concept: str
+    surrogate: str = ""
+    preserve: Sequence[str] = ()
+    concept_latents: Tensor | None = None
+    preserve_latents: Sequence[Tensor] | None = None
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def validate(self, denoiser: Denoiser | None = None) -> None:
+        """Raise ValueError for bad input, before any long work."""
+        if not isinstance(self.concept, str) or not self.concept.strip():
+            raise ValueError("concept prompt is empty: type the concept to forget, e.g. 'Van Gogh style'")
+        if _same_prompt(self.concept, self.surrogate):
+            raise ValueError(f"surrogate equals the concept ({self.concept!r}): choose what the "
+                             "concept should turn into, e.g. 'a painting', or '' for unconditional")
+        if any(_same_prompt(self.concept, p) for p in self.preserve):
+            raise ValueError(f"the concept {self.concept!r} is also listed as a preserved prompt")
+        if self.pool.size < 1 or self.pool.steps < 1:
+            raise ValueError("pool size and pool steps must be >= 1")
+        if self.preserve_latents is not None and len(self.preserve_latents) != len(self.preserve):
+            raise ValueError("give one latent tensor per preserved prompt")
+        if denoiser is not None:
+            shape = tuple(denoiser.latent_shape)
+            given = [self.concept_latents] + list(self.preserve_latents or [])
+            for x in given:
+                if x is not None and (x.dim() != 4 or tuple(x.shape[1:]) != shape):
+                    raise ValueError(f"latents must be [N, {', '.join(map(str, shape))}], got {list(x.shape)}")
+
+    def prepare(self, denoiser: Denoiser, timestep_sampler: str, seed: int,
+                progress: Callable[[str, int, int], None] | None = None) -> None:
+        """Encode prompts, generate missing latent pools, build the timestep sampler."""
+        gen = torch.Generator().manual_seed(seed + 1)
+        self._ctx = denoiser.encode([self.concept])
+        self._sur = denoiser.encode([self.surrogate])
+        self._uncond = denoiser.encode([""])
+        self._pctx = denoiser.encode(list(self.preserve)) if self.preserve else None
+
+        def pool_for(prompt: str, what: str) -> Tensor:
+            cb = (lambda i, n: progress(what, i, n)) if progress else None
+            return sample(denoiser, [prompt] * self.pool.size, steps=self.pool.steps,
+                          guidance=self.pool.guidance, method="ddim", generator=gen,
+                          clip_x0=self.pool.clip_x0, callback=cb)
+
+        if self.concept_latents is None:
+            self.concept_latents = pool_for(self.concept, "concept pool")
+        if self.preserve and self.preserve_latents is None:
+            self.preserve_latents = [pool_for(p, f"preserve pool {i + 1}")
+                                     for i, p in enumerate(self.preserve)]
+        self.sampler = make_timestep_sampler(timestep_sampler, denoiser, self.concept_latents,
+                                             self._ctx, self._sur, seed=seed)
+
+    def batch(self, denoiser: Denoiser, batch_size: int, gen: torch.Generator) -> Batch:
+        """Draw ``batch_size`` concept latents and as many preserved ones (random prompts)."""
+        dev = device_of(denoiser)
+        dtype = next(denoiser.unet.parameters()).dtype
+        ac = denoiser.alphas_cumprod
+        idx = torch.randint(0, self.concept_latents.shape[0], (batch_size,), generator=gen)
+        t = self.sampler(batch_size, gen)
+        forget = _part(self.concept_latents[idx], self._ctx.expand(batch_size, -1, -1), t, gen, ac, dev, dtype)
+        preserve = None
+        if self.preserve:
+            which = torch.randint(0, len(self.preserve), (batch_size,), generator=gen).tolist()
+            x0 = torch.stack([self.preserve_latents[w][int(torch.randint(
+                0, self.preserve_latents[w].shape[0], (1,), generator=gen))] for w in which])
+            tp = self.sampler(batch_size, gen)
+            preserve = _part(x0, self._pctx[which], tp, gen, ac, dev, dtype)
+        return Batch(forget, preserve, self._sur.expand(batch_size, -1, -1).to(dev, dtype),
+                     self._uncond.to(dev, dtype), ac.to(dev))

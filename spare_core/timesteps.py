@@ -1,0 +1,109 @@
+"""Timestep samplers: where along the diffusion chain the training steps are spent.
+
+- ``uniform``: t ~ U{0..T-1}.
+- ``concept`` (SPARE): p(t) proportional to how much the concept changes the model's prediction at
+  t, measured on the model itself as ``g(t) = E ||eps(x_t, t, c_concept) - eps(x_t, t, c_surrogate)||^2``
+  on a grid of timesteps, mixed with a uniform floor so no timestep has zero probability.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .denoiser import Denoiser, device_of
+from .sampling import q_sample
+
+
+class TimestepSampler(Protocol):
+    def __call__(self, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` integer timesteps ``[n]`` (long, CPU)."""
+        ...
+
+
+class UniformSampler:
+    def __init__(self, num_train_steps: int) -> None:
+        self.T = int(num_train_steps)
+
+    def __call__(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randint(0, self.T, (n,), generator=generator)
+
+    def probs(self) -> Tensor:
+        return torch.full((self.T,), 1.0 / self.T)
+
+
+class ConceptSampler:
+    """Samples t from a piecewise-constant density over ``len(grid)`` bins of [0, T).
+
+    Args:
+        gaps: ``[K]`` non-negative gap per grid bin.
+        floor: share of probability spread uniformly (in (0, 1]) so every t keeps mass.
+    """
+
+    def __init__(self, gaps: Tensor, num_train_steps: int, floor: float = 0.2) -> None:
+        if not (0.0 < floor <= 1.0):
+            raise ValueError(f"floor must be in (0, 1], got {floor}")
+        gaps = gaps.double().clamp_min(0)
+        k = gaps.numel()
+        shape = gaps / gaps.sum() if float(gaps.sum()) > 0 else torch.full((k,), 1.0 / k)
+        self.bin_probs = (1 - floor) * shape + floor / k
+        self.gaps = gaps.float()
+        self.T, self.K = int(num_train_steps), k
+        self.edges = torch.linspace(0, self.T, k + 1).round().long()
+
+    def __call__(self, n: int, generator: torch.Generator) -> Tensor:
+        bins = torch.multinomial(self.bin_probs, n, replacement=True, generator=generator)
+        lo, hi = self.edges[bins], self.edges[bins + 1]
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        return (lo + (u * (hi - lo).double()).long()).clamp(max=self.T - 1)
+
+    def probs(self) -> Tensor:
+        """Per-timestep probability ``[T]`` (sums to 1)."""
+        p = torch.zeros(self.T, dtype=torch.float64)
+        for i in range(self.K):
+            lo, hi = int(self.edges[i]), int(self.edges[i + 1])
+            p[lo:hi] = self.bin_probs[i] / max(hi - lo, 1)
+        return p.float()
+
+
+@torch.no_grad()
+def concept_gaps(denoiser: Denoiser, latents: Tensor, concept_ctx: Tensor, surrogate_ctx: Tensor,
+                 bins: int = 10, seed: int = 0) -> Tensor:
+    """``g`` ``[bins]``: mean squared gap between concept- and surrogate-conditioned predictions on
+    ``latents`` ``[N, C, H, W]`` noised to the middle timestep of each bin (one batched forward per bin)."""
+    T = denoiser.alphas_cumprod.numel()
+    dev = device_of(denoiser)
+    dtype = next(denoiser.unet.parameters()).dtype
+    gen = torch.Generator().manual_seed(seed)
+    edges = torch.linspace(0, T, bins + 1)
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen)
+    gaps = []
+    for i in range(bins):
+        t = torch.full((n,), int((edges[i] + edges[i + 1]) / 2), dtype=torch.long)
+        x_t = q_sample(latents.float(), t, noise, denoiser.alphas_cumprod).to(dev, dtype)
+        tt = t.to(dev)
+        ctx = torch.cat([concept_ctx.expand(n, -1, -1), surrogate_ctx.expand(n, -1, -1)]).to(dev)
+        e = denoiser.eps(torch.cat([x_t, x_t]), torch.cat([tt, tt]), ctx).float()
+        e_c, e_s = e.chunk(2)
+        gaps.append(((e_c - e_s) ** 2).mean())
+    return torch.stack(gaps).cpu()
+
+
+def make_timestep_sampler(name: str, denoiser: Denoiser, latents: Tensor | None = None,
+                          concept_ctx: Tensor | None = None, surrogate_ctx: Tensor | None = None,
+                          bins: int = 10, floor: float = 0.2, seed: int = 0):
+    """Build the sampler called ``name`` (``'uniform'`` or ``'concept'``)."""
+    T = denoiser.alphas_cumprod.numel()
+    if name == "uniform":
+        return UniformSampler(T)
+    if name == "concept":
+        if latents is None or concept_ctx is None or surrogate_ctx is None:
+            raise ValueError("the 'concept' timestep sampler needs concept latents and both contexts")
+        return ConceptSampler(concept_gaps(denoiser, latents, concept_ctx, surrogate_ctx, bins, seed),
+                              T, floor)
+    raise ValueError(f"unknown timestep sampler {name!r}; choose 'uniform' or 'concept'")
+
+
+TIMESTEP_SAMPLERS = ("uniform", "concept")
