@@ -121,7 +121,7 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
                         raise NonFiniteLoss(f"loss became {float(loss)} at step {step}: lower lr "
                                             f"(now {config.lr}) or use float32; the model is unchanged")
                     (loss / config.grad_accum).backward()
-                    step_loss += float(loss) / config.grad_accum
+                    step_loss += loss.item() / config.grad_accum
                     for k, v in logs.items():
                         step_terms[k] = step_terms.get(k, 0.0) + v / config.grad_accum
                 if config.max_grad_norm is not None:

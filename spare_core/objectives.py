@@ -89,11 +89,11 @@ class SelfDistill:
             s = student(f.x_t, f.t, f.ctx)
             target = teacher(f.x_t, f.t, batch.surrogate_ctx)
             lf = mse(s, target)
-            return self.wf * lf, {"forget": float(lf)}
+            return self.wf * lf, {"forget": lf.item()}
         s = student(_cat(f.x_t, p.x_t), _cat(f.t, p.t), _cat(f.ctx, p.ctx))
         target = teacher(_cat(f.x_t, p.x_t), _cat(f.t, p.t), _cat(batch.surrogate_ctx, p.ctx))
         lf, lp = mse(s[:nf], target[:nf]), mse(s[nf:], target[nf:])
-        return self.wf * lf + self.wp * lp, {"forget": float(lf), "preserve": float(lp)}
+        return self.wf * lf + self.wp * lp, {"forget": lf.item(), "preserve": lp.item()}
 
 
 OBJECTIVES: dict[str, type] = {"self_distill": SelfDistill}

@@ -77,9 +77,12 @@ class Saliency:
         return {n: float(fn(s)) for n, s in self.scores.items()}
 
     def top_modules(self, count: int | None = None, fraction: float | None = None,
-                    reduce: str = "mean") -> list[str]:
-        """Module names ranked by module score, highest first: the top ``count`` or ``fraction``."""
-        ranked = sorted(self.module_scores(reduce).items(), key=lambda kv: -kv[1])
+                    reduce: str = "mean", exclude: Iterable[str] = ()) -> list[str]:
+        """Module names ranked by module score, highest first: the top ``count`` or ``fraction``
+        of the modules not named in ``exclude``."""
+        skip = set(exclude)
+        ranked = sorted(((n, v) for n, v in self.module_scores(reduce).items() if n not in skip),
+                        key=lambda kv: -kv[1])
         if count is None and fraction is None:
             return [n for n, _ in ranked]
         if fraction is not None:

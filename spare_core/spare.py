@@ -11,7 +11,7 @@ from .denoiser import Denoiser
 from .loop import UnlearnConfig, unlearn
 from .saliency import Saliency, compute_saliency
 from .sampling import sample
-from .sparse_lora import sparse_lora_from_saliency
+from .sparse_lora import check_rank, sparse_lora_from_saliency
 from .tasks import ConceptTask, PoolConfig
 
 
@@ -43,8 +43,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     config = UnlearnConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            timestep_sampler=timestep_sampler)
     config.validate()
-    if rank <= 0:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+    check_rank(denoiser.unet, rank)
     if not (0.0 < module_fraction <= 1.0):
         raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
     if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):

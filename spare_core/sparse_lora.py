@@ -1,17 +1,37 @@
 """SPARE stage 1: turn a saliency map into a sparse LoRA adapter."""
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .adapter import UnlearnAdapter, init_sparse_lora
-from .saliency import Saliency
+from .saliency import Saliency, adaptable_modules
+
+# input/output convolutions in diffusers (conv_in, conv_out) and ComfyUI (input_blocks.0.0, out.2)
+IO_CONVS = ("conv_in", "conv_out", "input_blocks.0.0", "out.2")
+
+
+def check_rank(unet: nn.Module, rank: int, exclude: tuple[str, ...] = IO_CONVS) -> None:
+    """Raise ValueError unless ``rank`` fits every module saliency may pick (checked up front,
+    before any generation, since which modules are picked is known only after saliency)."""
+    if not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    for name, m in adaptable_modules(unet).items():
+        if name in exclude:
+            continue
+        w = m.weight.shape
+        limit = min(int(w[0]), int(math.prod(w[1:])))
+        if rank > limit:
+            raise ValueError(f"rank {rank} is larger than layer {name} allows (weight {list(w)}: "
+                             f"at most {limit}); choose a lower rank")
 
 
 def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int = 4,
                               alpha: float | None = None, module_fraction: float | None = 0.25,
                               top_modules: int | None = None, mask_fraction: float | None = None,
                               mask_scope: str = "layer", module_reduce: str = "mean",
-                              seed: int = 0) -> UnlearnAdapter:
+                              exclude: tuple[str, ...] = IO_CONVS, seed: int = 0) -> UnlearnAdapter:
     """LoRA on the most salient modules, optionally element-masked.
 
     Args:
@@ -20,6 +40,9 @@ def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int 
         mask_fraction: if set, in (0, 1]: each adapted module's update is multiplied by a mask
             keeping this share of its most salient elements (``mask_scope='layer'``) or of all
             adapted elements ranked together (``'global'``). None: dense low-rank update.
+        exclude: modules never adapted. Default: the UNet's input and output convolutions, which
+            every denoising gradient passes through (they rank high for any concept), so adapting
+            them would shift every output rather than the concept's.
         rank: must fit every chosen layer; checked before anything is allocated.
     """
     if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
@@ -28,7 +51,7 @@ def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int 
         raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
     modules = saliency.top_modules(count=top_modules,
                                    fraction=None if top_modules is not None else module_fraction,
-                                   reduce=module_reduce)
+                                   reduce=module_reduce, exclude=exclude)
     masks = None
     if mask_fraction is not None and mask_fraction < 1.0:
         masks = saliency.mask(fraction=mask_fraction, scope=mask_scope, modules=modules)
