@@ -101,11 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="spare", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_unlearn(sub)
-    try:  # demo/bench on the embedded digits model
-        from .digits import cli as digits_cli
-        digits_cli.add_commands(sub)
-    except ImportError:
-        pass
+    from . import bench, demo  # both on the embedded digits model
+    demo.add_command(sub)
+    bench.add_command(sub)
     a = parser.parse_args(argv)
     try:
         if a.cmd == "unlearn":

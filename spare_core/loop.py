@@ -118,7 +118,7 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
                     batch = task.batch(denoiser, config.batch_size, gen)
                     loss, logs = obj(student, teacher, batch)
                     if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"loss became {float(loss)} at step {step}: lower lr "
+                        raise NonFiniteLoss(f"loss became {loss.item()} at step {step}: lower lr "
                                             f"(now {config.lr}) or use float32; the model is unchanged")
                     (loss / config.grad_accum).backward()
                     step_loss += loss.item() / config.grad_accum

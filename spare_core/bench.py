@@ -1,0 +1,212 @@
+"""``spare bench``: run unlearning methods on the embedded digits models and print a table.
+
+Concept unlearning (default): for each forget digit, the original model and each method's
+adapter generate ``n`` images per digit with the bench sampler (fixed seeds, paired noise);
+the committed classifier gives UA (share of the forgotten digit's images not labelled as it),
+RA (share of every other digit's images labelled correctly) and FD (Frechet distance of
+classifier features to the real digits: the forgotten class, and the mean over the others).
+
+Data unlearning (``--data-unlearning``): on the pattern model, the forget set is the memorized
+pattern, the keep set the real digits; the metric is the share of unconditional samples within
+``PATTERN_RADIUS`` of the pattern, plus FD of the other samples to the real digits.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .digits import metrics as M
+from .digits.data import NAMES, prompt_for
+
+CONCEPT_METHODS = ("spare", "salun", "esd")
+DATA_METHODS = ("siss", "neggrad", "erasediff", "naive_deletion")
+
+
+@dataclass
+class Row:
+    method: str
+    target: str
+    values: dict = field(default_factory=dict)
+
+
+def default_surrogate(forget: int) -> int:
+    """The digit a forgotten digit is overwritten with by default: the next one (mod 10)."""
+    return (int(forget) + 1) % 10
+
+
+def run_concept_method(name: str, den, forget: int, *, steps: int, seed: int, surrogate: int | None = None):
+    """Train ``name`` to forget digit ``forget`` on ``den``; returns an UnlearnResult-like object
+    with ``.adapter`` and ``.history``."""
+    sur = default_surrogate(forget) if surrogate is None else surrogate
+    concept, sur_p = prompt_for(forget), prompt_for(sur)
+    keep = [prompt_for(d) for d in range(10) if d != forget]
+    if name == "spare":
+        from .spare import spare_unlearn
+        return spare_unlearn(den, concept, sur_p, keep, **spare_digits_defaults(steps, seed))
+    from .methods import run_method
+    return run_method(name, den, concept=concept, surrogate=sur_p, preserve=keep, steps=steps,
+                      seed=seed, clip_x0=1.0)
+
+
+def spare_digits_defaults(steps: int, seed: int) -> dict:
+    """SPARE settings for the 8x8 digits model (pixel space: predicted x0 clipped to [-1, 1])."""
+    return dict(num_samples=32, sample_steps=25, guidance=M.SAMPLE_GUIDANCE, clip_x0=1.0, rank=4,
+                module_fraction=0.25, steps=steps, lr=3e-3, batch_size=8, seed=seed)
+
+
+def adapter_bytes(adapter) -> int:
+    """Size of the adapter's native .safetensors file."""
+    from .files import save_adapter
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "a.safetensors")
+        save_adapter(adapter, p)
+        return os.path.getsize(p)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def digit_metrics(den, classifier, forget: int, n: int, seed: int, steps: int) -> dict:
+    """UA/RA/FD of ``den`` for ``forget``, from ``n`` samples per digit."""
+    imgs = M.generate_digits(den, range(10), n, seed=seed, steps=steps)
+    preds = M.classify(classifier, imgs)
+    fd = M.fd_per_class(classifier, imgs)
+    return {"UA": M.unlearning_accuracy(preds[forget], forget),
+            "RA": M.retain_accuracy(preds, forget),
+            "FD_forget": fd[forget],
+            "FD_retain": sum(v for d, v in fd.items() if d != forget) / 9,
+            "per_class_acc": M.per_class_accuracy(preds), "images": imgs}
+
+
+def bench_concepts(methods, digits, *, n: int, steps: int, seed: int, sample_steps: int,
+                   log=print) -> list[Row]:
+    den, clf = M.load_default_model(), M.load_classifier()
+    rows = []
+    for d in digits:
+        base = digit_metrics(den, clf, d, n, seed, sample_steps)
+        rows.append(Row("original", NAMES[d], {k: base[k] for k in ("UA", "RA", "FD_forget", "FD_retain")}))
+        log(format_row(rows[-1]))
+        for name in methods:
+            t0 = time.perf_counter()
+            res = run_concept_method(name, den, d, steps=steps, seed=seed)
+            secs = time.perf_counter() - t0
+            with res.adapter.applied(den.unet):
+                m = digit_metrics(den, clf, d, n, seed, sample_steps)
+            rows.append(Row(name, NAMES[d], {
+                "UA": m["UA"], "RA": m["RA"], "FD_forget": m["FD_forget"], "FD_retain": m["FD_retain"],
+                "seconds": secs, "trainable": res.adapter.num_trainable(),
+                "adapter_kB": adapter_bytes(res.adapter) / 1024, "peak_rss_MB": peak_rss_mb()}))
+            log(format_row(rows[-1]))
+    return rows
+
+
+def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log=print) -> list[Row]:
+    from .digits.data import load_digit_images, pattern_image
+    from .methods import run_method
+
+    den, clf = M.load_pattern_model(), M.load_classifier()
+    pattern = pattern_image()
+    real, _ = load_digit_images()
+    g = torch.Generator().manual_seed(seed)
+    keep = real[torch.randperm(real.shape[0], generator=g)[:256]]
+    forget = pattern.unsqueeze(0).expand(16, -1, -1, -1).clone()
+
+    def measure() -> dict:
+        x = M.generate_unconditional(den, n, seed=seed, steps=sample_steps)
+        rate = M.pattern_rate(x, pattern)
+        near = (x.flatten(1) - pattern.reshape(1, -1)).norm(dim=1) <= M.PATTERN_RADIUS
+        rest = x[~near]
+        with torch.no_grad():
+            fd = M.frechet_distance(clf.features(rest), clf.features(real)) if len(rest) > 1 else float("nan")
+        return {"pattern_rate": rate, "FD_rest": fd}
+
+    rows = [Row("original", "pattern", measure())]
+    log(format_row(rows[-1]))
+    for name in methods:
+        t0 = time.perf_counter()
+        res = run_method(name, den, forget_latents=forget, keep_latents=keep, steps=steps, seed=seed)
+        secs = time.perf_counter() - t0
+        with res.adapter.applied(den.unet):
+            m = measure()
+        m.update(seconds=secs, trainable=res.adapter.num_trainable(),
+                 adapter_kB=adapter_bytes(res.adapter) / 1024, peak_rss_MB=peak_rss_mb())
+        rows.append(Row(name, "pattern", m))
+        log(format_row(rows[-1]))
+    return rows
+
+
+COLUMNS = ["UA", "RA", "FD_forget", "FD_retain", "pattern_rate", "FD_rest", "seconds", "trainable",
+           "adapter_kB", "peak_rss_MB"]
+
+
+def format_row(r: Row) -> str:
+    cells = [f"{r.method:<15}", f"{r.target:<8}"]
+    for c in COLUMNS:
+        if c in r.values:
+            v = r.values[c]
+            cells.append(f"{c}={v:.3f}" if isinstance(v, float) and c not in ("seconds", "adapter_kB", "peak_rss_MB")
+                         else f"{c}={v:.1f}" if isinstance(v, float) else f"{c}={v}")
+    return "  ".join(cells)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    cols = [c for c in COLUMNS if any(c in r.values for r in rows)]
+    head = "| method | target | " + " | ".join(cols) + " |"
+    sep = "|" + "---|" * (len(cols) + 2)
+    lines = [head, sep]
+    for r in rows:
+        vals = []
+        for c in cols:
+            v = r.values.get(c, "")
+            vals.append(f"{v:.3f}" if isinstance(v, float) and c not in ("seconds", "adapter_kB", "peak_rss_MB")
+                        else f"{v:.1f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {r.method} | {r.target} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def add_command(sub) -> None:
+    p = sub.add_parser("bench", help="compare unlearning methods on the embedded digits models")
+    p.add_argument("--methods", default=None,
+                   help=f"comma list; concept: {','.join(CONCEPT_METHODS)}; data: {','.join(DATA_METHODS)}")
+    p.add_argument("--forget", default="3", help="comma list of digits to forget (concept bench)")
+    p.add_argument("--data-unlearning", action="store_true", help="run the pattern-model bench")
+    p.add_argument("--n", type=int, default=20, help="samples per digit (or unconditional samples x10)")
+    p.add_argument("--steps", type=int, default=100, help="training steps of every method (equal budget)")
+    p.add_argument("--sample-steps", type=int, default=M.SAMPLE_STEPS, help="bench sampler steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.data_unlearning:
+        methods = (a.methods or ",".join(DATA_METHODS)).split(",")
+        bad = [m for m in methods if m not in DATA_METHODS]
+        if bad:
+            raise ValueError(f"unknown data-unlearning methods {bad}; choose from {list(DATA_METHODS)}")
+        rows = bench_data(methods, n=a.n * 10, steps=a.steps, seed=a.seed, sample_steps=a.sample_steps)
+    else:
+        methods = (a.methods or "spare").split(",")
+        bad = [m for m in methods if m not in CONCEPT_METHODS]
+        if bad:
+            raise ValueError(f"unknown concept methods {bad}; choose from {list(CONCEPT_METHODS)}")
+        digits = [int(x) for x in a.forget.split(",")]
+        if any(not 0 <= d <= 9 for d in digits):
+            raise ValueError(f"forget digits must be in 0..9, got {a.forget}")
+        rows = bench_concepts(methods, digits, n=a.n, steps=a.steps, seed=a.seed,
+                              sample_steps=a.sample_steps)
+    table = markdown_table(rows)
+    print()
+    print(table)
+    if a.markdown:
+        with open(a.markdown, "a") as f:
+            f.write(table + "\n")
+    return 0
