@@ -50,8 +50,9 @@ def run_concept_method(name: str, den, forget: int, *, steps: int, seed: int, su
         from .spare import spare_unlearn
         return spare_unlearn(den, concept, sur_p, keep, **spare_digits_defaults(steps, seed))
     from .methods import run_method
-    return run_method(name, den, concept=concept, surrogate=sur_p, preserve=keep, steps=steps,
-                      seed=seed, clip_x0=1.0)
+    common = {k: v for k, v in spare_digits_defaults(steps, seed).items()
+              if k in ("num_samples", "sample_steps", "guidance", "clip_x0", "batch_size", "steps", "seed")}
+    return run_method(name, den, concept=concept, surrogate=sur_p, preserve=keep, **common)
 
 
 def spare_digits_defaults(steps: int, seed: int) -> dict:
@@ -132,7 +133,7 @@ def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log
     log(format_row(rows[-1]))
     for name in methods:
         t0 = time.perf_counter()
-        res = run_method(name, den, forget_latents=forget, keep_latents=keep, steps=steps, seed=seed)
+        res = run_method(name, den, forget=forget, keep=keep, steps=steps, seed=seed)
         secs = time.perf_counter() - t0
         with res.adapter.applied(den.unet):
             m = measure()

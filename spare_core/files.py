@@ -24,6 +24,12 @@ class ModelMismatchError(ValueError):
     """The adapter was made for another model."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str,
                             metadata: Mapping[str, str] | None = None) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader
@@ -39,6 +45,7 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str,
                   metadata={k: str(v) for k, v in (metadata or {}).items()})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

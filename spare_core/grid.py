@@ -62,6 +62,7 @@ def save_grid(cells: Sequence[Sequence[Tensor]], path: str, row_labels: Sequence
     os.close(fd)
     try:
         img.save(tmp, format="PNG")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
