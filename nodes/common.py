@@ -1,0 +1,31 @@
+"""Names and small helpers shared by the node classes (no ComfyUI imports here)."""
+from __future__ import annotations
+
+SALIENCY = "SALIENCY"
+"""Custom type: a :class:`spare_core.Saliency`; ``meta`` carries ``top_k`` and the model fingerprint."""
+
+ADAPTER = "UNLEARN_ADAPTER"
+"""Custom type: a :class:`spare_core.UnlearnAdapter` (detached; never attached to a MODEL)."""
+
+CATEGORY = "SPARE unlearning"
+
+SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                "tooltip": "Seed of the generated latents, noise and timesteps (same seed, same result)."})
+
+
+def size_input(default: int = 512) -> tuple:
+    return ("INT", {"default": default, "min": 64, "max": 2048, "step": 8,
+                    "tooltip": "Image size of the latents generated for the concept (pixels)."})
+
+
+def parse_prompts(text: str) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    lines = (line.strip() for line in (text or "").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def require_text(value: str, what: str, example: str) -> str:
+    """The stripped text, or ValueError naming the fix."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} is empty: type {example}")
+    return value.strip()

@@ -1,0 +1,102 @@
+"""ComputeSaliency (SPARE stage 1: where the concept lives) and its preview chart."""
+from __future__ import annotations
+
+import torch
+
+from spare_core.saliency import Saliency, compute_saliency
+from spare_core.sampling import sample
+from spare_core.sparse_lora import IO_CONVS
+
+from . import comfy_bridge as bridge
+from .chart import bar_chart, to_image_tensor
+from .common import CATEGORY, SALIENCY, SEED, require_text, size_input
+
+
+class ComputeSaliency:
+    """Generates ``samples`` images of the concept with the model itself, then accumulates the
+    gradient of the denoising loss on them w.r.t. every Linear/Conv2d weight (SalUn's weight
+    saliency). ``top_k`` modules with the highest mean saliency are the ones SparseLoRAInit adapts."""
+
+    DESCRIPTION = __doc__
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (SALIENCY,)
+    RETURN_NAMES = ("saliency",)
+    FUNCTION = "compute"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to analyse."}),
+                "clip": ("CLIP", {"tooltip": "Its text encoder."}),
+                "concept": ("STRING", {"default": "Van Gogh style", "multiline": False,
+                                       "tooltip": "The concept to forget."}),
+                "samples": ("INT", {"default": 8, "min": 1, "max": 512,
+                                    "tooltip": "Images of the concept the gradients are summed over."}),
+                "top_k": ("INT", {"default": 32, "min": 1, "max": 4096,
+                                  "tooltip": "How many of the most salient Linear/Conv2d modules to adapt."}),
+                "seed": SEED,
+            },
+            "optional": {
+                "width": size_input(),
+                "height": size_input(),
+                "sample_steps": ("INT", {"default": 25, "min": 1, "max": 1000,
+                                         "tooltip": "DDIM steps per generated concept image."}),
+                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
+                                  "tooltip": "Classifier-free guidance of the generated images."}),
+            },
+        }
+
+    def compute(self, model, clip, concept: str, samples: int, top_k: int, seed: int,
+                width: int = 512, height: int = 512, sample_steps: int = 25,
+                cfg: float = 7.5) -> tuple[Saliency]:
+        concept = require_text(concept, "concept prompt", "the concept to forget, e.g. 'Van Gogh style'")
+        if samples < 1 or top_k < 1 or sample_steps < 1:
+            raise ValueError("samples, top_k and sample_steps must be >= 1")
+        bridge.check_inputs(model, clip, width, height)
+        with bridge.autograd_enabled():
+            bridge.load_for_compute(model)
+            den = bridge.ComfyDenoiser(model, clip, width, height, prompts=[concept])
+            bar = bridge.Progress(sample_steps + samples)
+            latents = sample(den, [concept] * samples, steps=sample_steps, guidance=cfg,
+                             method="ddim", generator=torch.Generator().manual_seed(seed),
+                             callback=bar.phase(0, sample_steps))
+            sal = compute_saliency(den, concept, latents, seed=seed,
+                                   progress=bar.phase(sample_steps, samples),
+                                   should_stop=bridge.should_stop)
+        sal.meta.update(top_k=str(top_k), model_fingerprint=bridge.fingerprint(model),
+                        size=f"{width}x{height}")
+        return (sal,)
+
+
+class SaliencyPreview:
+    """Bar chart of per-module saliency (highest first); the ``top_k`` modules SparseLoRAInit
+    adapts are orange (the UNet's input/output convolutions are never adapted)."""
+
+    DESCRIPTION = __doc__
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("chart",)
+    FUNCTION = "preview"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "saliency": (SALIENCY, {"tooltip": "Output of ComputeSaliency."}),
+                "reduce": (["mean", "max"], {"default": "mean",
+                                             "tooltip": "Per-module score: mean or max of |grad|."}),
+                "max_modules": ("INT", {"default": 40, "min": 1, "max": 500,
+                                        "tooltip": "How many modules to draw."}),
+            }
+        }
+
+    def preview(self, saliency: Saliency, reduce: str, max_modules: int) -> tuple[torch.Tensor]:
+        if not isinstance(saliency, Saliency) or not saliency.scores:
+            raise ValueError("the saliency input is empty: connect ComputeSaliency's output")
+        top_k = int(saliency.meta.get("top_k", "0") or 0)
+        chosen = set(saliency.top_modules(count=top_k, exclude=IO_CONVS)) if top_k > 0 else set()
+        title = (f"saliency of '{saliency.concept}': {reduce} |grad| per module "
+                 f"({len(saliency.scores)} modules; top {top_k} adapted, orange)")
+        pixels = bar_chart(saliency.module_scores(reduce), chosen, title=title, max_bars=max_modules)
+        return (to_image_tensor(pixels),)

@@ -1,0 +1,296 @@
+"""One entry point for every method of the engine: :func:`run_method`.
+
+Each method is a choice of task, parameterization and objective of the one loop
+(:func:`spare_core.loop.unlearn`); nothing here trains by itself.
+
+================  =======  ==========================================  ======================
+method            kind     trained weights (default)                   objective
+================  =======  ==========================================  ======================
+spare             concept  sparse LoRA on salient modules              ``self_distill``
+salun             concept  saliency mask, top 50% of elements (full)   ``salun_rl``
+esd               concept  ESD-x: cross-attention (full)               ``esd``
+esd_u             concept  ESD-u: all but cross-attn/out/time (full)   ``esd``
+siss              data     every Linear/Conv2d weight (full)           ``siss``
+neggrad           data     every Linear/Conv2d weight (full)           ``neggrad``
+erasediff         data     every Linear/Conv2d weight (full)           ``erasediff``
+naive_deletion    data     every Linear/Conv2d weight (full)           ``naive_deletion``
+================  =======  ==========================================  ======================
+
+"(full)" is full fine-tuning of those weights (:func:`~spare_core.adapter.init_masked_full`,
+masked elements only; biases and norms stay frozen). ``parameterization="lora"`` swaps it for
+LoRA of ``rank`` on the same modules.
+
+Step budget: the caller sets ``steps`` (equal for all methods in a comparison). A method's
+default learning rate keeps its paper's total Adam displacement ``lr x steps``:
+``lr = paper_lr * paper_steps / steps`` (Adam moves each weight by about ``lr`` per step), so a
+10x shorter run gets a 10x larger step. SPARE keeps the engine's own default (1e-3, LoRA).
+Batch size defaults to 4 for every method (equal compute per step); timesteps are drawn
+uniformly except for SPARE (``concept`` sampler).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .denoiser import Denoiser
+from .loop import UnlearnConfig, UnlearnResult, unlearn
+from .objectives import make_objective
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a method is made of and its defaults.
+
+    Attributes:
+        kind: ``"concept"`` (concept / surrogate / preserve prompts) or ``"data"`` (forget and
+            keep image sets).
+        objective: registry name in :data:`spare_core.objectives.OBJECTIVES`.
+        hparams: method hyperparameters accepted as keyword arguments by :func:`run_method`,
+            with their defaults.
+        paper_lr, paper_steps: the reference run the default learning rate is scaled from
+            (None: not scaled).
+        reference: where the defaults come from.
+    """
+
+    kind: str
+    objective: str
+    hparams: dict = field(default_factory=dict)
+    paper_lr: float | None = None
+    paper_steps: int | None = None
+    default_lr: float | None = None
+    reference: str = ""
+
+    def lr_for(self, steps: int) -> float:
+        if self.paper_lr is None:
+            return float(self.default_lr)
+        return self.paper_lr * self.paper_steps / steps
+
+
+_PARAM = {"parameterization": "full", "rank": 4, "lora_alpha": None}
+
+METHODS: dict[str, MethodSpec] = {
+    "spare": MethodSpec(
+        "concept", "self_distill",
+        {"rank": 4, "alpha": None, "module_fraction": 0.25, "mask_fraction": None,
+         "forget_weight": 1.0, "preserve_weight": 1.0},
+        default_lr=1e-3, reference="spare_core.spare.spare_unlearn defaults"),
+    "salun": MethodSpec(
+        "concept", "salun_rl",
+        {"mask_fraction": 0.5, "mask_scope": "global", "alpha": 0.5, "label": "surrogate",
+         "target_model": "teacher", **_PARAM},
+        paper_lr=1e-5, paper_steps=600,
+        reference="SalUn SD: random_label.py --alpha 0.5 --lr 1e-5 --epochs 5 (about 120 "
+                  "steps/epoch), mask with_0.5 (top 50%)"),
+    "esd": MethodSpec(
+        "concept", "esd", {"eta": 1.0, "preserve_weight": 0.0, **_PARAM},
+        paper_lr=1e-5, paper_steps=1000,
+        reference="ESD train-esd.py: --train_method xattn, negative_guidance 1, lr 1e-5, "
+                  "1000 iterations"),
+    "esd_u": MethodSpec(
+        "concept", "esd", {"eta": 1.0, "preserve_weight": 0.0, **_PARAM},
+        paper_lr=1e-5, paper_steps=1000,
+        reference="ESD train-esd.py: --train_method noxattn, negative_guidance 1, lr 1e-5, "
+                  "1000 iterations"),
+    "siss": MethodSpec(
+        "data", "siss", {"lambda_": 0.5, "forget_scale": 0.1, "normalize": "relative", **_PARAM},
+        paper_lr=5e-5, paper_steps=300,
+        reference="SISS delete_tshirt.yaml: lambd 0.5, lr 5e-5, 300 steps; forget gradient at "
+                  "10% of the keep gradient's norm (README)"),
+    "neggrad": MethodSpec(
+        "data", "neggrad", {"scale": 1.0, **_PARAM}, paper_lr=5e-5, paper_steps=300,
+        reference="SISS code simple_neg_del (superfactor 1), same run settings as SISS"),
+    "erasediff": MethodSpec(
+        "data", "erasediff", {"lambda_": 0.1, "eta": 0.1, "dynamic": False, **_PARAM},
+        paper_lr=1e-4, paper_steps=280,
+        reference="EraseDiff DDPM: lr 1e-4, lambda_bome 0.1, eta_bome 0.1, 4 epochs x 2 "
+                  "S-steps x ~35 steps"),
+    "naive_deletion": MethodSpec(
+        "data", "naive_deletion", dict(_PARAM), paper_lr=5e-5, paper_steps=300,
+        reference="SISS code naive_del, same run settings as SISS"),
+}
+
+CONCEPT_METHODS = tuple(n for n, s in METHODS.items() if s.kind == "concept")
+DATA_METHODS = tuple(n for n, s in METHODS.items() if s.kind == "data")
+
+# which hyperparameters go to the objective's constructor (the rest shape adapter / task)
+_OBJECTIVE_KEYS = {
+    "salun": ("alpha", "label", "target_model"),
+    "esd": ("eta", "preserve_weight"),
+    "esd_u": ("eta", "preserve_weight"),
+    "siss": ("forget_scale", "normalize"),
+    "neggrad": ("scale",),
+    "erasediff": ("lambda_", "eta", "dynamic"),
+    "naive_deletion": (),
+}
+
+
+def method_defaults(name: str, steps: int = 100) -> dict:
+    """The hyperparameters and learning rate ``name`` uses at a budget of ``steps``."""
+    spec = _spec(name)
+    return {**spec.hparams, "lr": spec.lr_for(steps)}
+
+
+def _spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {list(METHODS)}")
+    return METHODS[name]
+
+
+def run_method(name: str, denoiser: Denoiser, *,
+               concept: str | None = None, surrogate: str = "", preserve: Sequence[str] = (),
+               forget=None, keep=None, forget_prompts=None, keep_prompts=None,
+               encode: Callable[[Tensor], Tensor] | None = None,
+               steps: int = 100, lr: float | None = None, batch_size: int = 4,
+               grad_accum: int = 1, seed: int = 0, timestep_sampler: str | None = None,
+               num_samples: int = 16, sample_steps: int = 25, guidance: float = 3.0,
+               clip_x0: float | None = None,
+               progress: Callable[[int, int, float], None] | None = None,
+               should_stop: Callable[[], bool] | None = None,
+               **hparams) -> UnlearnResult:
+    """Run method ``name`` (one of :data:`METHODS`) and return the trained adapter and history.
+
+    Concept methods (spare, salun, esd, esd_u) take ``concept``, ``surrogate``, ``preserve``;
+    their concept latents are generated once from the frozen model (``num_samples`` DDIM samples
+    of ``sample_steps`` at ``guidance``, seeded by ``seed``: the same pool for every concept
+    method at a given seed). Data methods (siss, neggrad, erasediff, naive_deletion) take
+    ``forget`` / ``keep`` (tensors ``[N, C, H, W]`` or image folders), optional prompts and
+    ``encode`` (see :class:`~spare_core.data_task.DataTask`).
+
+    ``**hparams`` are the method's own hyperparameters (``METHODS[name].hparams``, e.g.
+    ``run_method("siss", ..., lambda_=0.5, forget_scale=0.1)``); unknown ones raise ValueError.
+    ``lr=None`` takes the method's step-scaled default (module docstring). Everything is
+    validated before any sampling or training.
+
+    The result's ``history`` has the loop's keys plus ``method`` and ``lr``; methods that compute
+    a saliency map (spare, salun) also set ``result.saliency``.
+    """
+    spec = _spec(name)
+    unknown = sorted(set(hparams) - set(spec.hparams))
+    if unknown:
+        raise ValueError(f"{name} does not take {unknown}; its options are "
+                         f"{sorted(spec.hparams)}")
+    hp = {**spec.hparams, **hparams}
+    if not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    lr = spec.lr_for(steps) if lr is None else lr
+    sampler = timestep_sampler or ("concept" if name == "spare" else "uniform")
+    config = UnlearnConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                           seed=seed, timestep_sampler=sampler)
+    config.validate()
+    if spec.kind == "concept":
+        if forget is not None or keep is not None:
+            raise ValueError(f"{name} forgets a concept prompt; forget/keep image sets are for the "
+                             f"data methods {list(DATA_METHODS)}")
+        if name == "spare":
+            if grad_accum != 1:
+                raise ValueError("spare (spare_unlearn) does not take grad_accum; raise batch_size")
+            return _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples,
+                              sample_steps, guidance, clip_x0, progress, should_stop)
+        return _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
+                            num_samples, sample_steps, guidance, clip_x0, progress, should_stop)
+    if concept is not None:
+        raise ValueError(f"{name} forgets data (forget=..., keep=...); concept prompts are for "
+                         f"the concept methods {list(CONCEPT_METHODS)}")
+    return _run_data(name, spec, denoiser, forget, keep, forget_prompts, keep_prompts, encode,
+                     config, hp, progress, should_stop)
+
+
+def _objective(name: str, hp: dict):
+    spec = METHODS[name]
+    return make_objective(spec.objective, **{k: hp[k] for k in _OBJECTIVE_KEYS[name]})
+
+
+def _finish(res: UnlearnResult, name: str, config: UnlearnConfig) -> UnlearnResult:
+    res.history["method"] = name
+    res.history["lr"] = config.lr
+    res.adapter.meta["method"] = name
+    return res
+
+
+def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, sample_steps,
+               guidance, clip_x0, progress, should_stop) -> UnlearnResult:
+    from .spare import spare_unlearn
+
+    res = spare_unlearn(denoiser, concept, surrogate, list(preserve), num_samples=num_samples,
+                        sample_steps=sample_steps, guidance=guidance, clip_x0=clip_x0,
+                        rank=hp["rank"], alpha=hp["alpha"], module_fraction=hp["module_fraction"],
+                        mask_fraction=hp["mask_fraction"], steps=config.steps, lr=config.lr,
+                        batch_size=config.batch_size, timestep_sampler=config.timestep_sampler,
+                        forget_weight=hp["forget_weight"], preserve_weight=hp["preserve_weight"],
+                        seed=config.seed, progress=progress, should_stop=should_stop)
+    out = UnlearnResult(res.adapter, dict(res.history))
+    out.saliency = res.saliency
+    return _finish(out, "spare", config)
+
+
+def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp, num_samples,
+                 sample_steps, guidance, clip_x0, progress, should_stop) -> UnlearnResult:
+    from .esd import init_esd_adapter
+    from .saliency import compute_saliency
+    from .sampling import sample
+    from .tasks import ConceptTask, PoolConfig
+
+    objective = _objective(name, hp)  # checks the objective's options first
+    if name.startswith("esd") and hp["preserve_weight"] == 0.0:
+        preserve = ()  # ESD has no preserve term: do not generate preserve pools for nothing
+    pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
+    task = ConceptTask(concept if concept is not None else "", surrogate, list(preserve), pool=pool)
+    task.validate(denoiser)
+    if hp["parameterization"] not in ("full", "lora"):
+        raise ValueError(f"parameterization must be 'full' or 'lora', got {hp['parameterization']!r}")
+    if name == "salun" and not (0.0 < hp["mask_fraction"] <= 1.0):
+        raise ValueError(f"mask_fraction must be in (0, 1], got {hp['mask_fraction']}")
+
+    gen = torch.Generator().manual_seed(config.seed)
+    latents = sample(denoiser, [concept] * num_samples, steps=sample_steps, guidance=guidance,
+                     method="ddim", generator=gen, clip_x0=clip_x0)
+    task.concept_latents = latents
+    saliency = None
+    if name == "salun":
+        saliency = compute_saliency(denoiser, concept, latents, seed=config.seed,
+                                    should_stop=should_stop)
+        masks = saliency.mask(fraction=hp["mask_fraction"], scope=hp["mask_scope"])
+        if hp["parameterization"] == "full":
+            from .adapter import init_masked_full
+            adapter = init_masked_full(denoiser.unet, masks)
+        else:
+            from .adapter import init_sparse_lora
+            mods = [n for n, m in masks.items() if bool(m.any())]
+            adapter = init_sparse_lora(denoiser.unet, mods, rank=hp["rank"], alpha=hp["lora_alpha"],
+                                       masks=masks, seed=config.seed)
+        adapter.meta.update(mask_fraction=repr(hp["mask_fraction"]))
+    else:
+        variant = "x" if name == "esd" else "u"
+        adapter = init_esd_adapter(denoiser.unet, variant, hp["parameterization"], hp["rank"],
+                                   hp["lora_alpha"], seed=config.seed)
+    adapter.meta.update(concept=concept, surrogate=surrogate,
+                        parameterization=hp["parameterization"])
+    res = unlearn(denoiser, adapter, task, objective, config, progress=progress,
+                  should_stop=should_stop)
+    if saliency is not None:
+        res.saliency = saliency
+    return _finish(res, name, config)
+
+
+def _run_data(name, spec, denoiser, forget, keep, forget_prompts, keep_prompts, encode, config,
+              hp, progress, should_stop) -> UnlearnResult:
+    from .data_task import DataTask
+    from .esd import init_module_adapter
+
+    if forget is None:
+        raise ValueError(f"{name} needs forget=... (images or latents of the data to forget)")
+    if keep is None and name != "neggrad":
+        raise ValueError(f"{name} needs keep=... (images or latents of the data to keep)")
+    objective = _objective(name, hp)
+    lam = hp.get("lambda_", 0.5) if name == "siss" else 0.5
+    task = DataTask(forget, keep, forget_prompts, keep_prompts, encode=encode, mixture_lambda=lam)
+    task.validate(denoiser)
+    adapter = init_module_adapter(denoiser.unet, None, hp["parameterization"], hp["rank"],
+                                  hp["lora_alpha"], seed=config.seed,
+                                  meta={"parameterization": hp["parameterization"]})
+    res = unlearn(denoiser, adapter, task, objective, config, progress=progress,
+                  should_stop=should_stop)
+    return _finish(res, name, config)

@@ -1,0 +1,582 @@
+"""A small test double of exactly the ComfyUI surface the SPARE node pack touches.
+
+Modelled on ComfyUI a125cd84b054a57729b5eecab930ca9408719832 (2025-10-12). Each stand-in names the
+host code it replaces; anything the pack does not use is left out on purpose, so a new host call
+in ``nodes/comfy_bridge.py`` fails here until it is added (and documented) below.
+
+Installed into ``sys.modules`` by :meth:`Host.install`:
+- ``comfy.model_management``: ``load_models_gpu(models, force_full_load=)`` (loads one
+  ModelPatcher's weight patches into the shared UNet, first restoring the weights another clone
+  patched: ModelPatcher.patch_model / unpatch_model with the shared ``backup`` dict),
+  ``throw_exception_if_processing_interrupted()``, ``InterruptProcessingException``,
+  ``interrupt_current_processing()``.
+- ``comfy.utils.ProgressBar(total)`` with ``update_absolute(value, total)``.
+- ``folder_paths``: ``get_folder_paths``, ``get_full_path``, ``get_filename_list``,
+  ``get_save_image_path`` (only the ``loras`` folder exists).
+Objects (as CheckpointLoaderSimple returns them, built under ``torch.inference_mode()`` like every
+node ComfyUI executes, so weights are inference tensors):
+- :class:`ModelPatcher` (comfy/model_patcher.py): ``model``, ``clone()``, ``add_patches()``,
+  ``get_model_object()``, ``patches``, ``patches_uuid``, ``backup``.
+- :class:`BaseModel` (comfy/model_base.py): ``diffusion_model``, ``model_sampling``,
+  ``model_type`` (ModelType enum), ``latent_format.latent_channels``, ``get_dtype()``,
+  ``manual_cast_dtype``.
+- :class:`ComfyStyleUNet`: a diffusers UNet2DConditionModel called the way ComfyUI calls its
+  openaimodel.UNetModel: ``forward(x, timesteps, context=, control=, transformer_options=)``.
+- :class:`ModelSamplingDiscrete` (comfy/model_sampling.py): ``sigmas`` of SD's scaled-linear schedule.
+- :class:`CLIP` (comfy/sd.py): ``tokenize(text)`` -> ``{"l": [[(token, weight), ...], ...]}`` in
+  chunks (77 tokens in ComfyUI, 32 here), ``encode_from_tokens(tokens)`` -> ``[1, 32*chunks, D]``.
+Host behaviour the tests need, not the pack:
+- :meth:`Host.run`: execution.py (inputs checked against INPUT_TYPES, run under inference mode).
+- :meth:`Host.load_lora`: comfy.sd.load_lora_for_models + comfy.lora.model_lora_keys_unet
+  (``lora_unet_<name, . -> _>`` -> ``diffusion_model.<name>.weight``; ``lora_up``/``lora_down``/
+  ``alpha`` as LoRAAdapter.calculate_weight; ``.diff``; unknown keys are recorded as
+  "lora key not loaded" warnings).
+- :meth:`Host.eps`: what a KSampler step does to the weights: load the MODEL, run the UNet.
+- :func:`object_info` / :data:`STOCK_NODES`: server.py's ``/object_info`` for our classes and the
+  stock nodes the workflows use; :func:`validate_api_prompt`: execution.py's prompt validation
+  (types, links, ranges, combos); :func:`validate_ui_workflow` / :func:`ui_to_api`: what the
+  frontend needs to load a UI workflow and what it queues from it (graphToPrompt).
+"""
+from __future__ import annotations
+
+import collections
+import enum
+import importlib.util
+import os
+import re
+import sys
+import types
+import uuid
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from tiny_models import char_tokenizer, tiny_text_encoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHUNK = 32  # tokens per CLIP chunk (ComfyUI: 77)
+Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
+
+
+def load_pack(name: str = "spare_pack"):
+    """Import the repository root the way ComfyUI's nodes.load_custom_node does (a package from
+    its ``__init__.py``, under a path-derived module name)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------ model objects
+class ModelType(enum.Enum):
+    EPS = 1
+    V_PREDICTION = 2
+    FLOW = 6
+
+
+class ComfyStyleUNet:
+    """Factory for a tiny UNet2DConditionModel subclass with ComfyUI's UNetModel call convention."""
+
+    @staticmethod
+    def build(seed: int = 0, channels: tuple[int, int] = (16, 32)) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        class _UNet(UNet2DConditionModel):
+            def forward(self, x, timesteps=None, context=None, y=None, control=None,
+                        transformer_options=None, **kwargs):
+                return super().forward(x, timesteps, encoder_hidden_states=context).sample
+
+        torch.manual_seed(seed)
+        return _UNet(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                     block_out_channels=channels, norm_num_groups=8, cross_attention_dim=32,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                     attention_head_dim=8).eval()
+
+
+class ModelSamplingDiscrete(nn.Module):
+    """SD's schedule: betas = linspace(sqrt(0.00085), sqrt(0.012), 1000)^2, sigmas from alpha-bar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        ac = torch.cumprod(1 - betas, 0)
+        self.register_buffer("sigmas", (((1 - ac) / ac) ** 0.5).float())
+
+
+class BaseModel(nn.Module):
+    def __init__(self, unet: nn.Module, model_type: ModelType = ModelType.EPS) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+        self.model_sampling = ModelSamplingDiscrete()
+        self.model_type = model_type
+        self.latent_format = SimpleNamespace(latent_channels=4)
+        self.manual_cast_dtype = None
+        self.current_weight_patches_uuid = None
+
+    def get_dtype(self) -> torch.dtype:
+        return self.diffusion_model.dtype
+
+
+def _get_attr(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_param(obj, path: str, value: torch.Tensor) -> None:
+    """comfy.utils.set_attr_param: replaces the Parameter object (never writes into it)."""
+    *parents, last = path.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, nn.Parameter(value, requires_grad=False))
+
+
+class ModelPatcher:
+    def __init__(self, model: BaseModel) -> None:
+        self.model = model
+        self.patches: dict[str, list] = {}
+        self.backup: dict[str, Backup] = {}
+        self.patches_uuid = uuid.uuid4()
+        self.load_device = torch.device("cpu")
+
+    def clone(self) -> "ModelPatcher":
+        n = ModelPatcher(self.model)
+        n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.patches_uuid = self.patches_uuid
+        n.backup = self.backup
+        return n
+
+    def add_patches(self, patches, strength_patch: float = 1.0, strength_model: float = 1.0):
+        keys = self.model.state_dict().keys()
+        added = []
+        for k, v in patches.items():
+            if k in keys:
+                self.patches.setdefault(k, []).append((strength_patch, v, strength_model, None, None))
+                added.append(k)
+        self.patches_uuid = uuid.uuid4()
+        return added
+
+    def get_model_object(self, name: str):
+        return _get_attr(self.model, name)
+
+    # -- what comfy.model_management.load_models_gpu does to the shared module
+    def unpatch_model(self) -> None:
+        for k, bk in self.backup.items():
+            _set_param(self.model, k, bk.weight)
+        self.backup.clear()
+        self.model.current_weight_patches_uuid = None
+
+    def patch_model(self) -> None:
+        for key, plist in self.patches.items():
+            weight = _get_attr(self.model, key)
+            if key not in self.backup:
+                self.backup[key] = Backup(weight, False)
+            w = weight.detach().to(torch.float32, copy=True)
+            for strength, value, strength_model, _, _ in plist:
+                kind, args = value
+                assert kind == "diff", f"the double only knows 'diff' patches, got {kind!r}"
+                w = w * strength_model + strength * args[0].to(w)
+            _set_param(self.model, key, w.to(weight.dtype))
+        self.model.current_weight_patches_uuid = self.patches_uuid
+
+
+class CLIP:
+    def __init__(self, seed: int = 0, cond_gain: float = 8.0) -> None:
+        self.tokenizer = char_tokenizer(CHUNK)
+        with torch.inference_mode():
+            self.encoder = tiny_text_encoder(len(self.tokenizer.get_vocab()), seed=seed,
+                                             max_len=CHUNK)
+            self.encoder.final_layer_norm.weight.mul_(cond_gain)  # make prompts matter
+
+    def tokenize(self, text: str) -> dict:
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        body = CHUNK - 2
+        chunks = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
+        return {"l": [[(t, 1.0) for t in [bos, *c, eos] + [eos] * (body - len(c))] for c in chunks]}
+
+    def encode_from_tokens(self, tokens: dict, return_pooled=False, return_dict=False):
+        ids = torch.tensor([[t for t, _ in chunk] for chunk in tokens["l"]])
+        out = self.encoder(ids)
+        cond = out.last_hidden_state.reshape(1, -1, out.last_hidden_state.shape[-1])
+        if return_dict:
+            return {"cond": cond, "pooled_output": out.pooler_output[:1]}
+        return (cond, out.pooler_output[:1]) if return_pooled else cond
+
+
+# ------------------------------------------------------------------ the host
+class InterruptProcessingException(Exception):
+    pass
+
+
+class Host:
+    """One fake ComfyUI: a base folder with models/loras, the fake modules, and records of what
+    the pack did (progress updates, LoRA warnings)."""
+
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = base_dir
+        self.loras = os.path.join(base_dir, "models", "loras")
+        os.makedirs(self.loras, exist_ok=True)
+        self.progress: list[tuple[int, int]] = []
+        self.warnings: list[str] = []
+        self.loaded: list[ModelPatcher] = []
+        self._interrupt = False
+        self._interrupt_after: int | None = None
+
+    # -- fake modules
+    def modules(self) -> dict[str, types.ModuleType]:
+        host = self
+        comfy = types.ModuleType("comfy")
+        mm = types.ModuleType("comfy.model_management")
+        utils = types.ModuleType("comfy.utils")
+        fp = types.ModuleType("folder_paths")
+
+        def load_models_gpu(models, memory_required=0, force_patch_weights=False,
+                            minimum_memory_required=None, force_full_load=False):
+            for m in models:
+                host.load(m)
+
+        def throw_exception_if_processing_interrupted():
+            if host._interrupt:
+                host._interrupt = False
+                raise InterruptProcessingException()
+
+        def interrupt_current_processing(value=True):
+            host._interrupt = value
+
+        class ProgressBar:
+            def __init__(self, total, node_id=None):
+                self.total, self.current = total, 0
+
+            def update_absolute(self, value, total=None, preview=None):
+                if total is not None:
+                    self.total = total
+                self.current = min(value, self.total)
+                host.progress.append((self.current, self.total))
+                if host._interrupt_after is not None and len(host.progress) >= host._interrupt_after:
+                    host._interrupt_after, host._interrupt = None, True
+
+        def get_folder_paths(name):
+            return [host.loras] if name == "loras" else []
+
+        def get_filename_list(name):
+            out = []
+            for root in get_folder_paths(name):
+                for d, _, files in os.walk(root):
+                    out += [os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/")
+                            for f in files if f.endswith((".safetensors", ".ckpt", ".pt"))]
+            return sorted(out)
+
+        def get_full_path(name, filename):
+            for root in get_folder_paths(name):
+                path = os.path.join(root, os.path.relpath(os.path.join("/", filename), "/"))
+                if os.path.isfile(path):
+                    return path
+            return None
+
+        def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height=0):
+            subfolder = os.path.dirname(os.path.normpath(filename_prefix))
+            filename = os.path.basename(os.path.normpath(filename_prefix))
+            folder = os.path.join(output_dir, subfolder)
+            if os.path.commonpath((output_dir, os.path.abspath(folder))) != output_dir:
+                raise Exception("Saving image outside the output folder is not allowed.")
+            os.makedirs(folder, exist_ok=True)
+            pattern = re.compile(re.escape(filename) + r"_(\d+)_")
+            found = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
+            return folder, filename, max(found, default=0) + 1, subfolder, filename_prefix
+
+        mm.load_models_gpu = load_models_gpu
+        mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+        mm.interrupt_current_processing = interrupt_current_processing
+        mm.InterruptProcessingException = InterruptProcessingException
+        utils.ProgressBar = ProgressBar
+        fp.get_folder_paths, fp.get_filename_list = get_folder_paths, get_filename_list
+        fp.get_full_path, fp.get_save_image_path = get_full_path, get_save_image_path
+        comfy.model_management, comfy.utils = mm, utils
+        return {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils,
+                "folder_paths": fp}
+
+    def install(self, monkeypatch) -> "Host":
+        for name, module in self.modules().items():
+            monkeypatch.setitem(sys.modules, name, module)
+        return self
+
+    # -- host behaviour
+    def interrupt_after(self, updates: int) -> None:
+        """Press Cancel once the pack has made ``updates`` more progress updates."""
+        self._interrupt_after = len(self.progress) + updates
+
+    def load(self, patcher: ModelPatcher) -> None:
+        base = patcher.model
+        if base.current_weight_patches_uuid != patcher.patches_uuid:
+            patcher.unpatch_model()
+            patcher.patch_model()
+        self.loaded.append(patcher)
+
+    def load_checkpoint(self, seed: int = 0, model_type: ModelType = ModelType.EPS,
+                        channels: tuple[int, int] = (16, 32)):
+        """CheckpointLoaderSimple: (MODEL, CLIP), built under inference mode."""
+        with torch.inference_mode():
+            model = ModelPatcher(BaseModel(ComfyStyleUNet.build(seed, channels), model_type))
+        return model, CLIP(seed)
+
+    def run(self, node_cls, **inputs):
+        """execution.py: check inputs against INPUT_TYPES, call FUNCTION under inference mode,
+        return the output tuple (``result`` of a ui dict)."""
+        spec = node_cls.INPUT_TYPES()
+        required, optional = spec.get("required", {}), spec.get("optional", {})
+        missing = [k for k in required if k not in inputs]
+        unknown = [k for k in inputs if k not in required and k not in optional]
+        assert not missing and not unknown, f"missing {missing}, unknown {unknown}"
+        for k, v in inputs.items():
+            kind = (required.get(k) or optional.get(k))[0]
+            if isinstance(kind, list):
+                assert v in kind, f"{k}={v!r} is not one of the combo's options {kind}"
+        with torch.inference_mode():
+            out = getattr(node_cls(), node_cls.FUNCTION)(**inputs)
+        if isinstance(out, dict):
+            out = out["result"]
+        assert isinstance(out, tuple) and len(out) == len(node_cls.RETURN_TYPES)
+        return out
+
+    def load_lora(self, model: ModelPatcher, lora: dict, strength: float = 1.0) -> ModelPatcher:
+        """LoraLoader (model part) over a state dict in ComfyUI/kohya key format."""
+        sd_keys = [k for k in model.model.state_dict() if k.startswith("diffusion_model.")]
+        key_map = {"lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_"): k
+                   for k in sd_keys if k.endswith(".weight")}
+        patches, used = {}, set()
+        for prefix, key in key_map.items():
+            up, down = lora.get(f"{prefix}.lora_up.weight"), lora.get(f"{prefix}.lora_down.weight")
+            if up is not None and down is not None:
+                alpha = lora.get(f"{prefix}.alpha")
+                scale = 1.0 if alpha is None else alpha.item() / down.shape[0]
+                shape = _get_attr(model.model, key).shape
+                diff = torch.mm(up.flatten(start_dim=1).float(), down.flatten(start_dim=1).float())
+                patches[key] = ("diff", (diff.reshape(shape) * scale,))
+                used |= {f"{prefix}.lora_up.weight", f"{prefix}.lora_down.weight", f"{prefix}.alpha"}
+            elif f"{prefix}.diff" in lora:
+                patches[key] = ("diff", (lora[f"{prefix}.diff"],))
+                used.add(f"{prefix}.diff")
+        self.warnings += [f"lora key not loaded: {k}" for k in lora if k not in used]
+        clone = model.clone()
+        clone.add_patches(patches, strength)
+        return clone
+
+    @torch.inference_mode()
+    def eps(self, model: ModelPatcher, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+        """The UNet output a sampler would get from this MODEL (its patches loaded first)."""
+        self.load(model)
+        return model.model.diffusion_model(x, t.float(), context=context).clone()
+
+
+# ------------------------------------------------------------------ /object_info and prompt checks
+FILE_LIST = None
+"""Combo whose options are the files of a models folder (any name is accepted here)."""
+
+STOCK_NODES: dict[str, dict] = {
+    # The stock nodes the shipped workflows use, as server.py's /object_info describes them
+    # (ComfyUI a125cd8): inputs in order, with the options the checks read; outputs.
+    # tests/test_comfy_real.py checks this table against a real ComfyUI's /object_info.
+    "CheckpointLoaderSimple": {"input": {"required": {"ckpt_name": [FILE_LIST, {}]}},
+                               "output": ["MODEL", "CLIP", "VAE"]},
+    "CLIPTextEncode": {"input": {"required": {"text": ["STRING", {"multiline": True}],
+                                              "clip": ["CLIP", {}]}},
+                       "output": ["CONDITIONING"]},
+    "EmptyLatentImage": {"input": {"required": {
+        "width": ["INT", {"default": 512, "min": 16, "max": 16384}],
+        "height": ["INT", {"default": 512, "min": 16, "max": 16384}],
+        "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}]}}, "output": ["LATENT"]},
+    "KSampler": {"input": {"required": {
+        "model": ["MODEL", {}],
+        "seed": ["INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                         "control_after_generate": True}],
+        "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+        "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0}],
+        "sampler_name": [["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m",
+                          "dpmpp_2m_sde", "ddim", "uni_pc"], {}],
+        "scheduler": [["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
+                       "normal"], {}],
+        "positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}],
+        "latent_image": ["LATENT", {}],
+        "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0}]}}, "output": ["LATENT"]},
+    "VAEDecode": {"input": {"required": {"samples": ["LATENT", {}], "vae": ["VAE", {}]}},
+                  "output": ["IMAGE"]},
+    "SaveImage": {"input": {"required": {"images": ["IMAGE", {}],
+                                         "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
+                  "output": [], "output_node": True},
+    "PreviewImage": {"input": {"required": {"images": ["IMAGE", {}]}}, "output": [],
+                     "output_node": True},
+    "LoraLoader": {"input": {"required": {
+        "model": ["MODEL", {}], "clip": ["CLIP", {}], "lora_name": [FILE_LIST, {}],
+        "strength_model": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0}],
+        "strength_clip": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0}]}},
+        "output": ["MODEL", "CLIP"]},
+    "SaveLatent": {"input": {"required": {"samples": ["LATENT", {}],
+                                          "filename_prefix": ["STRING", {"default": "latents/ComfyUI"}]}},
+                   "output": [], "output_node": True},
+}
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def node_info(cls) -> dict:
+    """server.py's node_info() for a V1 node class (the parts the checks read)."""
+    spec = cls.INPUT_TYPES()
+    return {"input": {k: {n: list(v) for n, v in spec.get(k, {}).items()}
+                      for k in ("required", "optional") if k in spec},
+            "output": list(cls.RETURN_TYPES),
+            "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+            "output_node": bool(getattr(cls, "OUTPUT_NODE", False))}
+
+
+def object_info(mappings: dict) -> dict:
+    """/object_info for the stock table plus the given NODE_CLASS_MAPPINGS."""
+    info = {k: {"output_node": False, **v} for k, v in STOCK_NODES.items()}
+    info.update({name: node_info(cls) for name, cls in mappings.items()})
+    return info
+
+
+def _inputs(defn: dict) -> list[tuple[str, object, dict, bool]]:
+    """(name, type, options, required) in INPUT_TYPES order."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in defn["input"].get(section, {}).items():
+            out.append((name, spec[0], spec[1] if len(spec) > 1 else {}, section == "required"))
+    return out
+
+
+def is_widget(kind) -> bool:
+    return kind is FILE_LIST or isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def check_value(where: str, kind, opts: dict, value) -> list[str]:
+    """execution.validate_inputs for one literal (widget) value."""
+    if kind is FILE_LIST:
+        return [] if isinstance(value, str) and value else [f"{where}: file name expected, got {value!r}"]
+    if isinstance(kind, list):
+        return [] if value in kind else [f"{where}: {value!r} is not one of {kind}"]
+    ok = {"INT": isinstance(value, int) and not isinstance(value, bool),
+          "FLOAT": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "STRING": isinstance(value, str), "BOOLEAN": isinstance(value, bool)}[kind]
+    if not ok:
+        return [f"{where}: {kind} expected, got {value!r}"]
+    errors = []
+    if kind in ("INT", "FLOAT"):
+        if "min" in opts and value < opts["min"]:
+            errors.append(f"{where}: {value} < min {opts['min']}")
+        if "max" in opts and value > opts["max"]:
+            errors.append(f"{where}: {value} > max {opts['max']}")
+    return errors
+
+
+def validate_api_prompt(prompt: dict, info: dict) -> list[str]:
+    """Errors of an API-format prompt (POST /prompt body's "prompt") against /object_info."""
+    errors = []
+    for nid, node in prompt.items():
+        cls = node.get("class_type")
+        if cls not in info:
+            errors.append(f"node {nid}: unknown node type {cls!r}")
+            continue
+        defs = {name: (kind, opts, req) for name, kind, opts, req in _inputs(info[cls])}
+        given = node.get("inputs", {})
+        errors += [f"node {nid} ({cls}): missing required input {n!r}"
+                   for n, (_, _, req) in defs.items() if req and n not in given]
+        for name, value in given.items():
+            where = f"node {nid} ({cls}).{name}"
+            if name not in defs:
+                errors.append(f"{where}: no such input")
+                continue
+            kind, opts, _ = defs[name]
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                src = prompt.get(value[0])
+                if src is None or src.get("class_type") not in info:
+                    errors.append(f"{where}: links to missing node {value[0]!r}")
+                    continue
+                outs = info[src["class_type"]]["output"]
+                if not 0 <= value[1] < len(outs):
+                    errors.append(f"{where}: output slot {value[1]} of node {value[0]} does not exist")
+                elif is_widget(kind) or outs[value[1]] != kind:
+                    errors.append(f"{where}: {kind} input linked to a {outs[value[1]]} output")
+            elif not is_widget(kind):
+                errors.append(f"{where}: {kind} input needs a link, got {value!r}")
+            else:
+                errors += check_value(where, kind, opts, value)
+    return errors
+
+
+def widget_slots(defn: dict) -> list[tuple[str, object, dict]]:
+    """The frontend's widgets_values layout: widget inputs in order, each INT with
+    ``control_after_generate`` followed by its control value."""
+    slots = []
+    for name, kind, opts, _ in _inputs(defn):
+        if is_widget(kind):
+            slots.append((name, kind, opts))
+            if kind == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
+                slots.append((name + ":control", ["fixed", "increment", "decrement", "randomize"], {}))
+    return slots
+
+
+def validate_ui_workflow(wf: dict, info: dict) -> list[str]:
+    """Errors of a UI-format (LiteGraph) workflow against /object_info: node types, socket
+    inputs and outputs, widgets_values, and that every link joins matching types both ways."""
+    errors = []
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    for n in wf["nodes"]:
+        cls, nid = n["type"], n["id"]
+        if cls not in info:
+            errors.append(f"node {nid}: unknown node type {cls!r}")
+            continue
+        defn = info[cls]
+        sockets = {name: kind for name, kind, _, _ in _inputs(defn) if not is_widget(kind)}
+        for inp in n.get("inputs", []):
+            if inp.get("widget"):
+                continue
+            if sockets.get(inp["name"]) != inp["type"]:
+                errors.append(f"node {nid} ({cls}): input {inp['name']}:{inp['type']} not in INPUT_TYPES")
+        missing = set(sockets) - {i["name"] for i in n.get("inputs", [])}
+        required = {name for name, kind, _, req in _inputs(defn) if req and not is_widget(kind)}
+        errors += [f"node {nid} ({cls}): socket {m!r} missing" for m in sorted(missing & required)]
+        if [o["type"] for o in n.get("outputs", [])] != list(defn["output"]):
+            errors.append(f"node {nid} ({cls}): outputs {[o['type'] for o in n.get('outputs', [])]} "
+                          f"!= {defn['output']}")
+        slots, values = widget_slots(defn), n.get("widgets_values", [])
+        if len(values) != len(slots):
+            errors.append(f"node {nid} ({cls}): {len(values)} widgets_values for {len(slots)} widgets "
+                          f"{[s[0] for s in slots]}")
+        for (name, kind, opts), value in zip(slots, values):
+            errors += check_value(f"node {nid} ({cls}).{name}", kind, opts, value)
+    for link_id, src, src_slot, dst, dst_slot, kind in wf["links"]:
+        a, b = nodes.get(src), nodes.get(dst)
+        if a is None or b is None:
+            errors.append(f"link {link_id}: joins a missing node")
+            continue
+        out, inp = a["outputs"][src_slot], b["inputs"][dst_slot]
+        if not (out["type"] == inp["type"] == kind):
+            errors.append(f"link {link_id}: {a['type']}.{out['name']}:{out['type']} -> "
+                          f"{b['type']}.{inp['name']}:{inp['type']} (link says {kind})")
+        if inp.get("link") != link_id or link_id not in (out.get("links") or []):
+            errors.append(f"link {link_id}: not recorded on both ends")
+    return errors
+
+
+def ui_to_api(wf: dict, info: dict) -> dict:
+    """What the frontend queues for a UI workflow (graphToPrompt): literal widget values and
+    [node id, slot] links, without the control_after_generate values."""
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    links = {l[0]: l for l in wf["links"]}
+    prompt = {}
+    for nid, n in nodes.items():
+        inputs = {}
+        for (name, _, _), value in zip(widget_slots(info[n["type"]]), n.get("widgets_values", [])):
+            if not name.endswith(":control"):
+                inputs[name] = value
+        for inp in n.get("inputs", []):
+            if inp.get("link") is not None:
+                link = links[inp["link"]]
+                inputs[inp["name"]] = [str(link[1]), link[2]]
+        prompt[str(nid)] = {"class_type": n["type"], "inputs": inputs}
+    return prompt

@@ -1,0 +1,363 @@
+"""Every SPARE node driven through the ComfyUI test double (tests/comfy_double.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from comfy_double import REPO, Host, InterruptProcessingException, ModelType, load_pack
+from spare_core import Saliency, UnlearnAdapter
+from spare_core.files import model_fingerprint
+from spare_core.saliency import adaptable_modules
+from spare_core.sparse_lora import IO_CONVS
+
+SIZE = dict(width=64, height=64)  # 8x8 latents, the tiny UNet's sample size
+CONCEPT, SURROGATE = "a red circle", "a blue square"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One host, checkpoint, saliency, initial adapter and trained adapter for the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only add contention on a busy machine
+    mp = pytest.MonkeyPatch()
+    host = Host(str(tmp_path_factory.mktemp("comfy"))).install(mp)
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    model, clip = host.load_checkpoint(seed=0)
+    (sal,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT,
+                      samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, **SIZE)
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, rank=2, alpha=2.0,
+                       sparsity=0.0, seed=0)
+    (trained,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
+                          concept=CONCEPT, surrogate=SURROGATE, preserve="a green line\n\n# note",
+                          steps=10, lr=2e-2, timestep_sampler="uniform",
+                          objective="self_distill", seed=0, batch_size=2, pool_size=2,
+                          pool_steps=3, cfg=3.0, **SIZE)
+    yield dict(host=host, nodes=nodes, model=model, clip=clip, sal=sal, init=init, trained=trained)
+    mp.undo()
+    torch.set_num_threads(threads)
+
+
+def probe(env, prompt: str, seed: int = 1):
+    """Fixed (x_t, t, context) to compare UNet outputs on."""
+    g = torch.Generator().manual_seed(seed)
+    clip = env["clip"]
+    with torch.no_grad():
+        ctx = clip.encode_from_tokens(clip.tokenize(prompt))
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([300, 700]), ctx.expand(2, -1, -1)
+
+
+def nodes_bridge_module():
+    """The pack's bridge module, as imported through the pack."""
+    return sys.modules[load_pack().__name__ + ".nodes.comfy_bridge"]
+
+
+def test_pack_imports_without_comfyui(tmp_path):
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('pack', {os.path.join(REPO, '__init__.py')!r})\n"
+            "m = importlib.util.module_from_spec(spec); sys.modules['pack'] = m; spec.loader.exec_module(m)\n"
+            "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules\n"
+            "print(sorted(m.NODE_CLASS_MAPPINGS))")
+    # run from elsewhere: spare_core comes from the environment or the pack's own folder
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "ComputeSaliency" in out.stdout and "SelfDistillUnlearn" in out.stdout
+
+
+def test_mappings_are_consistent(env):
+    pack = load_pack()
+    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
+    for cls in pack.NODE_CLASS_MAPPINGS.values():
+        assert callable(getattr(cls, cls.FUNCTION))
+        assert len(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)) == len(cls.RETURN_TYPES)
+
+
+def test_saliency_scores_every_weight(env):
+    sal, model = env["sal"], env["model"]
+    mods = adaptable_modules(model.model.diffusion_model)
+    assert isinstance(sal, Saliency) and set(sal.scores) == set(mods)
+    for name, s in sal.scores.items():
+        assert s.shape == mods[name].weight.shape and (s >= 0).all()
+    assert sum(float(s.sum()) for s in sal.scores.values()) > 0
+    assert sal.concept == CONCEPT and sal.num_samples == 2 and sal.meta["top_k"] == "12"
+    assert sal.meta["model_fingerprint"] == model_fingerprint(model.model.diffusion_model)
+
+
+def test_progress_reaches_the_end(env, tmp_path):
+    host, nodes = env["host"], env["nodes"]
+    host.progress.clear()
+    host.run(nodes["ComputeSaliency"], model=env["model"], clip=env["clip"], concept=CONCEPT,
+             samples=2, top_k=3, seed=0, sample_steps=3, **SIZE)
+    assert host.progress[-1] == (5, 5)  # 3 sampling steps + 2 saliency samples
+    values = [v for v, _ in host.progress]
+    assert values == sorted(values)
+
+
+def test_sparse_lora_follows_top_k(env):
+    sal, init = env["sal"], env["init"]
+    assert isinstance(init, UnlearnAdapter)
+    assert init.names == sal.top_modules(count=12, exclude=IO_CONVS)
+    assert all(init[n].mask is None for n in init.names)
+    assert all(float(d.abs().max()) == 0.0 for d in init.merged().values())  # starts as identity
+    total = sum(p.numel() for p in env["model"].model.diffusion_model.parameters())
+    assert 0 < init.num_trainable() < 0.05 * total
+    assert init.meta["base_model_fingerprint"] == model_fingerprint(
+        env["model"].model.diffusion_model, init.names)
+
+
+def test_sparse_lora_sparsity_masks_the_most_salient_elements(env):
+    sal = env["sal"]
+    (ad,) = env["host"].run(env["nodes"]["SparseLoRAInit"], model=env["model"], saliency=sal,
+                            rank=2, alpha=2.0, sparsity=0.75, seed=0)
+    for n in ad.names:
+        mask, scores = ad[n].mask, sal.scores[n]
+        kept = float(mask.float().mean())
+        assert 0.25 <= kept <= 0.30, (n, kept)
+        assert float(scores[mask].min()) >= float(scores[~mask].max())
+
+
+def test_unlearn_moves_the_concept_prediction(env):
+    host, model, nodes, trained = env["host"], env["model"], env["nodes"], env["trained"]
+    x, t, c_concept = probe(env, CONCEPT)
+    _, _, c_sur = probe(env, SURROGATE)
+    target = host.eps(model, x, t, c_sur)
+    before = host.eps(model, x, t, c_concept)
+    (erased,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=trained, strength=1.0)
+    after = host.eps(erased, x, t, c_concept)
+    gap_before = float(((before - target) ** 2).mean())
+    gap_after = float(((after - target) ** 2).mean())
+    assert gap_after < 0.6 * gap_before, (gap_before, gap_after)
+    assert trained.meta["concept"] == CONCEPT and trained.meta["objective"] == "self_distill"
+    assert trained.meta["preserve"] == '["a green line"]'
+    # the input adapter was copied, not trained in place
+    assert all(float(d.abs().max()) == 0.0 for d in env["init"].merged().values())
+
+
+def test_every_listed_objective_trains(env):
+    nodes = env["nodes"]
+    objectives = nodes["SelfDistillUnlearn"].INPUT_TYPES()["required"]["objective"][0]
+    assert objectives[0] == "self_distill" and "siss" not in objectives  # data-unlearning: no
+    for name in objectives:
+        (ad,) = env["host"].run(nodes["SelfDistillUnlearn"], model=env["model"], clip=env["clip"],
+                                adapter=env["init"], concept=CONCEPT, surrogate=SURROGATE,
+                                preserve="a green line", steps=2, lr=1e-2,
+                                timestep_sampler="uniform", objective=name, seed=0, pool_size=1,
+                                pool_steps=2, **SIZE)
+        assert ad.meta["objective"] == name
+        assert max(float(d.abs().max()) for d in ad.merged().values()) > 0, name
+
+
+def test_apply_leaves_input_and_other_clones_bit_identical(env):
+    host, model, nodes, trained = env["host"], env["model"], env["nodes"], env["trained"]
+    x, t, c = probe(env, CONCEPT)
+    other = model.clone()
+    base = host.eps(model, x, t, c)
+    (erased,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=trained, strength=1.0)
+    (half,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=trained, strength=0.5)
+    patched = host.eps(erased, x, t, c)
+    host.eps(half, x, t, c)
+    assert not torch.equal(patched, base)
+    assert torch.equal(host.eps(model, x, t, c), base)
+    assert torch.equal(host.eps(other, x, t, c), base)
+    assert model.patches == {} and other.patches == {}
+    (same,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=trained, strength=0.0)
+    assert same is model
+    # the patches equal the adapter attached to the UNet (W + strength * delta)
+    unet = model.model.diffusion_model
+    host.load(model)
+    with torch.no_grad(), trained.applied(unet):
+        direct = unet(x, t.float(), context=c)
+    torch.testing.assert_close(patched, direct, rtol=1e-4, atol=1e-5)
+
+
+def test_fingerprint_ignores_other_clones_patches(env):
+    host, model, trained = env["host"], env["model"], env["trained"]
+    want = model_fingerprint(model.model.diffusion_model)
+    (erased,) = host.run(env["nodes"]["ApplyUnlearnAdapter"], model=model, adapter=trained, strength=3.0)
+    host.load(erased)  # the shared UNet now holds the patched weights
+    assert nodes_bridge_module().fingerprint(model) == want
+    host.load(model)
+
+
+def test_save_load_round_trip_and_stock_lora_loader(env):
+    host, nodes, model, trained = env["host"], env["nodes"], env["model"], env["trained"]
+    (name,) = host.run(nodes["SaveUnlearnAdapter"], adapter=trained,
+                       filename_prefix="spare/circle", keep_native=True)
+    assert name == "spare/circle_00001_.safetensors"
+    native = "spare/circle_00001_.spare.safetensors"
+    assert os.path.isfile(os.path.join(host.loras, native))
+    assert not [f for f in os.listdir(os.path.join(host.loras, "spare")) if f.startswith(".tmp")]
+    assert nodes["LoadUnlearnAdapter"].INPUT_TYPES()["required"]["adapter_name"][0] == [native]
+    (loaded,) = host.run(nodes["LoadUnlearnAdapter"], adapter_name=native)
+    assert loaded.names == trained.names and loaded.meta["concept"] == CONCEPT
+    for n in trained.names:
+        assert torch.equal(loaded.merged()[n], trained.merged()[n])
+    # the LoRA file: every key resolves in LoraLoader and gives ApplyUnlearnAdapter's outputs
+    lora = load_file(os.path.join(host.loras, name))
+    x, t, c = probe(env, CONCEPT)
+    (applied,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=loaded, strength=0.7)
+    via_lora = host.load_lora(model, lora, 0.7)
+    assert host.warnings == []
+    torch.testing.assert_close(host.eps(via_lora, x, t, c), host.eps(applied, x, t, c),
+                               rtol=1e-4, atol=1e-5)
+    (again,) = host.run(nodes["SaveUnlearnAdapter"], adapter=trained,
+                        filename_prefix="spare/circle", keep_native=False)
+    assert again == "spare/circle_00002_.safetensors"
+    assert not os.path.exists(os.path.join(host.loras, "spare/circle_00002_.spare.safetensors"))
+
+
+def test_element_masked_adapter_saves_full_difference_keys(env):
+    host, nodes, model = env["host"], env["nodes"], env["model"]
+    (ad,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=env["sal"], rank=2,
+                     alpha=2.0, sparsity=0.5, seed=0)
+    with torch.no_grad():
+        for n in ad.names:
+            ad[n].lora_B.normal_()
+    (name,) = host.run(nodes["SaveUnlearnAdapter"], adapter=ad, filename_prefix="masked",
+                       keep_native=False)
+    lora = load_file(os.path.join(host.loras, name))
+    assert all(k.endswith(".diff") for k in lora) and len(lora) == len(ad.names)
+    x, t, c = probe(env, CONCEPT)
+    (applied,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=ad, strength=1.0)
+    torch.testing.assert_close(host.eps(host.load_lora(model, lora), x, t, c),
+                               host.eps(applied, x, t, c), rtol=1e-4, atol=1e-5)
+    assert host.warnings == []
+
+
+def test_preview_image(env):
+    (img,) = env["host"].run(env["nodes"]["SaliencyPreview"], saliency=env["sal"],
+                             reduce="max", max_modules=10)
+    assert img.dtype == torch.float32 and img.shape == (1, 28 + 16 * 10 + 8, 900, 3)
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    orange = ((img[0, ..., 0] > 0.8) & (img[0, ..., 1] < 0.5) & (img[0, ..., 2] < 0.3)).sum()
+    assert int(orange) > 0  # the top-k modules are highlighted
+
+
+def test_context_lengths_are_repeated_without_changing_attention(env):
+    bridge_mod = nodes_bridge_module()
+    model, clip = env["model"], env["clip"]
+    long = "a very long prompt that needs a second chunk of tokens"
+    with bridge_mod.autograd_enabled():
+        bridge_mod.load_for_compute(model)
+        den = bridge_mod.ComfyDenoiser(model, clip, 64, 64, prompts=[CONCEPT, long])
+        ctx = den.encode([CONCEPT, long])
+        assert ctx.shape[1] == 64  # two 32-token chunks; the short prompt is repeated
+        x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+        one = den.eps(x, t, den._encode_one(CONCEPT))
+        two = den.eps(x, t, ctx[:1])
+    torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="not announced"):
+        den.encode(["a prompt that is long enough to need three chunks of thirty characters each"])
+
+
+def test_v_prediction_is_converted_to_eps(env):
+    bridge_mod = nodes_bridge_module()
+    model, clip = env["host"].load_checkpoint(seed=0, model_type=ModelType.V_PREDICTION)
+    with bridge_mod.autograd_enabled(), torch.no_grad():
+        den = bridge_mod.ComfyDenoiser(model, clip, 64, 64)
+        x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([400]), den.encode([""])
+        v = model.model.diffusion_model(x, t.float(), context=c)
+        a = den.alphas_cumprod[400]
+        torch.testing.assert_close(den.eps(x, t, c), a.sqrt() * v + (1 - a).sqrt() * x)
+
+
+# ---------------------------------------------------------------- errors and interrupts
+
+def _expect(env, node, match, **inputs):
+    host = env["host"]
+    host.progress.clear()
+    loaded = len(host.loaded)
+    with pytest.raises(ValueError, match=match):
+        host.run(env["nodes"][node], **inputs)
+    assert host.progress == [] and len(host.loaded) == loaded, "error raised after work started"
+
+
+def test_bad_inputs_fail_early_with_the_fix(env):
+    m, c, sal, ad = env["model"], env["clip"], env["sal"], env["init"]
+    sal_args = dict(model=m, clip=c, samples=2, top_k=3, seed=0, **SIZE)
+    _expect(env, "ComputeSaliency", "concept prompt is empty", concept="  ", **sal_args)
+    _expect(env, "ComputeSaliency", "CLIP input is empty",
+            **{**sal_args, "clip": None, "concept": CONCEPT})
+    _expect(env, "ComputeSaliency", "multiples of 8",
+            **{**sal_args, "concept": CONCEPT, "width": 68})
+    flow, _ = env["host"].load_checkpoint(model_type=ModelType.FLOW)
+    _expect(env, "ComputeSaliency", "eps and v-prediction",
+            **{**sal_args, "model": flow, "concept": CONCEPT})
+    init_args = dict(model=m, saliency=sal, rank=2, alpha=2.0, seed=0)
+    _expect(env, "SparseLoRAInit", "sparsity must be in", sparsity=1.0, **init_args)
+    _expect(env, "SparseLoRAInit", "rank 999 is larger",
+            **{**init_args, "rank": 999, "sparsity": 0.0})
+    other, _ = env["host"].load_checkpoint(channels=(8, 16))
+    _expect(env, "SparseLoRAInit", "different layer",
+            **{**init_args, "model": other, "sparsity": 0.0})
+    _expect(env, "ApplyUnlearnAdapter", "different layer", model=other, adapter=ad, strength=1.0)
+    _expect(env, "ApplyUnlearnAdapter", "adapter input is empty", model=m, adapter=None,
+            strength=1.0)
+    un = dict(model=m, clip=c, adapter=ad, concept=CONCEPT, surrogate=SURROGATE, preserve="",
+              steps=2, lr=1e-3, timestep_sampler="uniform", objective="self_distill", seed=0,
+              **SIZE)
+    _expect(env, "SelfDistillUnlearn", "surrogate equals the concept",
+            **{**un, "surrogate": CONCEPT.upper()})
+    _expect(env, "SelfDistillUnlearn", "also listed as a preserved",
+            **{**un, "preserve": f"a tree\n{CONCEPT}"})
+    _expect(env, "SelfDistillUnlearn", "concept prompt is empty", **{**un, "concept": ""})
+    _expect(env, "SelfDistillUnlearn", "lr must be", **{**un, "lr": 0.0})
+    _expect(env, "SelfDistillUnlearn", "different layer", **{**un, "model": other})
+    _expect(env, "SaveUnlearnAdapter", "prefix is empty", adapter=ad, filename_prefix=" ",
+            keep_native=True)
+    with pytest.raises(ValueError, match="unknown objective"):
+        env["nodes"]["SelfDistillUnlearn"]().run(**{**un, "objective": "nope"})
+
+
+def test_load_errors_name_the_fix(env):
+    host, nodes = env["host"], env["nodes"]
+    with pytest.raises(ValueError, match="not in the loras folder"):
+        nodes["LoadUnlearnAdapter"]().load("gone.spare.safetensors")
+    bad = os.path.join(host.loras, "broken.spare.safetensors")
+    with open(bad, "wb") as f:
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    try:
+        with pytest.raises(ValueError, match="truncated or not a safetensors"):
+            host.run(nodes["LoadUnlearnAdapter"], adapter_name="broken.spare.safetensors")
+    finally:
+        os.remove(bad)
+
+
+def _assert_untouched(env, base):
+    host, model = env["host"], env["model"]
+    unet = model.model.diffusion_model
+    assert not any(hasattr(mod, "parametrizations") for mod in unet.modules())
+    assert torch.equal(host.eps(model, *probe(env, CONCEPT)), base)
+
+
+def test_interrupt_during_unlearning_leaves_model_and_files(env):
+    host, nodes, model = env["host"], env["nodes"], env["model"]
+    base = host.eps(model, *probe(env, CONCEPT))
+    files = sorted(os.listdir(host.loras))
+    host.interrupt_after(5)  # past the 3 pool updates, inside the training steps
+    with pytest.raises(InterruptProcessingException):
+        host.run(nodes["SelfDistillUnlearn"], model=model, clip=env["clip"], adapter=env["init"],
+                 concept=CONCEPT, surrogate=SURROGATE, preserve="", steps=50, lr=1e-2,
+                 timestep_sampler="uniform", objective="self_distill", seed=0, pool_size=1,
+                 pool_steps=3, **SIZE)
+    assert 3 < len(host.progress) and host.progress[-1][0] < 53
+    _assert_untouched(env, base)
+    assert sorted(os.listdir(host.loras)) == files
+    assert all(float(d.abs().max()) == 0.0 for d in env["init"].merged().values())
+
+
+def test_interrupt_during_saliency(env):
+    host, nodes, model = env["host"], env["nodes"], env["model"]
+    base = host.eps(model, *probe(env, CONCEPT))
+    flags = [p.requires_grad for p in model.model.diffusion_model.parameters()]
+    host.interrupt_after(2)  # during the generation of the concept images
+    with pytest.raises(InterruptProcessingException):
+        host.run(nodes["ComputeSaliency"], model=model, clip=env["clip"], concept=CONCEPT,
+                 samples=4, top_k=3, seed=0, sample_steps=4, **SIZE)
+    _assert_untouched(env, base)
+    assert [p.requires_grad for p in model.model.diffusion_model.parameters()] == flags

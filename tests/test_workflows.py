@@ -1,0 +1,125 @@
+"""The shipped workflows agree with the node definitions (ours from the pack's mappings, stock
+ones from comfy_double.STOCK_NODES, which test_comfy_real checks against a real ComfyUI)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+
+from comfy_double import (REPO, Host, load_pack, object_info, ui_to_api, validate_api_prompt,
+                          validate_ui_workflow)
+
+UI = os.path.join(REPO, "workflows", "spare_erase_concept.json")
+API = os.path.join(REPO, "workflows", "spare_erase_concept.api.json")
+
+
+@pytest.fixture(scope="module")
+def info(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    Host(str(tmp_path_factory.mktemp("comfy"))).install(mp)
+    yield object_info(load_pack().NODE_CLASS_MAPPINGS)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def ui():
+    with open(UI) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def api():
+    with open(API) as f:
+        return json.load(f)
+
+
+def test_api_workflow_matches_the_node_definitions(api, info):
+    assert validate_api_prompt(api, info) == []
+
+
+def test_ui_workflow_matches_the_node_definitions(ui, info):
+    assert validate_ui_workflow(ui, info) == []
+    assert ui["last_node_id"] >= max(n["id"] for n in ui["nodes"])
+    assert ui["last_link_id"] >= max(link[0] for link in ui["links"])
+
+
+def test_ui_file_has_the_frontend_schema(ui):
+    """The fields ComfyUI's frontend (1.27, zComfyWorkflow v0.4) requires to load a workflow."""
+    assert isinstance(ui["version"], (int, float)) and isinstance(ui["last_link_id"], int)
+    for n in ui["nodes"]:
+        assert isinstance(n["id"], int) and isinstance(n["type"], str)
+        assert all(len(n[k]) == 2 and all(isinstance(v, (int, float)) for v in n[k])
+                   for k in ("pos", "size"))
+        assert isinstance(n["flags"], dict) and isinstance(n["properties"], dict)
+        assert isinstance(n["order"], int) and isinstance(n["mode"], int)
+        assert all({"name", "type"} <= set(i) for i in n["inputs"] + n["outputs"])
+    assert all(len(link) == 6 and isinstance(link[5], str) for link in ui["links"])
+    for g in ui.get("groups", []):
+        assert isinstance(g["title"], str) and len(g["bounding"]) == 4
+    assert len({n["id"] for n in ui["nodes"]}) == len(ui["nodes"])
+    assert len({link[0] for link in ui["links"]}) == len(ui["links"])
+
+
+def test_ui_and_api_files_are_the_same_graph(ui, api, info):
+    queued = ui_to_api(ui, info)
+    assert queued == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+def test_graph_shows_before_and_after_with_the_same_sampling(api):
+    by_type: dict[str, list[str]] = {}
+    for nid, node in api.items():
+        by_type.setdefault(node["class_type"], []).append(nid)
+    for needed in ("CheckpointLoaderSimple", "CLIPTextEncode", "ComputeSaliency", "SaliencyPreview",
+                   "SparseLoRAInit", "SelfDistillUnlearn", "ApplyUnlearnAdapter",
+                   "SaveUnlearnAdapter", "VAEDecode"):
+        assert needed in by_type, needed
+    samplers = [api[n]["inputs"] for n in by_type["KSampler"]]
+    assert len(samplers) == 2 and len(by_type["SaveImage"]) == 2
+    before, after = sorted(samplers, key=lambda s: api[s["model"][0]]["class_type"] != "CheckpointLoaderSimple")
+    assert api[after["model"][0]]["class_type"] == "ApplyUnlearnAdapter"
+    same = {k: v for k, v in before.items() if k != "model"}
+    assert same == {k: v for k, v in after.items() if k != "model"}
+    trained = api[by_type["SelfDistillUnlearn"][0]]["inputs"]
+    assert api[trained["adapter"][0]]["class_type"] == "SparseLoRAInit"
+    assert trained["concept"] == api[by_type["ComputeSaliency"][0]]["inputs"]["concept"]
+    prompt = api[before["positive"][0]]["inputs"]["text"]
+    assert trained["concept"].lower() in prompt.lower()  # the images show the concept
+
+
+def test_node_defaults_are_valid(info):
+    for name, defn in info.items():
+        for section in ("required", "optional"):
+            for inp, spec in defn["input"].get(section, {}).items():
+                kind, opts = spec[0], spec[1] if len(spec) > 1 else {}
+                if "default" in opts and isinstance(kind, list):
+                    assert opts["default"] in kind, (name, inp)
+                elif "default" in opts and kind in ("INT", "FLOAT"):
+                    assert opts.get("min", -1e30) <= opts["default"] <= opts.get("max", 1e30), (name, inp)
+
+
+@pytest.mark.parametrize("break_it, expected", [
+    (lambda wf: wf["14"]["inputs"].pop("surrogate"), "missing required input 'surrogate'"),
+    (lambda wf: wf["14"]["inputs"].update(stepz=3), "no such input"),
+    (lambda wf: wf["15"]["inputs"].update(adapter=["10", 0]), "UNLEARN_ADAPTER input linked to a SALIENCY"),
+    (lambda wf: wf["14"]["inputs"].update(objective="forget_everything"), "is not one of"),
+    (lambda wf: wf["13"]["inputs"].update(sparsity=1.5), "> max"),
+    (lambda wf: wf["19"].update(class_type="SaveUnlearnAdaptor"), "unknown node type"),
+], ids=["missing input", "unknown input", "wrong link type", "bad combo", "out of range",
+        "unknown node"])
+def test_api_validation_catches_mistakes(api, info, break_it, expected):
+    broken = copy.deepcopy(api)
+    break_it(broken)
+    assert any(expected in e for e in validate_api_prompt(broken, info))
+
+
+def test_ui_validation_catches_mistakes(ui, info):
+    broken = copy.deepcopy(ui)
+    node = next(n for n in broken["nodes"] if n["type"] == "SelfDistillUnlearn")
+    node["widgets_values"].pop()
+    link = broken["links"][0]
+    link[5] = "LATENT" if link[5] != "LATENT" else "IMAGE"
+    errors = validate_ui_workflow(broken, info)
+    assert any("widgets_values" in e for e in errors)
+    assert any(f"link {link[0]}:" in e for e in errors)
