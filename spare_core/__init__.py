@@ -15,15 +15,17 @@ from .saliency import Saliency, compute_saliency, load_saliency, save_saliency
 from .sampling import q_sample, sample
 from .sparse_lora import sparse_lora_from_saliency
 from .spare import SpareResult, spare_unlearn
+from .data_task import DataTask, load_image_folder
+from .methods import METHODS, run_method
 from .tasks import ConceptTask, PoolConfig
 from .timesteps import ConceptSampler, UniformSampler, make_timestep_sampler
 
 __all__ = [
-    "AdapterFileError", "ConceptSampler", "ConceptTask", "Denoiser", "DiffusersDenoiser",
+    "AdapterFileError", "ConceptSampler", "ConceptTask", "DataTask", "METHODS", "Denoiser", "DiffusersDenoiser",
     "LoRADelta", "MaskedFullDelta", "ModelMismatchError", "NonFiniteLoss", "OBJECTIVES",
     "PoolConfig", "Saliency", "SpareResult", "UniformSampler", "UnlearnAdapter",
     "UnlearnCancelled", "UnlearnConfig", "UnlearnResult", "compute_saliency", "init_masked_full",
-    "init_sparse_lora", "load_adapter", "load_saliency", "make_objective",
+    "init_sparse_lora", "load_adapter", "load_image_folder", "run_method", "load_saliency", "make_objective",
     "make_timestep_sampler", "model_fingerprint", "q_sample", "sample", "save_adapter",
     "save_saliency", "sparse_lora_from_saliency", "spare_unlearn", "to_comfy_lora",
     "to_diffusers_lora", "unlearn",

@@ -72,8 +72,12 @@ class LoRADelta(nn.Module):
 
 
 class MaskedFullDelta(nn.Module):
-    """Full-weight delta restricted to ``mask``: one trainable value per masked element, stored
-    densely only for those elements (``values`` ``[nnz]``, ``index`` ``[nnz]`` into the flat weight)."""
+    """Full-weight delta restricted to ``mask``: one trainable value per masked element.
+
+    Sparse masks store ``values`` ``[nnz]`` and ``index`` ``[nnz]`` into the flat weight; an
+    all-True mask (full fine-tuning of a module, e.g. ESD) stores ``values`` weight-shaped and no
+    index, so it costs one copy of the weight and no int64 index.
+    """
 
     kind = "full"
 
@@ -82,11 +86,17 @@ class MaskedFullDelta(nn.Module):
         if tuple(mask.shape) != tuple(weight_shape):
             raise ValueError(f"mask shape {list(mask.shape)} != weight shape {list(weight_shape)}")
         self.weight_shape = tuple(int(s) for s in weight_shape)
-        index = mask.flatten().nonzero().squeeze(1)
-        self.register_buffer("index", index)
-        self.values = nn.Parameter(torch.zeros(index.numel()))
+        if bool(mask.all()):
+            self.register_buffer("index", None)
+            self.values = nn.Parameter(torch.zeros(self.weight_shape))
+        else:
+            index = mask.flatten().nonzero().squeeze(1)
+            self.register_buffer("index", index)
+            self.values = nn.Parameter(torch.zeros(index.numel()))
 
     def delta(self) -> Tensor:
+        if self.index is None:
+            return self.values
         flat = torch.zeros(math.prod(self.weight_shape), dtype=self.values.dtype,
                            device=self.values.device)
         return flat.index_put((self.index,), self.values).view(self.weight_shape)
@@ -223,7 +233,8 @@ class UnlearnAdapter(nn.Module):
                 entry.update(rank=d.rank, alpha=d.alpha)
             else:
                 tensors[f"{n}.values"] = d.values.detach().float().cpu().contiguous()
-                tensors[f"{n}.index"] = d.index.cpu().contiguous()
+                if d.index is not None:
+                    tensors[f"{n}.index"] = d.index.cpu().contiguous()
             layout[n] = entry
         meta = dict(self.meta)
         meta["modules"] = json.dumps(layout)
@@ -247,11 +258,17 @@ class UnlearnAdapter(nn.Module):
                     d.lora_A.copy_(a)
                     d.lora_B.copy_(b)
             elif e["kind"] == "full":
-                idx, vals = _need(tensors, f"{n}.index"), _need(tensors, f"{n}.values")
-                if idx.numel() != vals.numel() or (idx.numel() and int(idx.max()) >= math.prod(shape)):
-                    raise ValueError(f"{n}: index/values do not fit weight {list(shape)}")
-                mask = torch.zeros(math.prod(shape), dtype=torch.bool)
-                mask[idx.long()] = True
+                vals = _need(tensors, f"{n}.values")
+                if f"{n}.index" not in tensors:  # dense: every element trainable
+                    if tuple(vals.shape) != shape:
+                        raise ValueError(f"{n}: values {list(vals.shape)} do not fit weight {list(shape)}")
+                    mask = torch.ones(math.prod(shape), dtype=torch.bool)
+                else:
+                    idx = tensors[f"{n}.index"]
+                    if idx.numel() != vals.numel() or (idx.numel() and int(idx.max()) >= math.prod(shape)):
+                        raise ValueError(f"{n}: index/values do not fit weight {list(shape)}")
+                    mask = torch.zeros(math.prod(shape), dtype=torch.bool)
+                    mask[idx.long()] = True
                 d = MaskedFullDelta(shape, mask.view(shape))
                 with torch.no_grad():
                     d.values.copy_(vals)

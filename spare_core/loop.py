@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .adapter import UnlearnAdapter
+from .saliency import Saliency
 from .denoiser import Denoiser
 from .objectives import Objective, make_objective
 
@@ -58,6 +59,7 @@ class UnlearnResult:
 
     adapter: UnlearnAdapter
     history: dict = field(default_factory=dict)
+    saliency: "Saliency | None" = None  # set by methods that localize first (spare, salun)
 
 
 ProgressFn = Callable[[int, int, float], None]

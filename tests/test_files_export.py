@@ -13,10 +13,11 @@ LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
 CONV = "down_blocks.0.resnets.0.conv1"
 
 
-def _adapter(den, masked: bool, full: bool = False):
+def _adapter(den, masked: bool, full: bool = False, dense: bool = False):
     mods = adaptable_modules(den.unet)
     g = torch.Generator().manual_seed(0)
-    masks = {n: torch.rand(mods[n].weight.shape, generator=g) < 0.3 for n in (LINEAR, CONV)}
+    masks = {n: torch.rand(mods[n].weight.shape, generator=g) < (1.1 if dense else 0.3)
+             for n in (LINEAR, CONV)}
     if full:
         ad = init_masked_full(den.unet, masks)
     else:
@@ -36,9 +37,12 @@ def _out(den):
         return den.eps(x, torch.tensor([100, 700]), den.encode(["a cat", "a dog"]))
 
 
-@pytest.mark.parametrize("masked,full", [(False, False), (True, False), (False, True)])
-def test_save_load_round_trip_is_exact(den, tmp_path, masked, full):
-    ad = _adapter(den, masked, full)
+@pytest.mark.parametrize("masked,full,dense", [(False, False, False), (True, False, False),
+                                               (False, True, False), (False, True, True)])
+def test_save_load_round_trip_is_exact(den, tmp_path, masked, full, dense):
+    ad = _adapter(den, masked, full, dense)
+    if dense:  # all-True masks store weight-shaped values and no index
+        assert all(ad[n].index is None for n in ad.names)
     path = str(tmp_path / "a.safetensors")
     save_adapter(ad, path, unet=den.unet, surrogate="a dog")
     back = load_adapter(path, unet=den.unet)
