@@ -23,7 +23,7 @@ def spare_run():
     den, clf = M.load_default_model(), M.load_classifier()
     res = spare_unlearn(den, prompt_for(FORGET), prompt_for(default_surrogate(FORGET)),
                         [prompt_for(d) for d in range(10) if d != FORGET],
-                        **dict(spare_digits_defaults(60, 0), num_samples=16))
+                        **dict(spare_digits_defaults(100, 0), num_samples=16))
     with res.adapter.applied(den.unet):
         after = digit_metrics(den, clf, FORGET, 10, 1, SAMPLE_STEPS)
     return res, after
