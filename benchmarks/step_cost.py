@@ -15,11 +15,10 @@ import argparse
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
-from spare_core import (ConceptTask, UnlearnConfig, compute_saliency, init_sparse_lora,
+from spare_core import (ConceptTask, compute_saliency, init_sparse_lora,
                         sparse_lora_from_saliency)
 from spare_core.objectives import SelfDistill
 from spare_core.saliency import adaptable_modules

@@ -6,14 +6,13 @@ before/after, paired noise) and ``<out>/metrics.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import tempfile
 import time
 
 from .bench import default_surrogate, digit_metrics, spare_digits_defaults
 from .digits import metrics as M
 from .digits.data import NAMES, prompt_for
+from .files import atomic_write_json
 
 KEYS = ("UA", "RA", "FD_forget", "FD_retain")
 
@@ -29,13 +28,6 @@ def add_command(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=M.SAMPLE_STEPS, help="bench sampler steps")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
-
-
-def _write_json(obj: dict, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -54,6 +46,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     den, clf = M.load_default_model(), M.load_classifier()
     print(f"forgetting '{prompt_for(a.forget)}' -> '{prompt_for(sur)}' on the embedded digits model")
     before = digit_metrics(den, clf, a.forget, a.n, a.seed, a.sample_steps)
+    print("SPARE: sampling the concept, computing saliency, then training the sparse LoRA")
     bar = tqdm(total=a.steps, desc="SPARE", unit="step")
     res = spare_unlearn(den, prompt_for(a.forget), prompt_for(sur),
                         [prompt_for(d) for d in range(10) if d != a.forget],
@@ -81,7 +74,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
                "trainable_params": res.adapter.num_trainable(),
                "train_seconds": res.history["seconds"],
                "total_seconds": time.perf_counter() - t_start}
-    _write_json(metrics, os.path.join(a.out, "metrics.json"))
+    atomic_write_json(metrics, os.path.join(a.out, "metrics.json"))
     print(f"wrote {grid} and {os.path.join(a.out, 'metrics.json')} "
           f"({metrics['total_seconds']:.0f} s in all)")
     return 0

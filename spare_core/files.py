@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -30,19 +30,16 @@ def _umask() -> int:
     return mask
 
 
-def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str,
-                            metadata: Mapping[str, str] | None = None) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``: a reader
-    never sees a half-written file, and an interrupted write leaves nothing behind."""
-    from safetensors.torch import save_file
-
+def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
+    """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, fsync it, then rename it
+    over ``path``: a reader never sees a half-written file, and an interrupted or failed write
+    leaves nothing behind (and any earlier ``path`` untouched)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
@@ -51,6 +48,27 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str,
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str,
+                            metadata: Mapping[str, str] | None = None) -> None:
+    """``safetensors`` file written with :func:`atomic_write`."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp,
+        metadata={k: str(v) for k, v in (metadata or {}).items()}), suffix=".safetensors")
+
+
+def atomic_write_json(obj, path: str) -> None:
+    """JSON file (indent 2) written with :func:`atomic_write`."""
+    import json
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    atomic_write(path, write, suffix=".json")
 
 
 def read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:

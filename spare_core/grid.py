@@ -1,13 +1,13 @@
 """Before/after image grids (PNG) from latents, with row and column labels."""
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .files import atomic_write
 
 
 def to_uint8_images(images: Tensor) -> np.ndarray:
@@ -56,15 +56,4 @@ def save_grid(cells: Sequence[Sequence[Tensor]], path: str, row_labels: Sequence
             for i, arr in enumerate(to_uint8_images(cells[r][c])):
                 tile = Image.fromarray(arr).resize((cell_px, cell_px), Image.NEAREST)
                 img.paste(tile, (label_w + c * (k * cell_px + pad) + i * cell_px, y))
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"), suffix=".png")

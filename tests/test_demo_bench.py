@@ -65,3 +65,23 @@ def test_bench_rejects_unknown_method(capsys):
 
     assert main(["bench", "--methods", "spare,nope"]) == 2
     assert "unknown concept methods ['nope']" in capsys.readouterr().err
+
+
+def test_mean_over_seeds_gives_mean_and_std():
+    from spare_core.bench import Row, markdown_table, mean_over_seeds
+
+    runs = [[Row("spare", "three", {"UA": 1.0, "trainable": 12})],
+            [Row("spare", "three", {"UA": 0.8, "trainable": 12})]]
+    (row,) = mean_over_seeds(runs)
+    assert row.values["UA"] == pytest.approx(0.9) and row.values["UA_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row.values["trainable"] == 12
+    assert "| spare | three | 0.900 ± 0.141 | 12 |" in markdown_table([row])
+    (single,) = mean_over_seeds(runs[:1])
+    assert "UA_std" not in single.values
+
+
+def test_bench_rejects_bad_seeds(capsys):
+    from spare_core.cli import main
+
+    assert main(["bench", "--seeds", "0,x"]) == 2
+    assert "--seeds must be a comma list of integers" in capsys.readouterr().err
