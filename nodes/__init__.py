@@ -10,6 +10,7 @@ The node modules import spare_core but never ComfyUI; ``comfy_bridge`` is the on
 talks to the host, and only when a node runs.
 """
 from .adapter_nodes import ApplyUnlearnAdapter, SparseLoRAInit
+from .data_unlearn_node import DataUnlearn
 from .file_nodes import LoadUnlearnAdapter, SaveUnlearnAdapter
 from .saliency_nodes import ComputeSaliency, SaliencyPreview
 from .unlearn_node import SelfDistillUnlearn
@@ -19,6 +20,7 @@ NODE_CLASS_MAPPINGS = {
     "SaliencyPreview": SaliencyPreview,
     "SparseLoRAInit": SparseLoRAInit,
     "SelfDistillUnlearn": SelfDistillUnlearn,
+    "DataUnlearn": DataUnlearn,
     "ApplyUnlearnAdapter": ApplyUnlearnAdapter,
     "SaveUnlearnAdapter": SaveUnlearnAdapter,
     "LoadUnlearnAdapter": LoadUnlearnAdapter,
@@ -29,6 +31,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SaliencyPreview": "SPARE Saliency Preview",
     "SparseLoRAInit": "SPARE Sparse LoRA Init",
     "SelfDistillUnlearn": "SPARE Self-Distill Unlearn",
+    "DataUnlearn": "SPARE Data Unlearn (SISS)",
     "ApplyUnlearnAdapter": "SPARE Apply Unlearn Adapter",
     "SaveUnlearnAdapter": "SPARE Save Unlearn Adapter",
     "LoadUnlearnAdapter": "SPARE Load Unlearn Adapter",

@@ -238,6 +238,19 @@ class ComfyDenoiser:
         return self._cache[prompt]
 
 
+def encode_images(model, vae, images: Tensor) -> Tensor:
+    """IMAGE ``[B, H, W, C]`` in ``[0, 1]`` -> the latents the MODEL's UNet denoises,
+    ``[B, 4, H/8, W/8]`` float32 on the CPU: ``VAE.encode`` (as the VAEEncode node calls it, RGB
+    only) then ``BaseModel.process_latent_in`` (the latent format's scaling, as samplers apply)."""
+    if vae is None:
+        raise ValueError("the VAE input is empty: connect the VAE output of the checkpoint loader")
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an IMAGE batch [B, H, W, 3], got shape {list(images.shape)}")
+    with torch.inference_mode(False), torch.no_grad():
+        latent = vae.encode(images[:, :, :, :3])
+        return model.model.process_latent_in(latent).detach().float().cpu().clone()
+
+
 # ---------------------------------------------------------------- files under models/loras
 def loras_dir() -> str:
     """The first ``loras`` folder (models/loras by default)."""

@@ -23,9 +23,7 @@ import torch
 
 from .digits import metrics as M
 from .digits.data import NAMES, prompt_for
-
-CONCEPT_METHODS = ("spare", "salun", "esd")
-DATA_METHODS = ("siss", "neggrad", "erasediff", "naive_deletion")
+from .methods import CONCEPT_METHODS, DATA_METHODS
 
 
 @dataclass
@@ -211,7 +209,8 @@ def add_command(sub) -> None:
     p.add_argument("--sample-steps", type=int, default=M.SAMPLE_STEPS, help="bench sampler steps")
     p.add_argument("--seeds", default="0",
                    help="comma list of seeds (training and sampling); the table shows mean ± std")
-    p.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    p.add_argument("--markdown", default=None,
+                   help="also append the command and the table to this Markdown file")
     p.set_defaults(func=cmd_bench)
 
 
@@ -248,7 +247,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     table = markdown_table(mean_over_seeds(runs))
     print()
     print(table)
-    if a.markdown:
+    if a.markdown:  # appended (several runs build one report), with the command that made it
         with open(a.markdown, "a") as f:
-            f.write(table + "\n")
+            f.write(f"\n```\nspare {' '.join(a.argv)}\n```\n\n{table}\n")
     return 0

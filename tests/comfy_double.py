@@ -19,7 +19,9 @@ node ComfyUI executes, so weights are inference tensors):
   ``get_model_object()``, ``patches``, ``patches_uuid``, ``backup``.
 - :class:`BaseModel` (comfy/model_base.py): ``diffusion_model``, ``model_sampling``,
   ``model_type`` (ModelType enum), ``latent_format.latent_channels``, ``get_dtype()``,
-  ``manual_cast_dtype``.
+  ``manual_cast_dtype``, ``process_latent_in(latent)`` (SD1.5's latent scale 0.18215).
+- :class:`VAE` (comfy/sd.py): ``encode(pixels [B, H, W, 3] in [0, 1]) -> [B, 4, H/8, W/8]``
+  unscaled latents (here a fixed 8x8 patch projection instead of the KL autoencoder).
 - :class:`ComfyStyleUNet`: a diffusers UNet2DConditionModel called the way ComfyUI calls its
   openaimodel.UNetModel: ``forward(x, timesteps, context=, control=, transformer_options=)``.
 - :class:`ModelSamplingDiscrete` (comfy/model_sampling.py): ``sigmas`` of SD's scaled-linear schedule.
@@ -120,6 +122,24 @@ class BaseModel(nn.Module):
 
     def get_dtype(self) -> torch.dtype:
         return self.diffusion_model.dtype
+
+    def process_latent_in(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent * 0.18215  # latent_formats.SD15.process_in
+
+
+class VAE:
+    """Deterministic stand-in: each 8x8 RGB patch -> 4 numbers by a fixed random projection,
+    scaled so encoded images have roughly unit latent variance after ``process_latent_in``."""
+
+    def __init__(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.randn(4, 3 * 64, generator=g) / (3 * 64) ** 0.5 / 0.18215 * 2
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = pixels.shape
+        x = (pixels.movedim(-1, 1) * 2 - 1).float()  # [B, 3, H, W] in [-1, 1]
+        patches = torch.nn.functional.unfold(x, 8, stride=8)  # [B, 3*64, (H/8)*(W/8)]
+        return (self.proj @ patches).reshape(b, 4, h // 8, w // 8)
 
 
 def _get_attr(obj, path: str):

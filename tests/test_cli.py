@@ -54,3 +54,53 @@ def test_bad_input_exits_with_message(pipe_dir, tmp_path, capsys):
     assert not os.path.exists(out)
     assert main(["unlearn", "--model", str(tmp_path), "--concept", "x", "--out", out]) == 2
     assert "not a diffusers pipeline folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["salun", "esd"])
+def test_unlearn_runs_other_concept_methods(pipe_dir, tmp_path, method):
+    out = str(tmp_path / f"{method}.safetensors")
+    assert main(_args(pipe_dir, out, "--method", method)) == 0
+    from diffusers import UNet2DConditionModel
+    ad = load_adapter(out, unet=UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet"))
+    assert ad.meta["method"] == method
+    if method == "esd":  # ESD-x: only cross-attention (attn2) weights are trained
+        assert ad.names and all(".attn2." in n for n in ad.names)
+
+
+def _image_folder(path, n: int, seed: int) -> str:
+    """``n`` random 8x8 RGBA PNGs (the tiny UNet is pixel-space with 4 channels)."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(path)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 4), dtype=np.uint8), "RGBA").save(
+            os.path.join(path, f"{i:02d}.png"))
+    return str(path)
+
+
+def test_unlearn_data_method_from_image_folders(pipe_dir, tmp_path, capsys):
+    forget = _image_folder(tmp_path / "forget", 2, 0)
+    keep = _image_folder(tmp_path / "keep", 4, 1)
+    out, grid = str(tmp_path / "siss.safetensors"), str(tmp_path / "grid.png")
+    assert main(["unlearn", "--model", pipe_dir, "--method", "siss", "--forget-images", forget,
+                 "--keep-images", keep, "--param", "lambda_=0.3", "--out", out, "--steps", "2",
+                 "--sample-steps", "2", "--grid", grid]) == 0
+    from diffusers import UNet2DConditionModel
+    ad = load_adapter(out, unet=UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet"))
+    assert ad.meta["method"] == "siss" and os.path.exists(grid)
+    assert "siss, " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "siss", "--concept", "a cat"], "instead of --concept"),
+    (["--method", "siss"], "needs --forget-images"),
+    (["--method", "spare"], "give --concept"),
+    (["--method", "esd", "--concept", "a cat", "--param", "lambda_=0.5"], "esd does not take ['lambda_']"),
+    (["--method", "esd", "--concept", "a cat", "--param", "eta"], "--param takes KEY=VALUE"),
+    (["--method", "spare", "--concept", "a cat", "--out", "x.pt"], "--out must end in .safetensors"),
+])
+def test_unlearn_method_flags_are_checked(pipe_dir, tmp_path, capsys, extra, message):
+    assert main(["unlearn", "--model", pipe_dir, "--steps", "2", *extra]) == 2
+    assert message in capsys.readouterr().err

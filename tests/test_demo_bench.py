@@ -51,13 +51,17 @@ def test_demo_writes_grid_and_metrics(tmp_path, capsys):
     assert "UA" in capsys.readouterr().out
 
 
-def test_bench_prints_a_table(capsys):
+def test_bench_prints_a_table(tmp_path, capsys):
     from spare_core.cli import main
 
-    assert main(["bench", "--methods", "spare", "--forget", "7", "--n", "2", "--steps", "3",
-                 "--sample-steps", "10"]) == 0
+    md = tmp_path / "results.md"
+    args = ["bench", "--methods", "spare", "--forget", "7", "--n", "2", "--steps", "3",
+            "--sample-steps", "10", "--markdown", str(md)]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "| spare | seven |" in out and "| original | seven |" in out
+    report = md.read_text()
+    assert f"spare {' '.join(args)}" in report and "| spare | seven |" in report
 
 
 def test_bench_rejects_unknown_method(capsys):

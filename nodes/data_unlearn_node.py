@@ -1,0 +1,96 @@
+"""DataUnlearn: forget specific training images (SISS, NegGrad, EraseDiff, naive deletion)."""
+from __future__ import annotations
+
+import logging
+
+from spare_core.methods import DATA_METHODS, METHODS, run_method
+
+from . import comfy_bridge as bridge
+from .common import ADAPTER, CATEGORY, SEED
+
+log = logging.getLogger(__name__)
+
+
+class DataUnlearn:
+    """Trains an adapter so the model stops generating the forget images while the keep images
+    stay modelled. SISS (importance-sampled mixture, the default) and its baselines NegGrad,
+    EraseDiff and naive deletion; images are encoded with the VAE, prompts are optional."""
+
+    DESCRIPTION = __doc__
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (ADAPTER,)
+    RETURN_NAMES = ("adapter",)
+    FUNCTION = "run"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to make forget (left unchanged)."}),
+                "clip": ("CLIP", {"tooltip": "Its text encoder (for the prompts, or the empty prompt)."}),
+                "vae": ("VAE", {"tooltip": "Encodes the images into the model's latents."}),
+                "forget_images": ("IMAGE", {"tooltip": "The training images to forget."}),
+                "keep_images": ("IMAGE", {"tooltip": "Images to keep (same size as the forget images)."}),
+                "method": (list(DATA_METHODS), {"default": "siss"}),
+                "steps": ("INT", {"default": 100, "min": 1, "max": 100000}),
+                "lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
+                                 "tooltip": "0 = the method's default: its paper's lr x steps, spread "
+                                            "over these steps."}),
+                "parameterization": (["lora", "full"], {
+                    "default": "lora",
+                    "tooltip": "lora: low-rank adapter on every UNet layer (small file); full: "
+                               "every weight, as in the papers (file as large as the UNet)."}),
+                "seed": SEED,
+            },
+            "optional": {
+                "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
+                "batch_size": ("INT", {"default": 2, "min": 1, "max": 64}),
+                "forget_prompt": ("STRING", {"default": "", "multiline": False,
+                                             "tooltip": "Caption of the forget images (empty = none)."}),
+                "keep_prompt": ("STRING", {"default": "", "multiline": False,
+                                           "tooltip": "Caption of the keep images (empty = none)."}),
+            },
+        }
+
+    def run(self, model, clip, vae, forget_images, keep_images, method: str, steps: int,
+            lr: float, parameterization: str, seed: int, rank: int = 8, batch_size: int = 2,
+            forget_prompt: str = "", keep_prompt: str = "") -> tuple:
+        if method not in DATA_METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {list(DATA_METHODS)}")
+        if forget_images.shape[1:3] != keep_images.shape[1:3]:
+            raise ValueError(f"forget images are {forget_images.shape[2]}x{forget_images.shape[1]} "
+                             f"but keep images {keep_images.shape[2]}x{keep_images.shape[1]}: "
+                             "scale both to the same size")
+        height, width = int(forget_images.shape[1]), int(forget_images.shape[2])
+        if height % 8 or width % 8:
+            raise ValueError(f"image size {width}x{height} is not a multiple of 8: scale the "
+                             "images (e.g. ImageScale) to the model's resolution")
+        bridge.check_inputs(model, clip, width, height)
+        forget_prompt, keep_prompt = (forget_prompt or "").strip(), (keep_prompt or "").strip()
+        hp = {"parameterization": parameterization}
+        if parameterization == "lora":
+            hp["rank"] = int(rank)
+        forget = bridge.encode_images(model, vae, forget_images)
+        keep = bridge.encode_images(model, vae, keep_images)
+        with bridge.autograd_enabled():
+            bridge.load_for_compute(model)
+            den = bridge.ComfyDenoiser(model, clip, width, height,
+                                       prompts=[forget_prompt, keep_prompt])
+            bar = bridge.Progress(steps)
+            result = run_method(method, den, forget=forget, keep=keep,
+                                forget_prompts=forget_prompt or None,
+                                keep_prompts=keep_prompt or None, steps=int(steps),
+                                lr=float(lr) if lr > 0 else None, batch_size=int(batch_size),
+                                seed=int(seed), progress=bar.phase(0, steps),
+                                should_stop=bridge.should_stop, **hp)
+        adapter = result.adapter
+        adapter.meta.update(method=method, forget_images=str(len(forget)),
+                            keep_images=str(len(keep)), forget_prompt=forget_prompt,
+                            steps=str(steps), lr=repr(result.history["lr"]),
+                            parameterization=parameterization)
+        losses = result.history.get("loss", [])
+        log.info("DataUnlearn %s: %d steps in %.1fs, %d trainable parameters (%s), loss %.4g -> %.4g",
+                 method, len(losses), result.history.get("seconds", 0.0), adapter.num_trainable(),
+                 METHODS[method].objective, losses[0] if losses else float("nan"),
+                 losses[-1] if losses else float("nan"))
+        return (adapter,)
