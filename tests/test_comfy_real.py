@@ -17,7 +17,9 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
 4. checks that the saved LoRA in the stock LoraLoader samples the same latents as
    LoadUnlearnAdapter -> ApplyUnlearnAdapter, and differs from the original model;
 5. interrupts a long unlearning run: no adapter file appears and the original model still
-   samples bit-identical latents.
+   samples bit-identical latents;
+6. runs DataUnlearn (SISS) on IMAGE batches made by the stock EmptyImage node, encoded by the
+   checkpoint's VAE: the adapter saves, applies, and changes the samples of the original model.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ pytestmark = pytest.mark.skipif(
 
 CKPT = "tiny_sd15.safetensors"
 OURS = ("ComputeSaliency", "SaliencyPreview", "SparseLoRAInit", "SelfDistillUnlearn",
-        "ApplyUnlearnAdapter", "SaveUnlearnAdapter", "LoadUnlearnAdapter")
+        "DataUnlearn", "ApplyUnlearnAdapter", "SaveUnlearnAdapter", "LoadUnlearnAdapter")
 
 BUILD = r'''
 import sys, torch
@@ -436,3 +438,39 @@ def test_readme_client_runs_the_api_workflow(comfy, tmp_path):
     assert f"node {unl}: " in out.stdout and "spare/headless_00001_.safetensors" in out.stdout
     print(f"README client: {len(out.stdout.splitlines())} lines, e.g. "
           f"{[line for line in out.stdout.splitlines() if line.startswith(f'node {unl}:')][-1]}")
+
+
+def test_data_unlearn_on_stock_image_batches(comfy, erased):
+    """DataUnlearn on IMAGE batches from the stock EmptyImage node (red forget set, blue keep
+    set), through the checkpoint's VAE; saved, applied, sampled."""
+    wf = tiny_workflow()
+    ck = node_of(wf, "CheckpointLoaderSimple")
+    run = keep(wf, [ck, "2", "3", node_of(wf, "EmptyLatentImage")])
+    for nid, color in (("60", 0xFF0000), ("61", 0x0000FF)):
+        run[nid] = {"class_type": "EmptyImage",
+                    "inputs": {"width": 64, "height": 64, "batch_size": 2, "color": color}}
+    run["62"] = {"class_type": "DataUnlearn", "inputs": {
+        "model": [ck, 0], "clip": [ck, 1], "vae": [ck, 2], "forget_images": ["60", 0],
+        "keep_images": ["61", 0], "method": "siss", "steps": 4, "lr": 1e-3,
+        "parameterization": "lora", "seed": 3, "rank": 2, "batch_size": 1}}
+    run["63"] = {"class_type": "SaveUnlearnAdapter", "inputs": {
+        "adapter": ["62", 0], "filename_prefix": "spare/test_data", "keep_native": True}}
+    run["64"] = {"class_type": "ApplyUnlearnAdapter",
+                 "inputs": {"model": [ck, 0], "adapter": ["62", 0], "strength": 1.0}}
+    sample_branch(run, "65", ["64", 0], "data_after")
+    sample_branch(run, "66", [ck, 0], "data_base")
+    assert validate_api_prompt(run, comfy.info) == []
+    t = time.time()
+    history, messages = comfy.run(run)
+    assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    lora = history["outputs"]["63"]["text"][0]
+    assert lora == "spare/test_data_00001_.safetensors"
+    assert os.path.isfile(os.path.join(comfy.base, "models", "loras", lora))
+    progress = [m["data"]["value"] for m in messages
+                if m["type"] == "progress" and m["data"]["node"] == "62"]
+    assert progress and progress[-1] == 4, progress
+    after, base = _latent(comfy, history, "650"), _latent(comfy, history, "660")
+    effect = float((after - base).abs().max())
+    assert effect > 0
+    print(f"DataUnlearn (siss, 4 steps) ran in {time.time() - t:.0f}s, saved {lora}; "
+          f"adapter effect on latents {effect:.2e}")
