@@ -9,7 +9,8 @@ Two delta kinds share one mechanism:
 Written by hand instead of with peft's LoRA layers because (1) peft has no elementwise-masked
 LoRA, (2) ComfyUI patches weights rather than swapping modules, and the same ``delta()`` must serve
 both backends, and (3) the frozen teacher is the same UNet with the adapter switched off, which a
-weight parametrization gives for free. peft is used for the diffusers-format export (export.py).
+weight parametrization gives for free. The diffusers-format export (export.py) writes peft's key
+layout, and diffusers loads it through peft (``pipe.load_lora_weights``; tests/test_cli.py).
 """
 from __future__ import annotations
 

@@ -47,6 +47,37 @@ def test_unlearn_exports(pipe_dir, tmp_path, fmt, key):
         assert all(k.startswith(key) for k in f.keys())
 
 
+def test_diffusers_file_loads_with_pipe_load_lora_weights(pipe_dir, tmp_path):
+    """SPEC 1.3: the ``--format diffusers`` file goes into ``pipe.load_lora_weights`` and gives
+    the same UNet as the native adapter of the same (seeded) run."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    from spare_core import DiffusersDenoiser
+
+    native, lora = str(tmp_path / "native.safetensors"), str(tmp_path / "lora.safetensors")
+    assert main(_args(pipe_dir, native)) == 0
+    assert main(_args(pipe_dir, lora, "--format", "diffusers")) == 0
+    den = DiffusersDenoiser.from_pretrained(pipe_dir)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=den.text_encoder, tokenizer=den.tokenizer,
+                                   unet=den.unet, scheduler=den.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    ctx = den.encode(["a cat", "the ocean"])
+    with torch.no_grad():
+        base = den.eps(x, t, ctx)
+        with load_adapter(native, unet=den.unet).applied(den.unet):
+            want = den.eps(x, t, ctx)
+        pipe.load_lora_weights(lora)
+        got = den.eps(x, t, ctx)
+    assert float((want - base).abs().max()) > 1e-4  # the run changed the UNet
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_bad_input_exits_with_message(pipe_dir, tmp_path, capsys):
     out = str(tmp_path / "a.safetensors")
     assert main(_args(pipe_dir, out, "--steps", "0")) == 2
