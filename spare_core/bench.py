@@ -38,19 +38,63 @@ def default_surrogate(forget: int) -> int:
     return (int(forget) + 1) % 10
 
 
-def run_concept_method(name: str, den, forget: int, *, steps: int, seed: int, surrogate: int | None = None):
-    """Train ``name`` to forget digit ``forget`` on ``den``; returns an UnlearnResult-like object
-    with ``.adapter`` and ``.history``."""
-    sur = default_surrogate(forget) if surrogate is None else surrogate
-    concept, sur_p = prompt_for(forget), prompt_for(sur)
-    keep = [prompt_for(d) for d in range(10) if d != forget]
-    if name == "spare":
-        from .spare import spare_unlearn
-        return spare_unlearn(den, concept, sur_p, keep, **spare_digits_defaults(steps, seed))
+def run_concept_method(name: str, den, forget: int, *, steps: int, seed: int,
+                       surrogate: int | None = None, options: dict | None = None):
+    """Train method ``name`` to forget digit ``forget`` on ``den`` (``run_method`` with the
+    digits settings: :func:`bench_settings`, then ``options`` on top); returns its UnlearnResult."""
     from .methods import run_method
-    common = {k: v for k, v in spare_digits_defaults(steps, seed).items()
-              if k in ("num_samples", "sample_steps", "guidance", "clip_x0", "batch_size", "steps", "seed")}
-    return run_method(name, den, concept=concept, surrogate=sur_p, preserve=keep, **common)
+
+    sur = default_surrogate(forget) if surrogate is None else surrogate
+    keep = [prompt_for(d) for d in range(10) if d != forget]
+    kw = {**bench_settings(name, steps, seed), **(options or {})}
+    return run_method(name, den, concept=prompt_for(forget), surrogate=prompt_for(sur),
+                      preserve=keep, **kw)
+
+
+def bench_settings(name: str, steps: int, seed: int) -> dict:
+    """``run_method`` settings of concept method ``name`` on the digits model: every method gets
+    the same concept pool, sampler, batch and step budget; SPARE also its digits LoRA settings
+    (:func:`spare_digits_defaults`); the others keep their own defaults."""
+    spare = spare_digits_defaults(steps, seed)
+    if name == "spare":
+        return spare
+    shared = ("num_samples", "sample_steps", "guidance", "clip_x0", "batch_size", "steps", "seed")
+    return {k: spare[k] for k in shared}
+
+
+# what a bench variant (``name:key=value``) may set besides the method's own hyperparameters
+RUN_OPTIONS = ("timestep_sampler", "lr", "batch_size")
+
+
+@dataclass(frozen=True)
+class MethodVariant:
+    """One entry of ``--methods``: a method and the options that make the variant.
+
+    ``spare:timestep_sampler=uniform:module_selection=random`` is SPARE with two options
+    changed (ablations); its label in the table is the text as given."""
+
+    label: str
+    name: str
+    options: dict = field(default_factory=dict)
+
+
+def parse_methods(text: str, allowed: tuple[str, ...]) -> list[MethodVariant]:
+    """``"spare,spare:timestep_sampler=uniform,esd"`` -> variants; ValueError naming the fix for
+    an unknown method or option (before any sampling or training)."""
+    from .methods import METHODS, parse_options
+
+    out = []
+    for label in (x.strip() for x in text.split(",")):
+        name, *items = label.split(":")
+        if name not in allowed:
+            raise ValueError(f"unknown method {name!r}; choose from {list(allowed)}")
+        options = parse_options(items, f"method {name!r} option")
+        known = set(METHODS[name].hparams) | set(RUN_OPTIONS)
+        bad = sorted(set(options) - known)
+        if bad:
+            raise ValueError(f"{name} has no option {bad}; its options are {sorted(known)}")
+        out.append(MethodVariant(label, name, options))
+    return out
 
 
 def spare_digits_defaults(steps: int, seed: int) -> dict:
@@ -100,13 +144,13 @@ def bench_concepts(methods, digits, *, n: int, steps: int, seed: int, sample_ste
         base = digit_metrics(den, clf, d, n, seed, sample_steps)
         rows.append(Row("original", NAMES[d], {k: base[k] for k in CONCEPT_METRICS}))
         log(format_row(rows[-1]))
-        for name in methods:
+        for v in methods:
             t0 = time.perf_counter()
-            res = run_concept_method(name, den, d, steps=steps, seed=seed)
+            res = run_concept_method(v.name, den, d, steps=steps, seed=seed, options=v.options)
             secs = time.perf_counter() - t0
             with res.adapter.applied(den.unet):
                 m = digit_metrics(den, clf, d, n, seed, sample_steps)
-            rows.append(Row(name, NAMES[d], {
+            rows.append(Row(v.label, NAMES[d], {
                 **{k: m[k] for k in CONCEPT_METRICS},
                 "seconds": secs, "trainable": res.adapter.num_trainable(),
                 "adapter_kB": adapter_bytes(res.adapter) / 1024, "peak_rss_MB": peak_rss_mb()}))
@@ -136,15 +180,15 @@ def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log
 
     rows = [Row("original", "pattern", measure())]
     log(format_row(rows[-1]))
-    for name in methods:
+    for v in methods:
         t0 = time.perf_counter()
-        res = run_method(name, den, forget=forget, keep=keep, steps=steps, seed=seed)
+        res = run_method(v.name, den, forget=forget, keep=keep, steps=steps, seed=seed, **v.options)
         secs = time.perf_counter() - t0
         with res.adapter.applied(den.unet):
             m = measure()
         m.update(seconds=secs, trainable=res.adapter.num_trainable(),
                  adapter_kB=adapter_bytes(res.adapter) / 1024, peak_rss_MB=peak_rss_mb())
-        rows.append(Row(name, "pattern", m))
+        rows.append(Row(v.label, "pattern", m))
         log(format_row(rows[-1]))
     return rows
 
@@ -201,7 +245,9 @@ def markdown_table(rows: list[Row]) -> str:
 def add_command(sub) -> None:
     p = sub.add_parser("bench", help="compare unlearning methods on the embedded digits models")
     p.add_argument("--methods", default=None,
-                   help=f"comma list; concept: {','.join(CONCEPT_METHODS)}; data: {','.join(DATA_METHODS)}")
+                   help=f"comma list; concept: {','.join(CONCEPT_METHODS)}; data: "
+                        f"{','.join(DATA_METHODS)}; a variant sets options after colons, e.g. "
+                        "spare:timestep_sampler=uniform:module_selection=random")
     p.add_argument("--forget", default="3", help="comma list of digits to forget (concept bench)")
     p.add_argument("--data-unlearning", action="store_true", help="run the pattern-model bench")
     p.add_argument("--n", type=int, default=20, help="samples per digit (or unconditional samples x10)")
@@ -226,18 +272,12 @@ def _parse_seeds(text: str) -> list[int]:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     if a.data_unlearning:
-        methods = (a.methods or ",".join(DATA_METHODS)).split(",")
-        bad = [m for m in methods if m not in DATA_METHODS]
-        if bad:
-            raise ValueError(f"unknown data-unlearning methods {bad}; choose from {list(DATA_METHODS)}")
+        methods = parse_methods(a.methods or ",".join(DATA_METHODS), DATA_METHODS)
         seeds = _parse_seeds(a.seeds)
         runs = [bench_data(methods, n=a.n * 10, steps=a.steps, seed=sd, sample_steps=a.sample_steps)
                 for sd in seeds]
     else:
-        methods = (a.methods or "spare").split(",")
-        bad = [m for m in methods if m not in CONCEPT_METHODS]
-        if bad:
-            raise ValueError(f"unknown concept methods {bad}; choose from {list(CONCEPT_METHODS)}")
+        methods = parse_methods(a.methods or "spare", CONCEPT_METHODS)
         digits = [int(x) for x in a.forget.split(",")]
         if any(not 0 <= d <= 9 for d in digits):
             raise ValueError(f"forget digits must be in 0..9, got {a.forget}")

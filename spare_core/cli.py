@@ -9,6 +9,8 @@ from contextlib import nullcontext
 
 import torch
 
+from .methods import parse_options
+
 
 def _add_unlearn(sub) -> None:
     from .methods import CONCEPT_METHODS, DATA_METHODS, METHODS
@@ -53,21 +55,6 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
 
 
-def _parse_value(text: str):
-    """``--param`` values: int, float, true/false/none, else the string itself."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def method_hparams(a: argparse.Namespace) -> dict:
     """The method's own options from the flags: spare's LoRA flags, salun's mask fraction, and
     every ``--param KEY=VALUE`` (unknown keys are refused by ``run_method``)."""
@@ -77,11 +64,7 @@ def method_hparams(a: argparse.Namespace) -> dict:
                   mask_fraction=a.mask_fraction)
     elif a.method == "salun" and a.mask_fraction is not None:
         hp["mask_fraction"] = a.mask_fraction
-    for item in a.param:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--param takes KEY=VALUE, got {item!r}")
-        hp[key.strip()] = _parse_value(value.strip())
+    hp.update(parse_options(a.param, "--param"))
     return hp
 
 

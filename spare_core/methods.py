@@ -75,7 +75,7 @@ METHODS: dict[str, MethodSpec] = {
     "spare": MethodSpec(
         "concept", "self_distill",
         {"rank": 4, "alpha": None, "module_fraction": 0.25, "mask_fraction": None,
-         "forget_weight": 1.0, "preserve_weight": 1.0},
+         "module_selection": "saliency", "forget_weight": 1.0, "preserve_weight": 1.0},
         default_lr=1e-3, reference="spare_core.spare.spare_unlearn defaults"),
     "salun": MethodSpec(
         "concept", "salun_rl",
@@ -125,6 +125,33 @@ _OBJECTIVE_KEYS = {
     "erasediff": ("lambda_", "eta", "dynamic"),
     "naive_deletion": (),
 }
+
+
+def parse_value(text: str):
+    """A KEY=VALUE option's value from text: int, float, true/false/none, else the string."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(items: Sequence[str], flag: str) -> dict:
+    """``["eta=2", "normalize=none"]`` -> ``{"eta": 2, "normalize": "none"}``; ``flag`` names
+    the option in the error (e.g. ``--param``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value.strip())
+    return out
 
 
 def method_defaults(name: str, steps: int = 100) -> dict:
@@ -217,7 +244,8 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
     res = spare_unlearn(denoiser, concept, surrogate, list(preserve), num_samples=num_samples,
                         sample_steps=sample_steps, guidance=guidance, clip_x0=clip_x0,
                         rank=hp["rank"], alpha=hp["alpha"], module_fraction=hp["module_fraction"],
-                        mask_fraction=hp["mask_fraction"], steps=config.steps, lr=config.lr,
+                        mask_fraction=hp["mask_fraction"],
+                        module_selection=hp["module_selection"], steps=config.steps, lr=config.lr,
                         batch_size=config.batch_size, timestep_sampler=config.timestep_sampler,
                         forget_weight=hp["forget_weight"], preserve_weight=hp["preserve_weight"],
                         seed=config.seed, progress=progress, should_stop=should_stop)

@@ -11,7 +11,7 @@ from .denoiser import Denoiser
 from .loop import UnlearnConfig, unlearn
 from .saliency import Saliency, compute_saliency
 from .sampling import sample
-from .sparse_lora import check_rank, sparse_lora_from_saliency
+from .sparse_lora import check_rank, check_selection, sparse_lora_from_saliency
 from .tasks import ConceptTask, PoolConfig
 
 
@@ -26,7 +26,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                   preserve: Sequence[str] = (), *, num_samples: int = 16, sample_steps: int = 25,
                   guidance: float = 3.0, clip_x0: float | None = None, rank: int = 4,
                   alpha: float | None = None, module_fraction: float = 0.25,
-                  mask_fraction: float | None = None, steps: int = 100, lr: float = 1e-3,
+                  mask_fraction: float | None = None, module_selection: str = "saliency", steps: int = 100, lr: float = 1e-3,
                   batch_size: int = 4, timestep_sampler: str = "concept",
                   forget_weight: float = 1.0, preserve_weight: float = 1.0, seed: int = 0,
                   progress: Callable[[int, int, float], None] | None = None,
@@ -35,7 +35,8 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
 
     All arguments are checked before any generation or training. Returns the trained adapter
     (not attached: apply it with ``adapter.attach(denoiser.unet)`` or save it), the saliency
-    map and the training history.
+    map and the training history. ``module_selection="random"`` adapts as many random modules
+    instead of the most salient ones (an ablation control; see ``sparse_lora_from_saliency``).
     """
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
     task = ConceptTask(concept, surrogate, list(preserve), pool=pool)
@@ -44,6 +45,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                            timestep_sampler=timestep_sampler)
     config.validate()
     check_rank(denoiser.unet, rank)
+    check_selection(module_selection)
     if not (0.0 < module_fraction <= 1.0):
         raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
     if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
@@ -55,7 +57,8 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     sal = compute_saliency(denoiser, concept, latents, seed=seed, should_stop=should_stop)
     adapter = sparse_lora_from_saliency(denoiser.unet, sal, rank=rank, alpha=alpha,
                                         module_fraction=module_fraction,
-                                        mask_fraction=mask_fraction, seed=seed)
+                                        mask_fraction=mask_fraction,
+                                        selection=module_selection, seed=seed)
     adapter.meta.update(method="spare", surrogate=surrogate)
     task.concept_latents = latents
     res = unlearn(denoiser, adapter, task, "self_distill", config,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 from .adapter import UnlearnAdapter, init_sparse_lora
@@ -27,11 +28,22 @@ def check_rank(unet: nn.Module, rank: int, exclude: tuple[str, ...] = IO_CONVS) 
                              f"at most {limit}); choose a lower rank")
 
 
+MODULE_SELECTIONS = ("saliency", "random")
+
+
+def check_selection(selection: str) -> None:
+    """ValueError unless ``selection`` is one of :data:`MODULE_SELECTIONS`."""
+    if selection not in MODULE_SELECTIONS:
+        raise ValueError(f"module selection must be one of {list(MODULE_SELECTIONS)}, "
+                         f"got {selection!r}")
+
+
 def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int = 4,
                               alpha: float | None = None, module_fraction: float | None = 0.25,
                               top_modules: int | None = None, mask_fraction: float | None = None,
                               mask_scope: str = "layer", module_reduce: str = "mean",
-                              exclude: tuple[str, ...] = IO_CONVS, seed: int = 0) -> UnlearnAdapter:
+                              exclude: tuple[str, ...] = IO_CONVS, selection: str = "saliency",
+                              seed: int = 0) -> UnlearnAdapter:
     """LoRA on the most salient modules, optionally element-masked.
 
     Args:
@@ -43,8 +55,12 @@ def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int 
         exclude: modules never adapted. Default: the UNet's input and output convolutions, which
             every denoising gradient passes through (they rank high for any concept), so adapting
             them would shift every output rather than the concept's.
+        selection: ``"saliency"`` (SPARE) adapts the top-ranked modules; ``"random"`` adapts as
+            many modules drawn uniformly at random (seeded) from the same candidates, the
+            control that tells what the saliency ranking itself is worth.
         rank: must fit every chosen layer; checked before anything is allocated.
     """
+    check_selection(selection)
     if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
         raise ValueError(f"sparsity (mask fraction) must be in (0, 1], got {mask_fraction}")
     if top_modules is None and module_fraction is not None and not (0.0 < module_fraction <= 1.0):
@@ -52,10 +68,14 @@ def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int 
     modules = saliency.top_modules(count=top_modules,
                                    fraction=None if top_modules is not None else module_fraction,
                                    reduce=module_reduce, exclude=exclude)
+    if selection == "random":
+        pool = [n for n in saliency.scores if n not in set(exclude)]
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
+        modules = [pool[i] for i in order[:len(modules)].tolist()]
     masks = None
     if mask_fraction is not None and mask_fraction < 1.0:
         masks = saliency.mask(fraction=mask_fraction, scope=mask_scope, modules=modules)
     meta = {"concept": saliency.concept, "rank": str(rank),
             "mask_fraction": "" if mask_fraction is None else repr(mask_fraction),
-            "module_count": str(len(modules))}
+            "module_count": str(len(modules)), "module_selection": selection}
     return init_sparse_lora(unet, modules, rank=rank, alpha=alpha, masks=masks, seed=seed, meta=meta)

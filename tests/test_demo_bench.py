@@ -68,7 +68,30 @@ def test_bench_rejects_unknown_method(capsys):
     from spare_core.cli import main
 
     assert main(["bench", "--methods", "spare,nope"]) == 2
-    assert "unknown concept methods ['nope']" in capsys.readouterr().err
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--methods", "spare:sampler=uniform"]) == 2
+    assert "spare has no option ['sampler']" in capsys.readouterr().err
+    assert main(["bench", "--data-unlearning", "--methods", "siss:lambda_"]) == 2
+    assert "takes KEY=VALUE" in capsys.readouterr().err
+
+
+def test_bench_variants_change_the_run_and_label_the_row(capsys):
+    from spare_core.bench import parse_methods, run_concept_method
+    from spare_core.cli import main
+    from spare_core.methods import CONCEPT_METHODS
+
+    (base, abl) = parse_methods("spare,spare:timestep_sampler=uniform:module_fraction=1.0",
+                                CONCEPT_METHODS)
+    assert base.options == {} and abl.name == "spare"
+    assert abl.options == {"timestep_sampler": "uniform", "module_fraction": 1.0}
+    den = M.load_default_model()
+    runs = [run_concept_method("spare", den, 7, steps=1, seed=0, options=v.options)
+            for v in (base, abl)]
+    assert runs[0].history["timestep_probs"] != runs[1].history["timestep_probs"]
+    assert runs[1].adapter.num_trainable() > runs[0].adapter.num_trainable()
+    assert main(["bench", "--methods", "esd:eta=2.0", "--forget", "7", "--n", "1",
+                 "--steps", "2", "--sample-steps", "5"]) == 0
+    assert "| esd:eta=2.0 | seven |" in capsys.readouterr().out
 
 
 def test_mean_over_seeds_gives_mean_and_std():

@@ -99,6 +99,22 @@ def test_sparse_lora_touches_only_masked_elements_and_modules(den):
     assert adapter.num_trainable() < 0.1 * n_params
 
 
+def test_random_module_selection_is_a_seeded_control_of_the_same_size(den):
+    """The ablation control adapts as many modules as saliency would, drawn at random (seeded),
+    never the excluded input/output convolutions."""
+    from spare_core.sparse_lora import IO_CONVS
+
+    lat = torch.randn(4, *den.latent_shape, generator=torch.Generator().manual_seed(0))
+    sal = compute_saliency(den, "a cat", lat)
+    top = sparse_lora_from_saliency(den.unet, sal, rank=2, module_fraction=0.3)
+    picks = [sparse_lora_from_saliency(den.unet, sal, rank=2, module_fraction=0.3,
+                                       selection="random", seed=s).names for s in (0, 0, 1)]
+    assert len(picks[0]) == len(top.names) and picks[0] == picks[1] and picks[0] != picks[2]
+    assert set(picks[0]) != set(top.names) and not set(picks[0]) & set(IO_CONVS)
+    with pytest.raises(ValueError, match="module selection must be one of"):
+        sparse_lora_from_saliency(den.unet, sal, selection="largest")
+
+
 def test_adapter_removal_restores_bit_identical_outputs(den):
     ref = _eps(den)
     saved = unet_state(den.unet)

@@ -96,6 +96,7 @@ class _Counting:
     (dict(lr=float("nan")), "lr"),
     (dict(lr=float("inf")), "lr"),
     (dict(timestep_sampler="cosine"), "timestep sampler"),
+    (dict(module_selection="largest"), "module selection"),
 ])
 def test_bad_input_is_refused_before_any_work(den, kwargs, match):
     counting = _Counting(den)
