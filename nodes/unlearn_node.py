@@ -68,8 +68,9 @@ class SelfDistillUnlearn:
                 "model": ("MODEL", {"tooltip": "The model to make forget (left unchanged)."}),
                 "clip": ("CLIP", {"tooltip": "Its text encoder."}),
                 "adapter": (ADAPTER, {"tooltip": "From SparseLoRAInit (or a loaded adapter)."}),
-                "concept": ("STRING", {"default": "Van Gogh style", "multiline": False,
-                                       "tooltip": "The concept to forget."}),
+                "concept": ("STRING", {"default": "", "multiline": False,
+                                       "tooltip": "The concept to forget. Empty: the concept of "
+                                                  "the adapter's saliency map (ComputeSaliency)."}),
                 "surrogate": ("STRING", {"default": "a painting", "multiline": False,
                                          "tooltip": "What the concept should turn into; empty = unconditional."}),
                 "preserve": ("STRING", {"default": "a photo of a cat\na landscape painting",
@@ -101,7 +102,11 @@ class SelfDistillUnlearn:
             seed: int, batch_size: int = 2, width: int = 512, height: int = 512,
             pool_size: int = 8, pool_steps: int = 25, cfg: float = 7.5) -> tuple[UnlearnAdapter]:
         adapter = require_adapter(adapter)
-        concept = require_text(concept, "concept prompt", "the concept to forget, e.g. 'Van Gogh style'")
+        # empty: the concept the adapter's saliency was computed for, so the artist types it once
+        concept = (concept or "").strip() or adapter.meta.get("concept", "")
+        concept = require_text(concept, "concept prompt",
+                               "the concept to forget, e.g. 'Van Gogh style' (left empty, it is "
+                               "taken from an adapter made by SparseLoRAInit from a saliency map)")
         surrogate = (surrogate or "").strip()
         keep = parse_prompts(preserve)
         if objective not in objective_names():

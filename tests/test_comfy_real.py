@@ -318,7 +318,10 @@ def test_workflow_runs_and_writes_its_outputs(comfy, erased):
     assert lora == "spare/test_erased_00001_.safetensors"
     loras = os.path.join(comfy.base, "models", "loras")
     assert os.path.isfile(os.path.join(loras, lora))
-    assert os.path.isfile(os.path.join(loras, lora.replace(".safetensors", ".spare.safetensors")))
+    native = os.path.join(loras, lora.replace(".safetensors", ".spare.safetensors"))
+    from safetensors import safe_open
+    with safe_open(native, "pt") as f:  # concept typed once, in ComputeSaliency
+        assert f.metadata()["concept"] == wf[node_of(wf, "ComputeSaliency")]["inputs"]["concept"]
     progress = {}
     for m in messages:
         if m["type"] == "progress":

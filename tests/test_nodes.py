@@ -32,8 +32,9 @@ def env(tmp_path_factory):
                       samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, **SIZE)
     (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, rank=2, alpha=2.0,
                        sparsity=0.0, seed=0)
+    # concept left empty, as in the shipped workflow: taken from the adapter's saliency map
     (trained,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
-                          concept=CONCEPT, surrogate=SURROGATE, preserve="a green line\n\n# note",
+                          concept="", surrogate=SURROGATE, preserve="a green line\n\n# note",
                           steps=10, lr=2e-2, timestep_sampler="uniform",
                           objective="self_distill", seed=0, batch_size=2, pool_size=2,
                           pool_steps=3, cfg=3.0, **SIZE)
@@ -305,7 +306,10 @@ def test_bad_inputs_fail_early_with_the_fix(env):
             **{**un, "surrogate": CONCEPT.upper()})
     _expect(env, "SelfDistillUnlearn", "also listed as a preserved",
             **{**un, "preserve": f"a tree\n{CONCEPT}"})
-    _expect(env, "SelfDistillUnlearn", "concept prompt is empty", **{**un, "concept": ""})
+    no_concept = UnlearnAdapter.from_tensors(*ad.to_tensors())
+    del no_concept.meta["concept"]
+    _expect(env, "SelfDistillUnlearn", "concept prompt is empty",
+            **{**un, "concept": "", "adapter": no_concept})
     _expect(env, "SelfDistillUnlearn", "lr must be", **{**un, "lr": 0.0})
     _expect(env, "SelfDistillUnlearn", "different layer", **{**un, "model": other})
     _expect(env, "SaveUnlearnAdapter", "prefix is empty", adapter=ad, filename_prefix=" ",
