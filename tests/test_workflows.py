@@ -67,6 +67,35 @@ def test_ui_and_api_files_are_the_same_graph(ui, api, info):
     assert queued == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
 
+TITLE_H = 30   # LiteGraph draws a node's title bar above ``pos`` (NODE_TITLE_HEIGHT)
+GROUP_H = 60   # a group's title plus the badges the frontend draws above each node title
+
+
+def _box(node) -> tuple[float, float, float, float]:
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - TITLE_H, x + w, y + h
+
+
+def test_ui_layout_has_no_overlaps(ui):
+    """Dropped on the canvas, no node hides another or a group's title, and each node sits in
+    the group it belongs to (the layout was checked by eye in ComfyUI's frontend)."""
+    boxes = {n["id"]: _box(n) for n in ui["nodes"]}
+    ids = sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1:]:
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, (a, b)
+    groups = [g["bounding"] for g in ui["groups"]]
+    for i, g in enumerate(groups):
+        for h in groups[i + 1:]:
+            assert g[0] + g[2] <= h[0] or h[0] + h[2] <= g[0] or g[1] + g[3] <= h[1] \
+                or h[1] + h[3] <= g[1], (g, h)
+    for nid, (x0, y0, x1, y1) in boxes.items():
+        inside = [g for g in groups if g[0] <= x0 and x1 <= g[0] + g[2]
+                  and g[1] + GROUP_H <= y0 and y1 <= g[1] + g[3]]
+        assert len(inside) == 1, (nid, "not inside exactly one group, below its title")
+
+
 def test_graph_shows_before_and_after_with_the_same_sampling(api):
     by_type: dict[str, list[str]] = {}
     for nid, node in api.items():
