@@ -199,7 +199,7 @@ def comfy(tmp_path_factory):
 
 # ------------------------------------------------------------------ the workflows, made tiny
 def tiny_workflow() -> dict:
-    with open(os.path.join(REPO, "workflows", "spare_erase_concept.api.json")) as f:
+    with open(os.path.join(REPO, "workflows", "api", "spare_erase_concept.api.json")) as f:
         wf = json.load(f)
     for node in wf.values():
         inputs, kind = node["inputs"], node["class_type"]

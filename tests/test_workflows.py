@@ -12,7 +12,7 @@ from comfy_double import (REPO, Host, load_pack, object_info, ui_to_api, validat
                           validate_ui_workflow)
 
 UI = os.path.join(REPO, "workflows", "spare_erase_concept.json")
-API = os.path.join(REPO, "workflows", "spare_erase_concept.api.json")
+API = os.path.join(REPO, "workflows", "api", "spare_erase_concept.api.json")
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,17 @@ def test_ui_file_has_the_frontend_schema(ui):
         assert isinstance(g["title"], str) and len(g["bounding"]) == 4
     assert len({n["id"] for n in ui["nodes"]}) == len(ui["nodes"])
     assert len({link[0] for link in ui["links"]}) == len(ui["links"])
+
+
+def test_template_browser_gets_only_ui_files():
+    """ComfyUI lists every ``workflows/*.json`` of a pack as a template, and its frontend loads
+    them as UI graphs: an API-format file there would fail when picked."""
+    top = [f for f in os.listdir(os.path.join(REPO, "workflows")) if f.endswith(".json")]
+    assert top
+    for name in top:
+        with open(os.path.join(REPO, "workflows", name)) as f:
+            data = json.load(f)
+        assert isinstance(data.get("nodes"), list) and "links" in data, name
 
 
 def test_ui_and_api_files_are_the_same_graph(ui, api, info):
