@@ -23,8 +23,8 @@ def require_adapter(adapter) -> UnlearnAdapter:
 def check_saliency_fits(model, saliency: Saliency) -> None:
     """ValueError unless every saliency module exists in MODEL with the same weight shape."""
     mods = adaptable_modules(bridge.diffusion_model(model))
-    for name, score in saliency.scores.items():
-        if name not in mods or tuple(mods[name].weight.shape) != tuple(score.shape):
+    for name, shape in saliency.shapes.items():
+        if name not in mods or tuple(mods[name].weight.shape) != tuple(shape):
             raise ValueError(f"the SALIENCY was computed on a model with different layers ({name!r} "
                              "does not match); connect the same MODEL to ComputeSaliency and "
                              "SparseLoRAInit")
@@ -63,10 +63,14 @@ class SparseLoRAInit:
 
     def init(self, model, saliency: Saliency, rank: int, alpha: float, sparsity: float,
              seed: int) -> tuple[UnlearnAdapter]:
-        if not isinstance(saliency, Saliency) or not saliency.scores:
+        if not isinstance(saliency, Saliency) or not saliency.modules:
             raise ValueError("the saliency input is empty: connect ComputeSaliency's output")
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1) (0 = dense update), got {sparsity}")
+        if sparsity > 0.0 and not saliency.has_elements:
+            raise ValueError(f"sparsity {sparsity} masks weight elements, but this SALIENCY kept "
+                             "one score per module: turn on element_scores in Compute Saliency, "
+                             "or set sparsity 0")
         if alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {alpha}; alpha = rank gives scale 1")
         check_saliency_fits(model, saliency)
@@ -81,10 +85,18 @@ class SparseLoRAInit:
         return (adapter,)
 
 
+STRENGTH_TIP = ("Multiplier of the trained update: 1 = the erasure as trained; between 0 and 1 a "
+                "partial erasure (0 returns the input MODEL). Above 1 the adapter extrapolates "
+                "past what was trained: a stronger push away from the concept that no training "
+                "step checked, so look for damage to other prompts. Below 0 it pushes towards "
+                "the concept.")
+
+
 class ApplyUnlearnAdapter:
     """A clone of MODEL with the adapter's weight update as ComfyUI patches (``W + strength *
     delta``); the input MODEL and every other clone of it are left unchanged. Wire the output
-    into a KSampler like any MODEL."""
+    into a KSampler like any MODEL, or into the stock CheckpointSave to ship the erased model as
+    one checkpoint. ``strength`` above 1 extrapolates past the trained update."""
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
@@ -98,8 +110,8 @@ class ApplyUnlearnAdapter:
             "required": {
                 "model": ("MODEL", {"tooltip": "The model the adapter was trained on."}),
                 "adapter": (ADAPTER, {"tooltip": "A trained adapter."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                       "tooltip": "Multiplier of the update; 0 returns the input."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.01,
+                                       "tooltip": STRENGTH_TIP}),
             }
         }
 

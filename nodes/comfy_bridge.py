@@ -10,7 +10,8 @@ ComfyUI on the path; node modules call only what is defined here. What each piec
   patches are in the shared module), ``.clone()``, ``.add_patches()`` with ``("diff", (delta,))``.
 - CLIP (``comfy.sd.CLIP``): ``.tokenize(text)``, ``.encode_from_tokens(tokens)`` (as CLIPTextEncode).
 - ``comfy.model_management``: ``load_models_gpu([model], force_full_load=True)`` (as TrainLoraNode),
-  ``throw_exception_if_processing_interrupted()`` (the interrupt button).
+  ``throw_exception_if_processing_interrupted()`` (the interrupt button),
+  ``get_free_memory(device)`` (to refuse a full-weight run that cannot fit, before any work).
 - ``comfy.utils.ProgressBar``: the node's progress bar.
 - ``folder_paths``: ``get_folder_paths("loras")``, ``get_full_path``, ``get_filename_list``,
   ``get_save_image_path`` (the counter-suffixed names SaveImage and SaveLoRA use).
@@ -81,7 +82,8 @@ def diffusion_model(model) -> nn.Module:
 
 
 def check_supported(model) -> None:
-    """ValueError unless MODEL is an eps/v-prediction UNet with text cross-attention only."""
+    """ValueError unless MODEL is an eps/v-prediction UNet with text cross-attention only,
+    computed in a dtype the engine trains in."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "diffusion_model"):
         raise ValueError("the MODEL input is not a ComfyUI diffusion model; connect the MODEL "
@@ -97,6 +99,7 @@ def check_supported(model) -> None:
     if getattr(sampling, "sigmas", None) is None:
         raise ValueError(f"{type(sampling).__name__} has no discrete sigmas; the SPARE nodes need "
                          "a discrete DDPM-trained model (SD1.x, SD2.x)")
+    compute_dtype(model)
 
 
 def check_inputs(model, clip, width: int, height: int) -> None:
@@ -115,10 +118,63 @@ def alphas_cumprod(model) -> Tensor:
     return 1.0 / (1.0 + sigmas ** 2)
 
 
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def compute_dtype(model) -> torch.dtype:
-    """The dtype ``BaseModel.apply_model`` runs the UNet in."""
+    """The dtype ``BaseModel.apply_model`` runs the UNet in: ComfyUI's manual-cast dtype when the
+    weights are stored in one the device cannot compute in (fp8 -> bf16/fp16), else the weights'
+    own. ValueError, naming the fix, for one the engine cannot train in."""
     cast = getattr(model.model, "manual_cast_dtype", None)
-    return cast if cast is not None else model.model.get_dtype()
+    dtype = cast if cast is not None else model.model.get_dtype()
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"this MODEL computes in {dtype} (its weights are stored so and ComfyUI "
+                         "does not cast them); load it with weight_dtype 'default' (or a fp16/bf16 "
+                         "checkpoint) to unlearn")
+    return dtype
+
+
+def free_memory(model) -> int:
+    """Bytes free on the device the MODEL computes on (``get_free_memory``, as ComfyUI's own
+    loaders decide how much of a model fits)."""
+    import comfy.model_management as mm
+    return int(mm.get_free_memory(model.load_device))
+
+
+def highest_children_with_forward(module: nn.Module) -> list[nn.Module]:
+    """The outermost submodules that are not mere containers (ModuleList / Sequential /
+    ModuleDict), as ComfyUI's TrainLoraNode picks what to checkpoint
+    (comfy_extras/nodes_train.py, find_all_highest_child_module_with_forward). Re-implemented:
+    importing comfy_extras from a custom node pulls the host's training node module."""
+    out = []
+    for child in module.children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            out += highest_children_with_forward(child)
+        else:
+            out.append(child)
+    return out
+
+
+def set_gradient_checkpointing(unet: nn.Module, enabled: bool) -> None:
+    """Wrap (or unwrap) the forward of each of the UNet's outermost blocks in
+    ``torch.utils.checkpoint`` (non-reentrant), as TrainLoraNode does; idempotent."""
+    import torch.utils.checkpoint as ckpt
+
+    for m in highest_children_with_forward(unet):
+        wrapped = "_spare_forward" in m.__dict__
+        if enabled and not wrapped:
+            original = m.forward
+
+            def forward(*args, _f=original, **kwargs):
+                if not torch.is_grad_enabled():  # teacher / sampling: nothing to save
+                    return _f(*args, **kwargs)
+                return ckpt.checkpoint(lambda a, k: _f(*a, **k), args, kwargs, use_reentrant=False)
+
+            m._spare_forward = original
+            m.forward = forward
+        elif not enabled and wrapped:
+            del m.forward  # back to the class's forward
+            del m._spare_forward
 
 
 def load_for_compute(model) -> nn.Module:
@@ -190,7 +246,9 @@ class ComfyDenoiser:
     Context lengths: prompts over 77 tokens give longer contexts; like ComfyUI's
     CONDCrossAttn.concat every context is repeated to a common length, which leaves
     cross-attention unchanged. ``prompts`` names every prompt the run will encode.
-    Construct inside :func:`autograd_enabled` after :func:`load_for_compute`.
+    Construct it (which encodes every prompt with CLIP) before :func:`load_for_compute`, so
+    ComfyUI never unloads part of the UNet to make room for CLIP after it was loaded for
+    compute; run it inside :func:`autograd_enabled`.
     """
 
     def __init__(self, model, clip, width: int, height: int, prompts: Sequence[str] = ()) -> None:
@@ -200,7 +258,7 @@ class ComfyDenoiser:
         self.alphas_cumprod = alphas_cumprod(model)
         self.latent_shape = (int(model.model.latent_format.latent_channels), height // 8, width // 8)
         self.prediction = model.model.model_type.name
-        self.dtype = compute_dtype(model)
+        self.dtype = self.compute_dtype = compute_dtype(model)
         self._cache: dict[str, Tensor] = {}
         lengths = [self._encode_one(p).shape[1] for p in {"", *prompts}]
         self.context_length = math.lcm(*lengths)
@@ -208,6 +266,10 @@ class ComfyDenoiser:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block's activations in backward (:func:`set_gradient_checkpointing`)."""
+        set_gradient_checkpointing(self.unet, enabled)
 
     def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
         dev = self.device

@@ -13,6 +13,18 @@ SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_afte
                 "tooltip": "Seed of the generated latents, noise and timesteps (same seed, same result)."})
 
 
+MEMORY_INPUTS = {
+    "micro_batch": ("INT", {"default": 1, "min": 1, "max": 64,
+                            "tooltip": "Images through the UNet at once while generating and "
+                                       "computing saliency: raise it on a large card for speed."}),
+    "gradient_checkpointing": ("BOOLEAN", {
+        "default": True,
+        "tooltip": "Recompute activations during backward instead of keeping them: far less "
+                   "memory (SD1.5 at 512 px fits 6 GB) for about a third more time per step."}),
+}
+"""Optional inputs of the nodes that run the UNet with gradients (memory controls)."""
+
+
 def size_input(default: int = 512) -> tuple:
     return ("INT", {"default": default, "min": 64, "max": 2048, "step": 8,
                     "tooltip": "Image size of the latents generated for the concept (pixels)."})

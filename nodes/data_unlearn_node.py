@@ -3,12 +3,26 @@ from __future__ import annotations
 
 import logging
 
+from spare_core.memory import format_bytes, full_weight_bytes
 from spare_core.methods import DATA_METHODS, METHODS, run_method
+from spare_core.saliency import adaptable_modules
 
 from . import comfy_bridge as bridge
-from .common import ADAPTER, CATEGORY, SEED
+from .common import ADAPTER, CATEGORY, MEMORY_INPUTS, SEED
 
 log = logging.getLogger(__name__)
+
+
+def check_full_weights_fit(model) -> None:
+    """ValueError, before any work, when a full-weight run (a float32 value, gradient and two
+    AdamW moments per UNet weight: 16 bytes each) cannot fit in the device's free memory."""
+    shapes = [tuple(m.weight.shape) for m in adaptable_modules(bridge.diffusion_model(model)).values()]
+    need, free = full_weight_bytes(shapes), bridge.free_memory(model)
+    if need > free:
+        raise ValueError(f"parameterization 'full' trains every UNet weight: {format_bytes(need)} "
+                         f"for the values, gradients and optimizer state, but only "
+                         f"{format_bytes(free)} is free; choose parameterization 'lora' (rank 8 "
+                         "needs a few MB)")
 
 
 class DataUnlearn:
@@ -49,12 +63,14 @@ class DataUnlearn:
                                              "tooltip": "Caption of the forget images (empty = none)."}),
                 "keep_prompt": ("STRING", {"default": "", "multiline": False,
                                            "tooltip": "Caption of the keep images (empty = none)."}),
+                "gradient_checkpointing": MEMORY_INPUTS["gradient_checkpointing"],
             },
         }
 
     def run(self, model, clip, vae, forget_images, keep_images, method: str, steps: int,
             lr: float, parameterization: str, seed: int, rank: int = 8, batch_size: int = 2,
-            forget_prompt: str = "", keep_prompt: str = "") -> tuple:
+            forget_prompt: str = "", keep_prompt: str = "",
+            gradient_checkpointing: bool = True) -> tuple:
         if method not in DATA_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {list(DATA_METHODS)}")
         if forget_images.shape[1:3] != keep_images.shape[1:3]:
@@ -70,20 +86,24 @@ class DataUnlearn:
         hp = {"parameterization": parameterization}
         if parameterization == "lora":
             hp["rank"] = int(rank)
+        else:
+            check_full_weights_fit(model)
         forget = bridge.encode_images(model, vae, forget_images)
         keep = bridge.encode_images(model, vae, keep_images)
         with bridge.autograd_enabled():
-            bridge.load_for_compute(model)
             den = bridge.ComfyDenoiser(model, clip, width, height,
-                                       prompts=[forget_prompt, keep_prompt])
+                                       prompts=[forget_prompt, keep_prompt])  # CLIP first
+            bridge.load_for_compute(model)
             bar = bridge.Progress(steps)
             result = run_method(method, den, forget=forget, keep=keep,
                                 forget_prompts=forget_prompt or None,
                                 keep_prompts=keep_prompt or None, steps=int(steps),
                                 lr=float(lr) if lr > 0 else None, batch_size=int(batch_size),
                                 seed=int(seed), progress=bar.phase(0, steps),
-                                should_stop=bridge.should_stop, **hp)
+                                should_stop=bridge.should_stop,
+                                gradient_checkpointing=bool(gradient_checkpointing), **hp)
         adapter = result.adapter
+        adapter.to("cpu")  # ComfyUI caches node outputs where its memory manager cannot see them
         adapter.meta.update(method=method, forget_images=str(len(forget)),
                             keep_images=str(len(keep)), forget_prompt=forget_prompt,
                             steps=str(steps), lr=repr(result.history["lr"]),

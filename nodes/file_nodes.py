@@ -21,6 +21,26 @@ LORA_META_KEYS = ("concept", "surrogate", "method", "objective", "rank", "sparsi
                   "base_model_fingerprint")
 
 
+def _outside(prefix: str) -> str:
+    return (f"filename_prefix {prefix!r} points outside models/loras, and ComfyUI saves only "
+            "inside that folder: use a relative name without '..', such as "
+            "'spare/erased_concept' (subfolders are created)")
+
+
+def check_prefix(prefix: str) -> None:
+    """ValueError for a prefix that ComfyUI's ``folder_paths.get_save_image_path`` would place
+    outside the loras folder (absolute, or climbing out with ``..``) or that names no file."""
+    text = prefix.strip()
+    if not text:
+        return  # the bridge names that one ("filename prefix is empty")
+    norm = os.path.normpath(text)
+    if os.path.isabs(text) or norm.startswith(os.pardir + os.sep):
+        raise ValueError(_outside(prefix))
+    if os.path.basename(norm) in ("", os.curdir, os.pardir):
+        raise ValueError(f"filename_prefix {prefix!r} names no file: end it with a name, such as "
+                         "'spare/erased_concept'")
+
+
 class SaveUnlearnAdapter:
     """Saves the adapter into models/loras: a ComfyUI LoRA (pick it in LoraLoader) and, with
     ``keep_native``, the native adapter next to it (pick it in LoadUnlearnAdapter)."""
@@ -37,8 +57,9 @@ class SaveUnlearnAdapter:
         return {
             "required": {
                 "adapter": (ADAPTER, {"tooltip": "The trained adapter."}),
-                "filename_prefix": ("STRING", {"default": "spare/erased_concept",
-                                               "tooltip": "Path under models/loras; a counter is appended."}),
+                "filename_prefix": ("STRING", {
+                    "default": "spare/erased_concept",
+                    "tooltip": "Path under models/loras (relative, no '..'); a counter is appended."}),
                 "keep_native": ("BOOLEAN", {"default": True,
                                             "tooltip": "Also write the native .spare.safetensors file."}),
             }
@@ -46,7 +67,15 @@ class SaveUnlearnAdapter:
 
     def save(self, adapter, filename_prefix: str, keep_native: bool) -> dict:
         adapter = require_adapter(adapter)
-        lora_path, native_path, lora_name = bridge.next_save_paths(filename_prefix)
+        check_prefix(filename_prefix)
+        try:
+            lora_path, native_path, lora_name = bridge.next_save_paths(filename_prefix)
+        except ValueError:
+            raise
+        except Exception as e:  # folder_paths.get_save_image_path's own check, a plain Exception
+            if "outside the output folder" not in str(e):
+                raise
+            raise ValueError(_outside(filename_prefix)) from e
         meta = {k: adapter.meta[k] for k in LORA_META_KEYS if adapter.meta.get(k)}
         meta.update(format="comfy_lora", spare_core_version=__version__)
         if keep_native:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from spare_core.saliency import Saliency, compute_saliency
+from spare_core.saliency import Saliency, check_gradient_storage, compute_saliency
 from spare_core.sampling import sample
 from spare_core.sparse_lora import IO_CONVS
 
 from . import comfy_bridge as bridge
-from .chart import bar_chart, to_image_tensor
-from .common import CATEGORY, SALIENCY, SEED, require_text, size_input
+from .chart import bar_chart, drawn, to_image_tensor
+from .common import CATEGORY, MEMORY_INPUTS, SALIENCY, SEED, require_text, size_input
 
 
 class ComputeSaliency:
@@ -44,24 +44,34 @@ class ComputeSaliency:
                                          "tooltip": "DDIM steps per generated concept image."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
                                   "tooltip": "Classifier-free guidance of the generated images."}),
+                **MEMORY_INPUTS,
+                "element_scores": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Keep a score per weight (float32, in system RAM) so that "
+                               "SparseLoRAInit can mask elements (sparsity > 0). Off: one score "
+                               "per module only, no float32 copy of the UNet."}),
             },
         }
 
     def compute(self, model, clip, concept: str, samples: int, top_k: int, seed: int,
                 width: int = 512, height: int = 512, sample_steps: int = 25,
-                cfg: float = 7.5) -> tuple[Saliency]:
+                cfg: float = 7.5, micro_batch: int = 1, gradient_checkpointing: bool = True,
+                element_scores: bool = False) -> tuple[Saliency]:
         concept = require_text(concept, "concept prompt", "the concept to forget, e.g. 'Van Gogh style'")
-        if samples < 1 or top_k < 1 or sample_steps < 1:
-            raise ValueError("samples, top_k and sample_steps must be >= 1")
+        if samples < 1 or top_k < 1 or sample_steps < 1 or micro_batch < 1:
+            raise ValueError("samples, top_k, sample_steps and micro_batch must be >= 1")
         bridge.check_inputs(model, clip, width, height)
+        check_gradient_storage(bridge.diffusion_model(model))
         with bridge.autograd_enabled():
+            den = bridge.ComfyDenoiser(model, clip, width, height, prompts=[concept])  # CLIP first
             bridge.load_for_compute(model)
-            den = bridge.ComfyDenoiser(model, clip, width, height, prompts=[concept])
             bar = bridge.Progress(sample_steps + samples)
             latents = sample(den, [concept] * samples, steps=sample_steps, guidance=cfg,
                              method="ddim", generator=torch.Generator().manual_seed(seed),
-                             callback=bar.phase(0, sample_steps))
-            sal = compute_saliency(den, concept, latents, seed=seed,
+                             batch_size=micro_batch, callback=bar.phase(0, sample_steps))
+            sal = compute_saliency(den, concept, latents, seed=seed, batch_size=micro_batch,
+                                   element_scores=element_scores,
+                                   gradient_checkpointing=gradient_checkpointing,
                                    progress=bar.phase(sample_steps, samples),
                                    should_stop=bridge.should_stop)
         sal.meta.update(top_k=str(top_k), model_fingerprint=bridge.fingerprint(model),
@@ -71,7 +81,8 @@ class ComputeSaliency:
 
 class SaliencyPreview:
     """Bar chart of per-module saliency (highest first); the ``top_k`` modules SparseLoRAInit
-    adapts are orange (the UNet's input/output convolutions are never adapted)."""
+    adapts are orange, the UNet's input/output convolutions grey (SparseLoRAInit never adapts
+    them, however salient: spare_core.sparse_lora.IO_CONVS)."""
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
@@ -92,11 +103,23 @@ class SaliencyPreview:
         }
 
     def preview(self, saliency: Saliency, reduce: str, max_modules: int) -> tuple[torch.Tensor]:
-        if not isinstance(saliency, Saliency) or not saliency.scores:
+        if not isinstance(saliency, Saliency) or not saliency.modules:
             raise ValueError("the saliency input is empty: connect ComputeSaliency's output")
         top_k = int(saliency.meta.get("top_k", "0") or 0)
+        scores = saliency.module_scores(reduce)
+        # SparseLoRAInit ranks by mean whatever the chart shows
         chosen = set(saliency.top_modules(count=top_k, exclude=IO_CONVS)) if top_k > 0 else set()
-        title = (f"saliency of '{saliency.concept}': {reduce} |grad| per module "
-                 f"({len(saliency.scores)} modules; top {top_k} adapted, orange)")
-        pixels = bar_chart(saliency.module_scores(reduce), chosen, title=title, max_bars=max_modules)
+        excluded = {name for name in scores if name in IO_CONVS}
+        shown = {name for name, _ in drawn(scores, max_modules)}
+        title = self.caption(saliency.concept, reduce, len(scores), len(chosen),
+                             bool(excluded & shown))
+        pixels = bar_chart(scores, chosen, excluded=excluded, title=title, max_bars=max_modules)
         return (to_image_tensor(pixels),)
+
+    @staticmethod
+    def caption(concept: str, reduce: str, modules: int, adapted: int, grey_shown: bool) -> str:
+        concept = concept if len(concept) <= 40 else concept[:37] + "..."
+        text = f"'{concept}': {reduce} |grad| of {modules} modules. orange: the {adapted} adapted"
+        if grey_shown:
+            text += "; grey: input/output conv, never adapted"
+        return text

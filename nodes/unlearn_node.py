@@ -11,7 +11,8 @@ from spare_core.timesteps import TIMESTEP_SAMPLERS
 
 from . import comfy_bridge as bridge
 from .adapter_nodes import require_adapter
-from .common import ADAPTER, CATEGORY, SEED, parse_prompts, require_text, size_input
+from .common import (ADAPTER, CATEGORY, MEMORY_INPUTS, SEED, parse_prompts, require_text,
+                     size_input)
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,22 @@ def copy_adapter(adapter: UnlearnAdapter) -> UnlearnAdapter:
     return UnlearnAdapter.from_tensors(*adapter.to_tensors())
 
 
+GAP_BINS = 10
+"""Forward passes of the concept timestep sampler's gap measurement (spare_core.timesteps)."""
+
+
 class PoolProgress:
-    """Maps the task's ``(what, done, total)`` pool callbacks onto consecutive bar phases."""
+    """Maps the task's ``(what, done, total)`` preparation callbacks onto consecutive bar
+    phases: ``span`` units per latent pool, ``GAP_BINS`` for the timestep gaps."""
 
     def __init__(self, bar: bridge.Progress, span: int) -> None:
-        self.bar, self.span, self.index, self.current = bar, span, -1, None
+        self.bar, self.span, self.start, self.width, self.current = bar, span, 0, 0, None
 
     def __call__(self, what: str, done: int, total: int) -> None:
         if what != self.current:
-            self.current, self.index = what, self.index + 1
-        self.bar.phase(self.index * self.span, self.span)(done, total)
+            self.current, self.start = what, self.start + self.width
+            self.width = GAP_BINS if what == "timestep gaps" else self.span
+        self.bar.phase(self.start, self.width)(done, total)
 
 
 class SelfDistillUnlearn:
@@ -94,13 +101,15 @@ class SelfDistillUnlearn:
                 "pool_steps": ("INT", {"default": 25, "min": 1, "max": 1000,
                                        "tooltip": "DDIM steps per generated latent."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+                **MEMORY_INPUTS,
             },
         }
 
     def run(self, model, clip, adapter: UnlearnAdapter, concept: str, surrogate: str,
             preserve: str, steps: int, lr: float, timestep_sampler: str, objective: str,
             seed: int, batch_size: int = 2, width: int = 512, height: int = 512,
-            pool_size: int = 8, pool_steps: int = 25, cfg: float = 7.5) -> tuple[UnlearnAdapter]:
+            pool_size: int = 8, pool_steps: int = 25, cfg: float = 7.5, micro_batch: int = 1,
+            gradient_checkpointing: bool = True) -> tuple[UnlearnAdapter]:
         adapter = require_adapter(adapter)
         # empty: the concept the adapter's saliency was computed for, so the artist types it once
         concept = (concept or "").strip() or adapter.meta.get("concept", "")
@@ -111,11 +120,25 @@ class SelfDistillUnlearn:
         keep = parse_prompts(preserve)
         if objective not in objective_names():
             raise ValueError(f"unknown objective {objective!r}; choose one of {objective_names()}")
+        if objective == "esd":  # ESD's target is eps(x) - eta (eps(x, c) - eps(x)): no surrogate
+            if surrogate:
+                log.warning("SelfDistillUnlearn: objective 'esd' ignores the surrogate %r (its "
+                            "target pushes away from the concept, towards nothing in particular)",
+                            surrogate)
+            if keep:
+                log.warning("SelfDistillUnlearn: objective 'esd' has no preserve term; the %d "
+                            "preserve prompt(s) are not sampled", len(keep))
+            surrogate, keep = "", []
+        if micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         task = ConceptTask(concept, surrogate, keep,
-                           pool=PoolConfig(size=pool_size, steps=pool_steps, guidance=cfg))
+                           pool=PoolConfig(size=pool_size, steps=pool_steps, guidance=cfg,
+                                           batch_size=int(micro_batch)))
         task.validate()
         config = UnlearnConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
-                               seed=int(seed), timestep_sampler=timestep_sampler)
+                               seed=int(seed), timestep_sampler=timestep_sampler,
+                               gradient_checkpointing=bool(gradient_checkpointing),
+                               backward_per_term=True)  # forget, then preserve: a lower peak
         config.validate()
         bridge.check_inputs(model, clip, width, height)
         try:
@@ -127,15 +150,17 @@ class SelfDistillUnlearn:
             log.warning("SelfDistillUnlearn: the adapter's modules were chosen for %r, training "
                         "it to forget %r", made_for, concept)
 
-        pools = pool_steps * (1 + len(keep))
+        pools = pool_steps * (1 + len(keep)) + (GAP_BINS if timestep_sampler == "concept" else 0)
         with bridge.autograd_enabled():
             trained = copy_adapter(adapter)
+            den = bridge.ComfyDenoiser(model, clip, width, height,
+                                       prompts=[concept, surrogate, *keep])  # CLIP first
             bridge.load_for_compute(model)
-            den = bridge.ComfyDenoiser(model, clip, width, height, prompts=[concept, surrogate, *keep])
             bar = bridge.Progress(pools + steps)
             result = unlearn(den, trained, task, objective=objective, config=config,
                              progress=bar.phase(pools, steps), should_stop=bridge.should_stop,
                              prepare_progress=PoolProgress(bar, pool_steps))
+        trained.to("cpu")  # ComfyUI caches node outputs where its memory manager cannot see them
         losses = result.history.get("loss", [])
         trained.meta.update(concept=concept, surrogate=surrogate, preserve=json.dumps(keep),
                             method="spare" if objective == "self_distill" else f"sparse_lora+{objective}",

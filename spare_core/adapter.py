@@ -6,11 +6,22 @@ Two delta kinds share one mechanism:
 - :class:`MaskedFullDelta` (SalUn's own parameterization): a trainable value per masked element,
   every other element of the weight stays bit-identical.
 
+How an attached adapter reaches the UNet (``attach(unet, mode=...)``):
+- ``"unmerged"`` (default): a forward hook adds the adapter's own branch to each module's output,
+  ``y = W x + s * B(A x)`` for a dense LoRA (as peft does), ``y = W x + delta x`` otherwise. The
+  base weight is never touched or copied, so it may be stored in any dtype the host's layer can
+  compute with (fp16, bf16, or fp8 cast by ComfyUI's manual-cast layers), and backward keeps no
+  weight-sized tensor per dense-LoRA module.
+- ``"merged"``: a weight parametrization ``W -> W + delta`` (materialises one weight-sized tensor
+  per module per forward, kept for backward). Kept for comparison: benchmarks/memory.py measures
+  both at SD1.5 size (figures in benchmarks/RESULTS.md).
+The adapter's trainable tensors stay float32; branches compute in the input's dtype.
+
 Written by hand instead of with peft's LoRA layers because (1) peft has no elementwise-masked
 LoRA, (2) ComfyUI patches weights rather than swapping modules, and the same ``delta()`` must serve
 both backends, and (3) the frozen teacher is the same UNet with the adapter switched off, which a
-weight parametrization gives for free. The diffusers-format export (export.py) writes peft's key
-layout, and diffusers loads it through peft (``pipe.load_lora_weights``; tests/test_cli.py).
+hook gives for free. The diffusers-format export (export.py) writes peft's key layout, and
+diffusers loads it through peft (``pipe.load_lora_weights``; tests/test_cli.py).
 """
 from __future__ import annotations
 
@@ -20,6 +31,7 @@ from contextlib import contextmanager
 from typing import Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -71,6 +83,18 @@ class LoRADelta(nn.Module):
     def num_trainable(self) -> int:
         return self.lora_A.numel() + self.lora_B.numel()
 
+    def branch(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``delta`` applied to the module's input ``x``, in ``x``'s dtype: ``s * B(A x)``
+        without forming ``B @ A`` when unmasked (Linear, or an ungrouped zero-padded Conv2d)."""
+        if self.mask is not None or not _low_rank_ok(module):
+            return _dense_branch(module, x, self.delta().to(x.dtype))
+        a, b = self.lora_A.to(x.dtype), (self.lora_B * self.scale).to(x.dtype)
+        if isinstance(module, nn.Conv2d):
+            h = F.conv2d(x, a.view(self.rank, *self.weight_shape[1:]), None, module.stride,
+                         module.padding, module.dilation)
+            return F.conv2d(h, b.view(*b.shape, 1, 1))
+        return F.linear(F.linear(x, a), b)
+
 
 class MaskedFullDelta(nn.Module):
     """Full-weight delta restricted to ``mask``: one trainable value per masked element.
@@ -105,6 +129,25 @@ class MaskedFullDelta(nn.Module):
     def num_trainable(self) -> int:
         return self.values.numel()
 
+    def branch(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``delta x`` in ``x``'s dtype (the dense delta is formed: one weight-sized tensor)."""
+        return _dense_branch(module, x, self.delta().to(x.dtype))
+
+
+def _low_rank_ok(module: nn.Module) -> bool:
+    """True where ``B(A x)`` equals ``(B @ A) x``: Linear, and Conv2d without groups or a
+    non-zero padding mode."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return True
+
+
+def _dense_branch(module: nn.Module, x: Tensor, delta: Tensor) -> Tensor:
+    """The module's own linear map with weight ``delta`` and no bias, applied to ``x``."""
+    if isinstance(module, nn.Conv2d):
+        return nn.Conv2d._conv_forward(module, x, delta, None)
+    return F.linear(x, delta)
+
 
 def _key(name: str) -> str:
     return name.replace(".", "::")  # nn.ModuleDict keys may not contain '.'
@@ -124,11 +167,29 @@ class _AddDelta(nn.Module):
         return weight if d is None else weight + d.to(weight.dtype)
 
 
+class _AddBranch:
+    """Forward hook ``y -> y + strength * branch(x)`` of one module (unmerged mode)."""
+
+    def __init__(self, adapter: "UnlearnAdapter", name: str) -> None:
+        self.adapter, self.name = adapter, name
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        ad = self.adapter
+        if not ad.enabled or ad.strength == 0.0:
+            return None
+        y = ad[self.name].branch(module, args[0])
+        return output + (y if ad.strength == 1.0 else y * ad.strength).to(output.dtype)
+
+
+ATTACH_MODES = ("unmerged", "merged")
+
+
 class UnlearnAdapter(nn.Module):
     """A set of per-module deltas plus a global ``strength`` and an on/off switch.
 
-    ``attach(unet)`` applies it through weight parametrizations (the UNet's own tensors are never
-    written); ``detach(unet)`` restores the original parameters, so outputs are bit-identical.
+    ``attach(unet)`` applies it through forward hooks (or, ``mode="merged"``, weight
+    parametrizations); the UNet's own tensors are never written, and ``detach(unet)`` removes
+    every trace, so outputs are bit-identical.
     ``with adapter.disabled():`` gives the frozen teacher without a second copy of the UNet.
     """
 
@@ -141,7 +202,7 @@ class UnlearnAdapter(nn.Module):
         self.strength = 1.0
         self.enabled = True
         self.meta: dict[str, str] = dict(meta or {})
-        self._attached_to: list[nn.Module] = []
+        self._attached: dict[int, tuple[str, list]] = {}  # id(unet) -> (mode, hook handles)
 
     def __getitem__(self, name: str) -> nn.Module:
         return self.deltas[_key(name)]
@@ -183,8 +244,15 @@ class UnlearnAdapter(nn.Module):
                 raise ValueError(f"adapter was made for a model with different layer sizes: "
                                  f"{n} has weight {list(got)}, adapter expects {list(want)}")
 
-    def attach(self, unet: nn.Module) -> "UnlearnAdapter":
-        """Patch ``unet`` (in place, reversibly) and move the adapter to its device."""
+    def attach(self, unet: nn.Module, mode: str = "unmerged") -> "UnlearnAdapter":
+        """Patch ``unet`` (in place, reversibly) and move the adapter to its device.
+
+        ``mode``: ``"unmerged"`` (forward hooks, the default) or ``"merged"`` (weight
+        parametrizations); see the module docstring."""
+        if mode not in ATTACH_MODES:
+            raise ValueError(f"attach mode must be one of {list(ATTACH_MODES)}, got {mode!r}")
+        if id(unet) in self._attached:
+            raise RuntimeError("this adapter is already attached to this UNet")
         self.check_compatible(unet)
         mods = adaptable_modules(unet)
         for n in self.names:
@@ -192,26 +260,39 @@ class UnlearnAdapter(nn.Module):
                 raise RuntimeError(f"{n} already carries a weight parametrization; "
                                    "detach the other adapter first")
         w = mods[self.names[0]].weight
+        if mode == "merged" and not (w.dtype.is_floating_point and w.element_size() >= 2):
+            raise ValueError(f"mode='merged' adds the delta to weights stored in {w.dtype}, which "
+                             "cannot hold it; use the default mode='unmerged'")
         self.to(w.device)
+        handles = []
         for n in self.names:
-            parametrize.register_parametrization(mods[n], "weight", _AddDelta(self, n))
-        self._attached_to.append(unet)
+            if mode == "merged":
+                parametrize.register_parametrization(mods[n], "weight", _AddDelta(self, n))
+            else:
+                handles.append(mods[n].register_forward_hook(_AddBranch(self, n)))
+        self._attached[id(unet)] = (mode, handles)
         return self
 
+    def is_attached(self, unet: nn.Module) -> bool:
+        """True while this adapter is attached to ``unet``."""
+        return id(unet) in self._attached
+
     def detach(self, unet: nn.Module) -> None:
-        """Remove the patches; the original weight Parameters are put back untouched."""
-        mods = adaptable_modules(unet)
-        for n in self.names:
-            m = mods.get(n)
-            if m is not None and parametrize.is_parametrized(m, "weight"):
-                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
-        if unet in self._attached_to:
-            self._attached_to.remove(unet)
+        """Remove the hooks or patches; the original weight Parameters are untouched."""
+        mode, handles = self._attached.pop(id(unet), ("unmerged", []))
+        for h in handles:
+            h.remove()
+        if mode == "merged":
+            mods = adaptable_modules(unet)
+            for n in self.names:
+                m = mods.get(n)
+                if m is not None and parametrize.is_parametrized(m, "weight"):
+                    parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
 
     @contextmanager
-    def applied(self, unet: nn.Module) -> Iterator["UnlearnAdapter"]:
+    def applied(self, unet: nn.Module, mode: str = "unmerged") -> Iterator["UnlearnAdapter"]:
         """``with adapter.applied(unet):`` attach for the block, detach after (also on error)."""
-        self.attach(unet)
+        self.attach(unet, mode)
         try:
             yield self
         finally:
@@ -289,11 +370,14 @@ def _need(tensors: Mapping[str, Tensor], key: str) -> Tensor:
 
 def init_sparse_lora(unet: nn.Module, modules: list[str], rank: int = 4, alpha: float | None = None,
                      masks: Mapping[str, Tensor] | None = None, seed: int = 0,
-                     meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
+                     meta: Mapping[str, str] | None = None,
+                     clamp_rank: bool = False) -> UnlearnAdapter:
     """LoRA on ``modules`` of ``unet`` (optionally element-masked by ``masks[name]``).
 
-    ``alpha`` defaults to ``rank`` (scale 1). Raises ValueError for an unknown module or a rank
-    that does not fit a layer, before anything is allocated.
+    ``alpha`` defaults to the module's rank (scale 1). Raises ValueError for an unknown module or
+    a rank that does not fit a layer, before anything is allocated; with ``clamp_rank`` such a
+    layer gets the largest rank it allows instead (a full-rank update of a small layer, e.g.
+    SD's 4-channel output convolution when every layer is adapted).
     """
     mods = adaptable_modules(unet)
     unknown = [m for m in modules if m not in mods]
@@ -303,14 +387,17 @@ def init_sparse_lora(unet: nn.Module, modules: list[str], rank: int = 4, alpha: 
         raise ValueError("no modules selected for the adapter")
     if rank <= 0:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    ranks = {}
     for m in modules:
         shape = tuple(mods[m].weight.shape)
-        if rank > min(shape[0], _fan_in(shape)):
+        limit = min(shape[0], _fan_in(shape))
+        if rank > limit and not clamp_rank:
             raise ValueError(f"rank {rank} is larger than layer {m} allows "
-                             f"(weight {list(shape)}: at most {min(shape[0], _fan_in(shape))})")
+                             f"(weight {list(shape)}: at most {limit})")
+        ranks[m] = min(rank, limit)
     gen = torch.Generator().manual_seed(seed)
-    alpha = float(rank if alpha is None else alpha)
-    deltas = {m: LoRADelta(tuple(mods[m].weight.shape), rank, alpha,
+    deltas = {m: LoRADelta(tuple(mods[m].weight.shape), ranks[m],
+                           float(ranks[m] if alpha is None else alpha),
                            None if masks is None else masks.get(m), gen) for m in modules}
     return UnlearnAdapter(deltas, meta)
 

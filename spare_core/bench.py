@@ -19,11 +19,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import torch
+from . import cli_args as A
+from .cli_args import CONCEPT_METHODS, DATA_METHODS
 
-from .digits import metrics as M
-from .digits.data import NAMES, prompt_for
-from .methods import CONCEPT_METHODS, DATA_METHODS
+# torch, the models and the metrics are imported inside the functions: ``spare bench --help`` and
+# argument errors need none of them.
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+SAMPLE_STEPS = 50  # == spare_core.digits.metrics.SAMPLE_STEPS (tests/test_demo_bench.py checks)
 
 
 @dataclass
@@ -39,14 +41,18 @@ def default_surrogate(forget: int) -> int:
 
 
 def run_concept_method(name: str, den, forget: int, *, steps: int, seed: int,
-                       surrogate: int | None = None, options: dict | None = None):
+                       surrogate: int | None = None, options: dict | None = None, bars=None):
     """Train method ``name`` to forget digit ``forget`` on ``den`` (``run_method`` with the
-    digits settings: :func:`bench_settings`, then ``options`` on top); returns its UnlearnResult."""
+    digits settings: :func:`bench_settings`, then ``options`` on top); returns its UnlearnResult.
+    ``bars`` (a :class:`~spare_core.progress.PhaseBars`) draws its phases and training."""
+    from .digits.data import prompt_for
     from .methods import run_method
 
     sur = default_surrogate(forget) if surrogate is None else surrogate
     keep = [prompt_for(d) for d in range(10) if d != forget]
     kw = {**bench_settings(name, steps, seed), **(options or {})}
+    if bars is not None:
+        kw.update(progress=bars.train, phase_progress=bars.phase)
     return run_method(name, den, concept=prompt_for(forget), surrogate=prompt_for(sur),
                       preserve=keep, **kw)
 
@@ -102,6 +108,8 @@ def spare_digits_defaults(steps: int, seed: int) -> dict:
 
     Measured (forget 3 -> 4, 100 steps, 20 images per digit): module_fraction 0.25 gave UA 0.95
     but only 5% of the images became the surrogate; 0.5 gave UA 1.0, RA 1.0, 100% surrogate."""
+    from .digits import metrics as M
+
     return dict(num_samples=32, sample_steps=25, guidance=M.SAMPLE_GUIDANCE, clip_x0=1.0, rank=4,
                 module_fraction=0.5, steps=steps, lr=3e-3, batch_size=8, seed=seed)
 
@@ -121,11 +129,14 @@ def peak_rss_mb() -> float:
 
 
 def digit_metrics(den, classifier, forget: int, n: int, seed: int, steps: int,
-                  surrogate: int | None = None) -> dict:
+                  surrogate: int | None = None, callback=None) -> dict:
     """UA/RA/FD of ``den`` for ``forget``, from ``n`` samples per digit; ``to_surrogate`` is the
-    share of the forgotten prompt's images labelled as the surrogate digit (default: the next)."""
+    share of the forgotten prompt's images labelled as the surrogate digit (default: the next).
+    ``callback(i, n)`` reports the sampler's steps."""
+    from .digits import metrics as M
+
     sur = default_surrogate(forget) if surrogate is None else surrogate
-    imgs = M.generate_digits(den, range(10), n, seed=seed, steps=steps)
+    imgs = M.generate_digits(den, range(10), n, seed=seed, steps=steps, callback=callback)
     preds = M.classify(classifier, imgs)
     fd = M.fd_per_class(classifier, imgs)
     return {"UA": M.unlearning_accuracy(preds[forget], forget),
@@ -136,20 +147,42 @@ def digit_metrics(den, classifier, forget: int, n: int, seed: int, steps: int,
             "per_class_acc": M.per_class_accuracy(preds), "images": imgs}
 
 
+def _bars(bars, label: str):
+    """``bars`` relabelled, or a disabled set of bars when the caller asked for none."""
+    from .progress import PhaseBars
+
+    if bars is None:
+        return PhaseBars(label, disable=True)
+    bars.close()
+    bars.label = label
+    return bars
+
+
 def bench_concepts(methods, digits, *, n: int, steps: int, seed: int, sample_steps: int,
-                   log=print) -> list[Row]:
+                   log=print, bars=None) -> list[Row]:
+    """Rows of the concept bench; ``bars`` (a PhaseBars) draws every phase's progress."""
+    from .digits import metrics as M
+    from .threads import apply as apply_threads
+
     den, clf = M.load_default_model(), M.load_classifier()
+    apply_threads(den)
     rows = []
     for d in digits:
-        base = digit_metrics(den, clf, d, n, seed, sample_steps)
+        b = _bars(bars, f"original, {NAMES[d]}")
+        base = digit_metrics(den, clf, d, n, seed, sample_steps, callback=b.sampler("evaluate"))
+        b.close()
         rows.append(Row("original", NAMES[d], {k: base[k] for k in CONCEPT_METRICS}))
         log(format_row(rows[-1]))
         for v in methods:
+            b = _bars(bars, f"{v.label}, {NAMES[d]}")
             t0 = time.perf_counter()
-            res = run_concept_method(v.name, den, d, steps=steps, seed=seed, options=v.options)
+            res = run_concept_method(v.name, den, d, steps=steps, seed=seed, options=v.options,
+                                     bars=b)
             secs = time.perf_counter() - t0
             with res.adapter.applied(den.unet):
-                m = digit_metrics(den, clf, d, n, seed, sample_steps)
+                m = digit_metrics(den, clf, d, n, seed, sample_steps,
+                                  callback=b.sampler("evaluate after"))
+            b.close()
             rows.append(Row(v.label, NAMES[d], {
                 **{k: m[k] for k in CONCEPT_METRICS},
                 "seconds": secs, "trainable": res.adapter.num_trainable(),
@@ -158,19 +191,28 @@ def bench_concepts(methods, digits, *, n: int, steps: int, seed: int, sample_ste
     return rows
 
 
-def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log=print) -> list[Row]:
+def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log=print,
+               bars=None) -> list[Row]:
+    """Rows of the data-unlearning bench; ``bars`` (a PhaseBars) draws every phase's progress."""
+    import torch
+
+    from .digits import metrics as M
     from .digits.data import load_digit_images, pattern_image
     from .methods import run_method
+    from .threads import apply as apply_threads
 
     den, clf = M.load_pattern_model(), M.load_classifier()
+    apply_threads(den)
     pattern = pattern_image()
     real, _ = load_digit_images()
     g = torch.Generator().manual_seed(seed)
     keep = real[torch.randperm(real.shape[0], generator=g)[:256]]
     forget = pattern.unsqueeze(0).expand(16, -1, -1, -1).clone()
 
-    def measure() -> dict:
-        x = M.generate_unconditional(den, n, seed=seed, steps=sample_steps)
+    def measure(b, what: str) -> dict:
+        x = M.generate_unconditional(den, n, seed=seed, steps=sample_steps,
+                                     callback=b.sampler(what))
+        b.close()
         rate = M.pattern_rate(x, pattern)
         near = (x.flatten(1) - pattern.reshape(1, -1)).norm(dim=1) <= M.PATTERN_RADIUS
         rest = x[~near]
@@ -178,14 +220,16 @@ def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log
             fd = M.frechet_distance(clf.features(rest), clf.features(real)) if len(rest) > 1 else float("nan")
         return {"pattern_rate": rate, "FD_rest": fd}
 
-    rows = [Row("original", "pattern", measure())]
+    rows = [Row("original", "pattern", measure(_bars(bars, "original"), "evaluate"))]
     log(format_row(rows[-1]))
     for v in methods:
+        b = _bars(bars, v.label)
         t0 = time.perf_counter()
-        res = run_method(v.name, den, forget=forget, keep=keep, steps=steps, seed=seed, **v.options)
+        res = run_method(v.name, den, forget=forget, keep=keep, steps=steps, seed=seed,
+                         progress=b.train, phase_progress=b.phase, **v.options)
         secs = time.perf_counter() - t0
         with res.adapter.applied(den.unet):
-            m = measure()
+            m = measure(b, "evaluate after")
         m.update(seconds=secs, trainable=res.adapter.num_trainable(),
                  adapter_kB=adapter_bytes(res.adapter) / 1024, peak_rss_MB=peak_rss_mb())
         rows.append(Row(v.label, "pattern", m))
@@ -202,6 +246,8 @@ def mean_over_seeds(runs: list[list[Row]]) -> list[Row]:
     """One row per (method, target): the mean of each value over the seeds' runs, with its
     standard deviation in ``values[k + "_std"]`` when there is more than one seed (counts such as
     trainable parameters get the rounded mean and no deviation)."""
+    import torch
+
     out = []
     for rows in zip(*runs):
         vals = {}
@@ -243,21 +289,27 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("bench", help="compare unlearning methods on the embedded digits models")
+    p = sub.add_parser("bench", help="compare unlearning methods on the embedded digits models",
+                       description="Compare unlearning methods on the embedded digits models at "
+                                   "an equal step budget and print a Markdown table.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", default=None,
-                   help=f"comma list; concept: {','.join(CONCEPT_METHODS)}; data: "
-                        f"{','.join(DATA_METHODS)}; a variant sets options after colons, e.g. "
-                        "spare:timestep_sampler=uniform:module_selection=random")
+                   help=f"comma list; concept: {','.join(CONCEPT_METHODS)} (default spare); data: "
+                        f"{','.join(DATA_METHODS)} (default all four); a variant sets options "
+                        "after colons, e.g. spare:timestep_sampler=uniform:module_selection=random")
     p.add_argument("--forget", default="3", help="comma list of digits to forget (concept bench)")
     p.add_argument("--data-unlearning", action="store_true", help="run the pattern-model bench")
-    p.add_argument("--n", type=int, default=20, help="samples per digit (or unconditional samples x10)")
-    p.add_argument("--steps", type=int, default=100, help="training steps of every method (equal budget)")
-    p.add_argument("--sample-steps", type=int, default=M.SAMPLE_STEPS, help="bench sampler steps")
+    p.add_argument("--n", type=A.positive_int, default=20,
+                   help="samples per digit (or unconditional samples x10)")
+    p.add_argument("--steps", type=A.positive_int, default=100,
+                   help="training steps of every method (equal budget)")
+    p.add_argument("--sample-steps", type=A.positive_int, default=SAMPLE_STEPS,
+                   help="ancestral DDPM steps of the evaluation sampler")
     p.add_argument("--seeds", default="0",
                    help="comma list of seeds (training and sampling); the table shows mean ± std")
     p.add_argument("--markdown", default=None,
                    help="also append the command and the table to this Markdown file")
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench, check=check_bench_args)
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -267,23 +319,50 @@ def _parse_seeds(text: str) -> list[int]:
         raise ValueError(f"--seeds must be a comma list of integers, got {text!r}") from None
     if not seeds:
         raise ValueError("--seeds is empty: give at least one seed, e.g. --seeds 0,1,2")
+    if any(sd < 0 for sd in seeds):
+        raise ValueError(f"--seeds must be >= 0, got {text!r}")
     return seeds
 
 
+def _method_names(text: str, allowed: tuple[str, ...]) -> None:
+    """Unknown method names and malformed ``:key=value`` items, refused before torch loads (the
+    option keys are checked by :func:`parse_methods` once the engine is imported)."""
+    for label in (x.strip() for x in text.split(",")):
+        name, *items = label.split(":")
+        if name not in allowed:
+            raise ValueError(f"unknown method {name!r}; choose from {list(allowed)}")
+        for item in items:
+            key, sep, _ = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"method {name!r} option takes KEY=VALUE, got {item!r}")
+
+
+def check_bench_args(a: argparse.Namespace) -> None:
+    """Every check that needs no torch; sets ``a.seed_list`` and ``a.digits``."""
+    allowed = DATA_METHODS if a.data_unlearning else CONCEPT_METHODS
+    if a.methods is not None:
+        _method_names(a.methods, allowed)
+    a.seed_list = _parse_seeds(a.seeds)
+    a.digits = A.digit_list(a.forget)
+    if a.markdown and os.path.isdir(a.markdown):
+        raise ValueError(f"--markdown {a.markdown!r} is a folder; give a .md file to append to")
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
-    if a.data_unlearning:
-        methods = parse_methods(a.methods or ",".join(DATA_METHODS), DATA_METHODS)
-        seeds = _parse_seeds(a.seeds)
-        runs = [bench_data(methods, n=a.n * 10, steps=a.steps, seed=sd, sample_steps=a.sample_steps)
-                for sd in seeds]
-    else:
-        methods = parse_methods(a.methods or "spare", CONCEPT_METHODS)
-        digits = [int(x) for x in a.forget.split(",")]
-        if any(not 0 <= d <= 9 for d in digits):
-            raise ValueError(f"forget digits must be in 0..9, got {a.forget}")
-        seeds = _parse_seeds(a.seeds)
-        runs = [bench_concepts(methods, digits, n=a.n, steps=a.steps, seed=sd,
-                               sample_steps=a.sample_steps) for sd in seeds]
+    from .progress import PhaseBars, quiet_libraries
+
+    quiet_libraries()
+    with PhaseBars() as bars:
+        if a.data_unlearning:
+            methods = parse_methods(a.methods or ",".join(DATA_METHODS), DATA_METHODS)
+            runs = [bench_data(methods, n=a.n * 10, steps=a.steps, seed=sd,
+                               sample_steps=a.sample_steps, bars=bars, log=bars_print(bars))
+                    for sd in a.seed_list]
+        else:
+            methods = parse_methods(a.methods or "spare", CONCEPT_METHODS)
+            runs = [bench_concepts(methods, a.digits, n=a.n, steps=a.steps, seed=sd,
+                                   sample_steps=a.sample_steps, bars=bars, log=bars_print(bars))
+                    for sd in a.seed_list]
     table = markdown_table(mean_over_seeds(runs))
     print()
     print(table)
@@ -291,3 +370,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
         with open(a.markdown, "a") as f:
             f.write(f"\n```\nspare {' '.join(a.argv)}\n```\n\n{table}\n")
     return 0
+
+
+def bars_print(bars):
+    """``print`` that first closes the current bar, so a table row never lands inside a bar."""
+    def log(line: str) -> None:
+        bars.close()
+        print(line, flush=True)
+    return log

@@ -1,5 +1,9 @@
-"""``spare`` command line: ``spare unlearn`` (any method of :data:`spare_core.methods.METHODS`),
-``spare demo``, ``spare bench``."""
+"""The ``spare`` command line: spare unlearn (any method of the engine), spare demo, spare bench.
+
+Every argument is checked before torch is imported (a bad one costs a fraction of a second);
+existing files are never replaced without ``--overwrite``; Ctrl-C exits with status 130 and one
+line; each phase of a run draws its own progress bar.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,83 +11,110 @@ import os
 import sys
 from contextlib import nullcontext
 
-import torch
+from . import cli_args as A
+from .cli_args import CONCEPT_METHODS, DATA_METHODS, METHOD_NAMES
 
-from .methods import parse_options
+DESCRIPTION = ("Make text-to-image diffusion models forget a concept or a set of images "
+               "(SPARE: saliency + sparse LoRA + self-distillation; SalUn, ESD, SISS, ...). "
+               "Run 'spare COMMAND --help' for a command's options.")
+INTERRUPTED = 130
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _add_unlearn(sub) -> None:
-    from .methods import CONCEPT_METHODS, DATA_METHODS, METHODS
-
-    p = sub.add_parser("unlearn", help="forget a concept or a set of images in a diffusers "
-                                       "pipeline folder (offline)")
-    p.add_argument("--model", required=True, help="folder written by pipe.save_pretrained()")
-    p.add_argument("--method", choices=list(METHODS), default="spare",
+    p = sub.add_parser(
+        "unlearn", help="forget a concept or a set of images in a diffusers pipeline folder "
+                        "(offline)", formatter_class=_Formatter,
+        description="Forget a concept (spare, salun, esd, esd_u) or a set of images (siss, "
+                    "neggrad, erasediff, naive_deletion) in a diffusers pipeline folder, offline; "
+                    "write the adapter (--out), optionally a before/after grid (--grid) and the "
+                    "pipeline with the adapter baked into its UNet (--merged-out).")
+    p.add_argument("--model", required=True,
+                   help="pipeline folder written by pipe.save_pretrained() (read offline)")
+    p.add_argument("--method", choices=METHOD_NAMES, default="spare",
                    help=f"concept methods {', '.join(CONCEPT_METHODS)} take --concept; data "
                         f"methods {', '.join(DATA_METHODS)} take --forget-images/--keep-images")
-    p.add_argument("--concept", default=None, help="prompt of the concept to forget")
-    p.add_argument("--surrogate", default="", help="what the concept becomes ('' = unconditional)")
-    p.add_argument("--preserve", action="append", default=[], help="prompt to keep (repeatable)")
-    p.add_argument("--forget-images", default=None, help="folder of the images to forget (data methods)")
-    p.add_argument("--keep-images", default=None, help="folder of the images to keep (data methods)")
+    p.add_argument("--concept", type=A.prompt, default=None, help="prompt of the concept to forget")
+    p.add_argument("--surrogate", default="",
+                   help="what the concept becomes ('' = the unconditional prediction)")
+    p.add_argument("--preserve", type=A.prompt, action="append", default=[],
+                   help="prompt whose images must not change (repeatable)")
+    p.add_argument("--forget-images", default=None,
+                   help="folder of the images to forget (data methods)")
+    p.add_argument("--keep-images", default=None,
+                   help="folder of the images to keep (data methods)")
     p.add_argument("--forget-prompt", default=None, help="prompt of the forget images ('' if unset)")
     p.add_argument("--keep-prompt", default=None, help="prompt of the keep images ('' if unset)")
-    p.add_argument("--out", default="spare_adapter.safetensors", help="adapter file to write")
+    p.add_argument("--out", default="spare_adapter.safetensors",
+                   help="adapter file to write (.safetensors)")
     p.add_argument("--format", choices=["native", "comfy", "diffusers"], default="native",
                    help="native SPARE adapter, ComfyUI/kohya LoRA, or diffusers/PEFT LoRA")
-    p.add_argument("--grid", default=None, help="before/after PNG grid to write")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=None,
-                   help="default: 1e-3 for spare, the paper's lr x steps budget for the others")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rank", type=int, default=4, help="LoRA rank (spare)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (spare; default = rank)")
-    p.add_argument("--module-fraction", type=float, default=0.25,
+    p.add_argument("--grid", default=None, help="before/after PNG grid to write (.png)")
+    p.add_argument("--merged-out", default=None, metavar="DIR",
+                   help="also write the pipeline folder with the adapter baked into the UNet "
+                        "weights (what one ships: nothing to unplug)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out, --grid and --merged-out if they exist")
+    p.add_argument("--steps", type=A.positive_int, default=200, help="training steps")
+    p.add_argument("--lr", type=A.positive_float, default=None,
+                   help="learning rate (default: 1e-3 for spare, the paper's lr x steps budget "
+                        "for the others)")
+    p.add_argument("--batch-size", type=A.positive_int, default=4,
+                   help="latents per training step (forget and keep each)")
+    p.add_argument("--rank", type=A.positive_int, default=4, help="LoRA rank (spare)")
+    p.add_argument("--alpha", type=A.positive_float, default=None,
+                   help="LoRA alpha (spare; default: the rank, i.e. scale 1)")
+    p.add_argument("--module-fraction", type=A.fraction, default=0.25,
                    help="share of Linear/Conv2d modules adapted, ranked by saliency (spare)")
-    p.add_argument("--mask-fraction", type=float, default=None,
-                   help="element sparsity in (0, 1]: spare default dense LoRA, salun default 0.5")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--mask-fraction", type=A.fraction, default=None,
+                   help="element sparsity in (0, 1] (default: spare dense LoRA, salun 0.5)")
+    p.add_argument("--param", type=A.key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the method (repeatable), e.g. --param eta=2 for esd, "
                         "--param lambda_=0.5 for siss; see spare_core.methods.METHODS")
-    p.add_argument("--num-samples", type=int, default=16, help="concept samples for saliency")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps to generate them")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--num-samples", type=A.positive_int, default=16,
+                   help="concept images generated for saliency and training")
+    p.add_argument("--sample-steps", type=A.positive_int, default=25,
+                   help="DDIM steps to generate them (and the grid)")
+    p.add_argument("--guidance", type=A.nonnegative_float, default=7.5,
+                   help="classifier-free guidance of those samples")
     p.add_argument("--timestep-sampler", choices=["concept", "uniform"], default=None,
-                   help="default: concept for spare, uniform for the others")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+                   help="training timesteps (default: concept for spare, uniform for the others)")
+    p.add_argument("--seed", type=A.seed, default=0, help="seed of sampling and training")
+    p.add_argument("--device", type=A.device, default="auto",
+                   help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype the model is loaded and computed in (the adapter trains in float32; "
+                        "float16 uses dynamic loss scaling)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward: far less memory, ~1.2-1.4x the time")
+    p.add_argument("--split-backward", action="store_true",
+                   help="back-propagate the forget and preserve terms one at a time (spare)")
+    p.add_argument("--micro-batch", type=A.positive_int, default=8,
+                   help="concept images per saliency forward/backward (spare, salun)")
+    p.set_defaults(func=cmd_unlearn, check=check_unlearn_args)
 
 
-def method_hparams(a: argparse.Namespace) -> dict:
-    """The method's own options from the flags: spare's LoRA flags, salun's mask fraction, and
-    every ``--param KEY=VALUE`` (unknown keys are refused by ``run_method``)."""
-    hp = {}
-    if a.method == "spare":
-        hp.update(rank=a.rank, alpha=a.alpha, module_fraction=a.module_fraction,
-                  mask_fraction=a.mask_fraction)
-    elif a.method == "salun" and a.mask_fraction is not None:
-        hp["mask_fraction"] = a.mask_fraction
-    hp.update(parse_options(a.param, "--param"))
-    return hp
+def check_unlearn_args(a: argparse.Namespace) -> None:
+    """Every check of ``spare unlearn`` that needs no torch (ValueError/FileNotFoundError naming
+    the fix)."""
+    from .threads import requested_threads
 
-
-def _progress_bar(total: int, desc: str):
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc=desc, unit="step")
-
-    def cb(i: int, n: int, loss: float) -> None:
-        bar.update(i - bar.n)
-        bar.set_postfix(loss=f"{loss:.4g}")
-    return bar, cb
-
-
-def _check_unlearn_args(a: argparse.Namespace) -> None:
-    from .methods import METHODS
-
+    requested_threads()
     if not a.out.endswith(".safetensors"):
         raise ValueError(f"--out must end in .safetensors, got {a.out!r}")
-    if METHODS[a.method].kind == "concept":
+    if a.grid is not None and not a.grid.lower().endswith(".png"):
+        raise ValueError(f"--grid must end in .png, got {a.grid!r}")
+    A.check_pipeline_folder(a.model)
+    if a.method in CONCEPT_METHODS:
         if a.concept is None:
             raise ValueError(f"{a.method} forgets a concept: give --concept \"...\"")
         if a.forget_images or a.keep_images:
@@ -95,6 +126,49 @@ def _check_unlearn_args(a: argparse.Namespace) -> None:
                              "--keep-images DIR) instead of --concept")
         if not a.forget_images:
             raise ValueError(f"{a.method} needs --forget-images DIR (the images to forget)")
+        A.check_image_folder(a.forget_images, "--forget-images")
+        A.check_image_folder(a.keep_images, "--keep-images")
+    if a.merged_out and os.path.abspath(a.merged_out) == os.path.abspath(a.model):
+        raise ValueError("--merged-out must differ from --model (the original stays untouched)")
+    A.check_new_path(a.out, "--out", a.overwrite)
+    A.check_new_path(a.grid, "--grid", a.overwrite)
+    A.check_new_path(a.merged_out, "--merged-out", a.overwrite)
+
+
+def method_hparams(a: argparse.Namespace) -> dict:
+    """The method's own options from the flags: spare's LoRA flags, salun's mask fraction, and
+    every ``--param KEY=VALUE``; ValueError for a key the method does not take."""
+    from .methods import METHODS, parse_options
+
+    hp = {}
+    if a.method == "spare":
+        hp.update(rank=a.rank, alpha=a.alpha, module_fraction=a.module_fraction,
+                  mask_fraction=a.mask_fraction)
+    elif a.method == "salun" and a.mask_fraction is not None:
+        hp["mask_fraction"] = a.mask_fraction
+    hp.update(parse_options(a.param, "--param"))
+    unknown = sorted(set(hp) - set(METHODS[a.method].hparams))
+    if unknown:
+        raise ValueError(f"{a.method} does not take {unknown}; its options are "
+                         f"{sorted(METHODS[a.method].hparams)}")
+    return hp
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> cuda if available else cpu; ValueError if the named device is unavailable."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(name.partition(":")[2] or 0)
+        if idx >= n:
+            raise ValueError(f"--device {name}: torch sees {n} CUDA device(s); use --device cpu "
+                             "or --device auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available; use --device cpu or --device auto")
+    return name
 
 
 def _image_size(den, vae) -> int:
@@ -108,18 +182,22 @@ def _image_size(den, vae) -> int:
 def _vae_encoder(vae, device: str):
     """``images [N, 3, H, W] in [-1, 1] -> latents [N, 4, H/8, W/8]`` (mean of the posterior,
     times the VAE's scaling factor, as diffusers' training scripts do)."""
+    import torch
+
     def encode(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return vae.encode(x.to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
     return encode
 
 
-def _run(a: argparse.Namespace, den, vae, clip, cb):
+def _run(a: argparse.Namespace, den, vae, clip, hp: dict, bars):
     from .data_task import load_image_folder
     from .methods import METHODS, run_method
 
     common = dict(steps=a.steps, lr=a.lr, batch_size=a.batch_size, seed=a.seed,
-                  timestep_sampler=a.timestep_sampler, progress=cb, **method_hparams(a))
+                  timestep_sampler=a.timestep_sampler, progress=bars.train,
+                  phase_progress=bars.phase, gradient_checkpointing=a.gradient_checkpointing,
+                  backward_per_term=a.split_backward, saliency_batch_size=a.micro_batch, **hp)
     if METHODS[a.method].kind == "concept":
         return run_method(a.method, den, concept=a.concept, surrogate=a.surrogate,
                           preserve=a.preserve, num_samples=a.num_samples,
@@ -133,24 +211,49 @@ def _run(a: argparse.Namespace, den, vae, clip, cb):
                       keep_prompts=a.keep_prompt, encode=encode, **common)
 
 
-def cmd_unlearn(a: argparse.Namespace) -> int:
-    from . import DiffusersDenoiser, save_adapter, to_comfy_lora, to_diffusers_lora
-    from .files import atomic_save_safetensors
+def _write_grid(a: argparse.Namespace, den, vae, clip, adapter, prompts, bars) -> None:
+    import torch
+
     from .grid import decode_latents, save_grid
     from .sampling import sample
 
-    _check_unlearn_args(a)
+    cells = []
+    for p in prompts:
+        row = []
+        for when, ctx in (("before", nullcontext()), ("after", adapter.applied(den.unet))):
+            with ctx:
+                lat = sample(den, [p] * 4, steps=a.sample_steps, guidance=a.guidance,
+                             method="ddim", generator=torch.Generator().manual_seed(a.seed),
+                             clip_x0=clip, callback=bars.sampler(f"grid {p[:20]!r} {when}"))
+            row.append(decode_latents(lat, vae))
+        cells.append(row)
+    bars.close()
+    save_grid(cells, a.grid, [p or "(empty prompt)" for p in prompts], ["before", "after"])
+
+
+def cmd_unlearn(a: argparse.Namespace) -> int:
+    import torch
+
+    from . import DiffusersDenoiser, save_adapter, to_comfy_lora, to_diffusers_lora
+    from .export import save_merged_pipeline
+    from .files import atomic_save_safetensors
+    from .progress import PhaseBars, quiet_libraries
+    from .threads import apply as apply_threads
+
+    quiet_libraries()
+    hp = method_hparams(a)
+    a.device = resolve_device(a.device)
     den = DiffusersDenoiser.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device)
+    if a.device == "cpu":
+        apply_threads(den)
     vae = None
     if os.path.isdir(os.path.join(a.model, "vae")):
         from diffusers import AutoencoderKL
-        vae = AutoencoderKL.from_pretrained(a.model, subfolder="vae").to(a.device)
+        vae = AutoencoderKL.from_pretrained(a.model, subfolder="vae",
+                                            use_safetensors=True).to(a.device)
     clip = 1.0 if vae is None else None
-    bar, cb = _progress_bar(a.steps, a.method)
-    try:
-        res = _run(a, den, vae, clip, cb)
-    finally:
-        bar.close()
+    with PhaseBars(a.method) as bars:
+        res = _run(a, den, vae, clip, hp, bars)
     if a.concept is not None:
         meta = dict(method=a.method, concept=a.concept, surrogate=a.surrogate)
         prompts = [a.concept] + ([a.surrogate] if a.surrogate else []) + list(a.preserve)
@@ -165,40 +268,46 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
     print(f"wrote {a.out}: {a.method}, {res.history['trainable_params']} trainable parameters, "
           f"{res.history['seconds']:.1f} s, final loss {res.history['loss'][-1]:.4g}")
     if a.grid:
-        cells = []
-        for p in prompts:
-            row = []
-            for ctx in (nullcontext(), res.adapter.applied(den.unet)):  # before, after
-                with ctx:
-                    lat = sample(den, [p] * 4, steps=a.sample_steps, guidance=a.guidance,
-                                 method="ddim", generator=torch.Generator().manual_seed(a.seed),
-                                 clip_x0=clip)
-                row.append(decode_latents(lat, vae))
-            cells.append(row)
-        save_grid(cells, a.grid, [p or "(empty prompt)" for p in prompts], ["before", "after"])
+        with PhaseBars() as bars:
+            _write_grid(a, den, vae, clip, res.adapter, prompts, bars)
         print(f"wrote {a.grid}")
+    if a.merged_out:
+        save_merged_pipeline(a.model, res.adapter, a.merged_out, overwrite=a.overwrite)
+        print(f"wrote {a.merged_out}: the pipeline with the adapter merged into its UNet")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="spare", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``spare`` parser (building it imports no torch)."""
+    from . import bench, demo  # both on the embedded digits model; torch-free at import
+
+    parser = argparse.ArgumentParser(prog="spare", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _add_unlearn(sub)
-    from . import bench, demo  # both on the embedded digits model
     demo.add_command(sub)
     bench.add_command(sub)
-    a = parser.parse_args(argv)
-    a.argv = list(sys.argv[1:] if argv is None else argv)  # for reports that quote their command
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``spare``; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     try:
-        if a.cmd == "unlearn":
-            return cmd_unlearn(a)
-        return a.func(a)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        parser = build_parser()
+        try:
+            a = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) or an argparse error (2, already printed)
+            return int(e.code or 0)
+        a.argv = list(sys.argv[1:] if argv is None else argv)  # for reports quoting the command
+        try:
+            a.check(a)
+            return a.func(a)
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+            print(f"spare {a.cmd}: error: {e}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
-        return 130
+        print("\nspare: interrupted (Ctrl-C); files are written atomically, so nothing was left "
+              "half-written", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Callable, Sequence, Union
 import torch
 from torch import Tensor
 
-from .denoiser import Denoiser, device_of
+from .denoiser import Denoiser, compute_dtype_of, device_of
 from .objectives import Batch, Part
 from .sampling import q_sample
 from .timesteps import UniformSampler
@@ -210,7 +210,7 @@ class DataTask:
         """``batch_size`` forget/keep pairs sharing noise and timestep, plus SISS's mixture
         sample and EraseDiff's uniform noise in ``extras``."""
         dev = device_of(denoiser)
-        dtype = next(denoiser.unet.parameters()).dtype
+        dtype = compute_dtype_of(denoiser)
         ac = denoiser.alphas_cumprod
         B = batch_size
         ia = torch.randint(0, self._forget.shape[0], (B,), generator=gen)
@@ -220,11 +220,12 @@ class DataTask:
         a_t = q_sample(a0, t, noise, ac)
 
         def part(x0: Tensor, x_t: Tensor, ctx_idx: Tensor) -> Part:
-            return Part(x0.to(dev, dtype), noise.to(dev, dtype), t.to(dev), x_t.to(dev, dtype),
+            # x0 and the noise (regression targets) stay float32; the network's inputs take its dtype
+            return Part(x0.to(dev, torch.float32), noise.to(dev), t.to(dev), x_t.to(dev, dtype),
                         self._ctx[ctx_idx].to(dev, dtype))
 
         forget = part(a0, a_t, self._fidx[ia])
-        keep, extras = None, {"uniform_noise": torch.rand(noise.shape, generator=gen).to(dev, dtype)}
+        keep, extras = None, {"uniform_noise": torch.rand(noise.shape, generator=gen).to(dev)}
         if self._keep is not None:
             ix = torch.randint(0, self._keep.shape[0], (B,), generator=gen)
             x0 = self._keep[ix]
@@ -233,7 +234,7 @@ class DataTask:
             lam = float(self.mixture_lambda)
             from_a = torch.rand(B, generator=gen) < lam
             m = torch.where(from_a.view(-1, 1, 1, 1), a_t, x_t)
-            extras.update(mixture_x_t=m.to(dev, dtype), mixture_from_forget=from_a.to(dev),
+            extras.update(mixture_x_t=m.to(dev), mixture_from_forget=from_a.to(dev),
                           mixture_lambda=lam)
         uncond = self._uncond.to(dev, dtype)
         return Batch(forget, keep, uncond.expand(B, -1, -1), uncond, ac.to(dev), extras)

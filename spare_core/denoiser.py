@@ -1,7 +1,8 @@
 """The Denoiser protocol: everything a method may know about a model.
 
 A method sees a model only through ``eps(x_t, t, context)``, the training schedule
-``alphas_cumprod`` and ``encode(prompts)``. The trainable network is exposed as ``unet`` so that
+``alphas_cumprod``, ``encode(prompts)`` and ``compute_dtype`` (the dtype the network runs in,
+which may differ from the dtype its weights are stored in: fp8 storage computed in bf16). The trainable network is exposed as ``unet`` so that
 saliency and adapters can address its weights by module name. Backends: :class:`DiffusersDenoiser`
 (here) and the ComfyUI bridge (``nodes/comfy_bridge.py``).
 """
@@ -21,11 +22,14 @@ class Denoiser(Protocol):
         unet: the trainable noise-prediction network (its weights are what methods edit).
         alphas_cumprod: ``[T]`` float32 tensor, the training schedule's cumulative alpha-bar.
         latent_shape: ``(C, H, W)`` of one latent the UNet denoises.
+        compute_dtype: dtype of every input the backend feeds the network (latents, contexts);
+            ``eps`` accepts any float dtype and casts. Objectives compute losses in float32.
     """
 
     unet: nn.Module
     alphas_cumprod: Tensor
     latent_shape: tuple[int, int, int]
+    compute_dtype: torch.dtype
 
     def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
         """Noise prediction ``[B, C, H, W]`` for latents ``x_t`` ``[B, C, H, W]`` at integer
@@ -42,12 +46,37 @@ def device_of(denoiser: Denoiser) -> torch.device:
     return next(denoiser.unet.parameters()).device
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype_of(denoiser: Denoiser) -> torch.dtype:
+    """The denoiser's ``compute_dtype`` (a backend without one computes in its weights' dtype)."""
+    dtype = getattr(denoiser, "compute_dtype", None)
+    return dtype if dtype is not None else next(denoiser.unet.parameters()).dtype
+
+
+def check_compute_dtype(dtype: torch.dtype, storage: torch.dtype) -> torch.dtype:
+    """``dtype`` if it is one the engine trains in (float32, bfloat16, float16), else a ValueError
+    naming the fix; raised before any work (fp8 storage needs a wider compute dtype)."""
+    if dtype not in (torch.float32, *LOW_PRECISION):
+        hint = (f"weights stored in {storage} must be computed in bfloat16 or float16: pass "
+                "compute_dtype=torch.bfloat16" if storage not in (torch.float32, *LOW_PRECISION)
+                else "use torch.float32, torch.bfloat16 or torch.float16")
+        raise ValueError(f"cannot compute in {dtype}; {hint}")
+    return dtype
+
+
 class DiffusersDenoiser:
     """Denoiser over diffusers parts: ``UNet2DConditionModel`` + CLIP text encoder + tokenizer +
     a DDPM-style scheduler (anything with ``alphas_cumprod``), i.e. what a
-    ``StableDiffusionPipeline`` holds. ``v_prediction`` UNets are converted to eps here."""
+    ``StableDiffusionPipeline`` holds. ``v_prediction`` UNets are converted to eps here.
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler) -> None:
+    ``compute_dtype`` defaults to the UNet's weight dtype; inputs are cast to it, so a bf16 UNet
+    works with an fp32 text encoder, and a UNet stored in fp8 (diffusers' layerwise casting)
+    runs with ``compute_dtype=torch.bfloat16``."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
+                 compute_dtype: torch.dtype | None = None) -> None:
         if not hasattr(scheduler, "alphas_cumprod"):
             raise ValueError(
                 f"scheduler {type(scheduler).__name__} has no alphas_cumprod; pass a DDPM-style "
@@ -65,6 +94,15 @@ class DiffusersDenoiser:
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         self.latent_shape = (int(cfg.in_channels), int(size), int(size))
         self.text_encoder.requires_grad_(False)
+        storage = next(unet.parameters()).dtype
+        self.compute_dtype = check_compute_dtype(compute_dtype or storage, storage)
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute the UNet's activations in backward (diffusers' own switch)."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
 
     @classmethod
     def from_pipeline(cls, pipe) -> "DiffusersDenoiser":
@@ -86,17 +124,20 @@ class DiffusersDenoiser:
                 raise FileNotFoundError(
                     f"{folder!r} is not a diffusers pipeline folder: no {sub}/ inside. "
                     "Save one with pipe.save_pretrained(folder).")
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype,
+                                                    use_safetensors=True)
+        te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype,
+                                           use_safetensors=True)
         tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         return cls(unet.to(device).eval(), te.to(device).eval(), tok, sched)
 
     def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        out = self.unet(x_t, t, encoder_hidden_states=context).sample
+        x = x_t.to(self.compute_dtype)
+        out = self.unet(x, t, encoder_hidden_states=context.to(x.device, self.compute_dtype)).sample
         if self.prediction_type == "v_prediction":
-            a = self.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1).to(x_t.dtype)
-            out = a.sqrt() * out + (1 - a).sqrt() * x_t
+            a = self.alphas_cumprod.to(x.device)[t.to(x.device)].view(-1, 1, 1, 1).to(out.dtype)
+            out = a.sqrt() * out + (1 - a).sqrt() * x
         return out
 
     @torch.no_grad()

@@ -76,14 +76,16 @@ def init_module_adapter(unet: nn.Module, modules: Iterable[str] | None = None,
                         lora_alpha: float | None = None, seed: int = 0,
                         meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
     """Adapter training ``modules`` (default: every Linear/Conv2d) either in full
-    (``"full"``: all their weight elements) or with LoRA of ``rank`` (``"lora"``)."""
+    (``"full"``: all their weight elements) or with LoRA of ``rank`` (``"lora"``; a layer too
+    small for ``rank``, such as SD's 4-channel output convolution, gets the largest it allows)."""
     modules = list(adaptable_modules(unet)) if modules is None else list(modules)
     if not modules:
         raise ValueError("no modules selected")
     if parameterization == "full":
         return init_masked_full(unet, all_ones_masks(unet, modules), meta=meta)
     if parameterization == "lora":
-        return init_sparse_lora(unet, modules, rank=rank, alpha=lora_alpha, seed=seed, meta=meta)
+        return init_sparse_lora(unet, modules, rank=rank, alpha=lora_alpha, seed=seed, meta=meta,
+                                clamp_rank=True)
     raise ValueError(f"parameterization must be 'full' or 'lora', got {parameterization!r}")
 
 

@@ -6,13 +6,37 @@
 - diffusers / PEFT: ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (scale folded into B);
   masked modules are written at full rank via an SVD of their dense delta, which reproduces it
   exactly (up to float rounding), so ``pipe.load_lora_weights`` gives the same weights.
+- merged: :func:`merge_into_unet` adds the adapter's deltas to a UNet's weights for good;
+  :func:`save_merged_pipeline` writes a diffusers pipeline folder with the erased UNet (nothing
+  to unplug: what one ships when the model is distributed).
 """
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .adapter import LoRADelta, UnlearnAdapter
+from .saliency import adaptable_modules
+
+# top-level module names of the CompVis/LDM UNet (ComfyUI's, A1111's); diffusers names its parts
+# down_blocks / mid_block / up_blocks / conv_in / time_embedding / ...
+COMPVIS_PREFIXES = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb",
+                    "out", "diffusion_model")
+
+
+def check_diffusers_names(adapter: UnlearnAdapter) -> None:
+    """ValueError if the adapter addresses a CompVis-layout UNet (trained through the ComfyUI
+    backend): diffusers cannot map those names, and a LoRA written with them would load as a
+    silent no-op."""
+    bad = [n for n in adapter.names if n.split(".", 1)[0] in COMPVIS_PREFIXES]
+    if bad:
+        raise ValueError(
+            f"adapter modules have CompVis/ComfyUI names (e.g. {bad[0]!r}), which diffusers cannot "
+            "map; export it as a ComfyUI/kohya LoRA instead (to_comfy_lora, or --format comfy), "
+            "which ComfyUI, A1111 and Forge load")
 
 
 def _is_dense_lora(d) -> bool:
@@ -44,8 +68,10 @@ def to_comfy_lora(adapter: UnlearnAdapter, prefix: str = "lora_unet_") -> dict[s
 def to_diffusers_lora(adapter: UnlearnAdapter, prefix: str = "unet.") -> dict[str, Tensor]:
     """PEFT-style state dict for ``pipe.load_lora_weights`` / ``unet.load_lora_adapter``.
 
-    Module names must be diffusers UNet names (adapters trained on the diffusers backend are).
+    Module names must be diffusers UNet names (adapters trained on the diffusers backend are);
+    an adapter trained through ComfyUI (CompVis names) raises ValueError naming the fix.
     """
+    check_diffusers_names(adapter)
     out: dict[str, Tensor] = {}
     s = float(adapter.strength)
     for n in adapter.names:
@@ -66,3 +92,80 @@ def to_diffusers_lora(adapter: UnlearnAdapter, prefix: str = "unet.") -> dict[st
         out[f"{prefix}{n}.lora_A.weight"] = a.contiguous()
         out[f"{prefix}{n}.lora_B.weight"] = b.contiguous()
     return out
+
+
+@torch.no_grad()
+def merge_into_unet(unet: nn.Module, adapter: UnlearnAdapter) -> None:
+    """Add the adapter's deltas (strength applied) to ``unet``'s weights, in place and for good.
+
+    The sum is formed in float32 and cast to each weight's dtype. Raises ValueError for an adapter
+    made for other layers and RuntimeError if an adapter is attached to ``unet`` (detach it first:
+    merging through a parametrization would double-count)."""
+    from torch.nn.utils import parametrize
+
+    adapter.check_compatible(unet)
+    mods = adaptable_modules(unet)
+    attached = [n for n in adapter.names if parametrize.is_parametrized(mods[n], "weight")]
+    if attached or adapter.is_attached(unet):
+        raise RuntimeError(f"{(attached or adapter.names)[0]} carries an attached adapter; detach "
+                           "it before merging")
+    for n, d in adapter.merged().items():
+        w = mods[n].weight
+        w.copy_((w.float() + d.to(w.device, torch.float32)).to(w.dtype))
+
+
+def save_merged_pipeline(model_dir: str, adapter: UnlearnAdapter, out_dir: str,
+                         overwrite: bool = False) -> None:
+    """Write ``out_dir``: the diffusers pipeline folder ``model_dir`` with the adapter baked into
+    its UNet weights (``unet/`` re-saved as safetensors in its stored dtype; every other file
+    copied). Written next to ``out_dir`` and renamed into place, so an interrupted run leaves no
+    half folder; an existing ``out_dir`` is refused unless ``overwrite``."""
+    from diffusers import UNet2DConditionModel
+
+    if not os.path.isdir(os.path.join(model_dir, "unet")):
+        raise FileNotFoundError(f"{model_dir!r} is not a diffusers pipeline folder: no unet/ "
+                                "inside. Save one with pipe.save_pretrained(folder).")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir!r} exists; choose another folder or pass overwrite=True "
+                              "(CLI: --overwrite)")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(out_dir)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        shutil.copytree(model_dir, tmp, ignore=lambda d, names: ["unet"]
+                        if os.path.samefile(d, model_dir) else [])
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet",
+                                                    torch_dtype=_stored_dtype(model_dir),
+                                                    use_safetensors=True)
+        merge_into_unet(unet, adapter)
+        unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+        old = None
+        if os.path.exists(out_dir):
+            old = f"{tmp}-old"
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _stored_dtype(model_dir: str) -> torch.dtype:
+    """dtype of the first floating tensor in ``model_dir/unet``'s safetensors (float32 if none)."""
+    from safetensors import safe_open
+
+    folder = os.path.join(model_dir, "unet")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    names.sort(key=lambda f: f != "diffusion_pytorch_model.safetensors")  # the non-variant first
+    if not names:
+        raise FileNotFoundError(f"{folder!r} holds no .safetensors weights; re-save the pipeline "
+                                "with pipe.save_pretrained(folder, safe_serialization=True)")
+    with safe_open(os.path.join(folder, names[0]), framework="pt") as f:
+        for k in f.keys():
+            t = f.get_slice(k).get_dtype()
+            if t in ("F16", "BF16", "F32"):
+                return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[t]
+    return torch.float32

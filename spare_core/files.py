@@ -3,8 +3,10 @@ validation (format, shapes, target modules, base-model fingerprint)."""
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
-import tempfile
+import secrets
 from typing import Callable, Mapping
 
 import torch
@@ -24,10 +26,24 @@ class ModelMismatchError(ValueError):
     """The adapter was made for another model."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# A module claiming more weight elements than this (without a UNet to check it against) is refused
+# before anything is allocated: 2**28 is 20x the largest weight of SD1.x/SD2.x/SDXL UNets.
+MAX_CLAIMED_ELEMENTS = 2 ** 28
+
+
+def _create_temp(folder: str, suffix: str) -> str:
+    """Create an empty, new, uniquely named file in ``folder`` with mode ``0o666`` minus the
+    process umask (applied by the kernel: the umask is never read or changed, so other threads
+    creating files meanwhile are unaffected)."""
+    for _ in range(100):
+        path = os.path.join(folder, f".tmp-{secrets.token_hex(8)}{suffix}")
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"could not create a temporary file in {folder!r}")
 
 
 def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> None:
@@ -36,13 +52,11 @@ def atomic_write(path: str, write: Callable[[str], None], suffix: str = "") -> N
     leaves nothing behind (and any earlier ``path`` untouched)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
+    tmp = _create_temp(folder, suffix)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -118,21 +132,127 @@ def save_adapter(adapter: UnlearnAdapter, path: str, unet: nn.Module | None = No
     atomic_save_safetensors(tensors, path, m)
 
 
+def read_safetensors_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes of every tensor and the string metadata of a ``.safetensors`` file, without loading
+    any tensor; AdapterFileError as :func:`read_safetensors`."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise AdapterFileError(f"no file at {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            shapes = {k: tuple(int(x) for x in f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise AdapterFileError(f"{path!r} is truncated or not a safetensors file ({e}); "
+                               "re-save or re-download it") from e
+    return shapes, meta
+
+
+def _layout(path: str, meta: Mapping[str, str]) -> dict[str, dict]:
+    """The ``modules`` metadata, checked for form: kind, a 2-D or 4-D positive shape, and for
+    LoRA a positive integer rank and a finite alpha."""
+    try:
+        layout = json.loads(meta["modules"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{path!r}: unreadable 'modules' metadata ({e}); re-save the "
+                               "adapter with save_adapter") from e
+    if not isinstance(layout, dict) or not layout:
+        raise AdapterFileError(f"{path!r}: 'modules' metadata lists no modules")
+    for n, e in layout.items():
+        shape = e.get("shape") if isinstance(e, dict) else None
+        ok = (isinstance(shape, list) and len(shape) in (2, 4)
+              and all(isinstance(x, int) and x > 0 for x in shape)
+              and e.get("kind") in ("lora", "full"))
+        if ok and e["kind"] == "lora":
+            r, alpha = e.get("rank"), e.get("alpha")
+            ok = (isinstance(r, int) and 0 < r <= min(shape[0], math.prod(shape[1:]))
+                  and isinstance(alpha, (int, float)) and math.isfinite(alpha))
+        if not ok:
+            raise AdapterFileError(f"{path!r}: module {n!r} has malformed metadata {e!r}; "
+                                   "the file was not written by save_adapter")
+    return layout
+
+
+def _check_layout_against_file(path: str, layout: Mapping[str, dict],
+                               shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every tensor the metadata implies exists with the shape the metadata claims."""
+    def need(key: str, want: tuple[int, ...] | None) -> tuple[int, ...]:
+        if key not in shapes:
+            raise AdapterFileError(f"{path!r} is missing tensor {key!r} (truncated or not a "
+                                   "SPARE adapter)")
+        if want is not None and shapes[key] != want:
+            raise AdapterFileError(f"{path!r}: tensor {key!r} has shape {list(shapes[key])}, the "
+                                   f"metadata claims {list(want)}; the file is corrupt")
+        return shapes[key]
+
+    for n, e in layout.items():
+        shape = tuple(e["shape"])
+        if e["kind"] == "lora":
+            need(f"{n}.lora_A", (e["rank"], math.prod(shape[1:])))
+            need(f"{n}.lora_B", (shape[0], e["rank"]))
+            if f"{n}.mask" in shapes:
+                need(f"{n}.mask", shape)
+        elif f"{n}.index" in shapes:
+            idx = shapes[f"{n}.index"]
+            if len(idx) != 1 or idx[0] > math.prod(shape):
+                raise AdapterFileError(f"{path!r}: index of {n!r} does not fit weight {list(shape)}")
+            need(f"{n}.values", idx)
+        else:
+            need(f"{n}.values", shape)
+
+
+def _check_layout_against_unet(layout: Mapping[str, dict], unet: nn.Module) -> None:
+    """ModelMismatchError if a module is not in ``unet`` or has another weight shape."""
+    mods = adaptable_modules(unet)
+    missing = [n for n in layout if n not in mods]
+    if missing:
+        raise ModelMismatchError(
+            f"adapter was made for a model with different layers: {len(missing)} module(s) not "
+            f"in this UNet, e.g. {missing[0]!r}; load the checkpoint it was trained on")
+    for n, e in layout.items():
+        got = list(mods[n].weight.shape)
+        if got != list(e["shape"]):
+            raise ModelMismatchError(
+                f"adapter was made for a model with different layer sizes: {n} has weight {got}, "
+                f"adapter expects {list(e['shape'])}; load the checkpoint it was trained on")
+
+
+def _check_claimed_size(path: str, layout: Mapping[str, dict]) -> None:
+    """Without a UNet: no module may claim more than :data:`MAX_CLAIMED_ELEMENTS` weight
+    elements, nor all of them together more than 8x that (a sparse full delta allocates a
+    weight-sized mask that no tensor in the file backs)."""
+    sizes = {n: math.prod(e["shape"]) for n, e in layout.items()}
+    big = [n for n, k in sizes.items() if k > MAX_CLAIMED_ELEMENTS]
+    if big or sum(sizes.values()) > 8 * MAX_CLAIMED_ELEMENTS:
+        what = (f"module {big[0]!r} claims a weight of {layout[big[0]]['shape']}" if big else
+                f"its {len(sizes)} modules claim {sum(sizes.values())} weight elements")
+        raise AdapterFileError(f"{path!r}: {what}, more than any diffusion UNet has; pass "
+                               "unet=... to check it against the model")
+
+
 def load_adapter(path: str, unet: nn.Module | None = None, strict: bool = True) -> UnlearnAdapter:
-    """Load an adapter; with ``unet``, check its layers and (``strict``) its fingerprint."""
-    tensors, meta = read_safetensors(path)
+    """Load an adapter; with ``unet``, check its layers and (``strict``) its fingerprint.
+
+    The metadata is checked against the file's tensor shapes and against ``unet`` (without one:
+    no module may claim more than :data:`MAX_CLAIMED_ELEMENTS` weight elements) before any
+    tensor is read or allocated, so a crafted file cannot make it allocate arbitrary memory."""
+    shapes, meta = read_safetensors_header(path)
     if meta.get("format") != FORMAT or "modules" not in meta:
         raise AdapterFileError(f"{path!r} is not a SPARE adapter (format={meta.get('format')!r}); "
                                "a ComfyUI/kohya LoRA loads with LoraLoader instead")
+    layout = _layout(path, meta)
+    _check_layout_against_file(path, layout, shapes)
+    if unet is not None:
+        _check_layout_against_unet(layout, unet)
+    else:
+        _check_claimed_size(path, layout)
+    tensors, meta = read_safetensors(path)
     try:
         adapter = UnlearnAdapter.from_tensors(tensors, meta)
     except (KeyError, ValueError) as e:
         raise AdapterFileError(f"{path!r}: {e}") from e
     if unet is not None:
-        try:
-            adapter.check_compatible(unet)
-        except ValueError as e:
-            raise ModelMismatchError(str(e)) from e
         want = meta.get("base_model_fingerprint")
         if strict and want and want != model_fingerprint(unet, adapter.names):
             raise ModelMismatchError(

@@ -9,10 +9,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .adapter import UnlearnAdapter
-from .saliency import Saliency
-from .denoiser import Denoiser
+from .adapter import ATTACH_MODES, UnlearnAdapter
+from .denoiser import Denoiser, compute_dtype_of, device_of
 from .objectives import Objective, make_objective
+from .saliency import Saliency
 
 
 class UnlearnCancelled(InterruptedError):
@@ -25,7 +25,18 @@ class NonFiniteLoss(FloatingPointError):
 
 @dataclass
 class UnlearnConfig:
-    """Training settings. ``lr`` is the AdamW learning rate of the adapter's parameters."""
+    """Training settings. ``lr`` is the AdamW learning rate of the adapter's parameters.
+
+    Memory and precision:
+        gradient_checkpointing: recompute the UNet's activations in backward (needs a denoiser
+            with ``enable_gradient_checkpointing``; both backends have one).
+        backward_per_term: back-propagate an objective's terms one at a time when it offers
+            ``parts`` (self-distillation: forget half, then preserve half).
+        loss_scaling: dynamic loss scaling (``torch.amp.GradScaler``); None = on exactly when the
+            denoiser computes in float16, whose range cannot hold the UNet's small gradients.
+        attach_mode: how the adapter reaches the UNet, ``"unmerged"`` or ``"merged"``
+            (see :mod:`spare_core.adapter`).
+    """
 
     steps: int = 100
     lr: float = 1e-3
@@ -35,6 +46,10 @@ class UnlearnConfig:
     timestep_sampler: str = "concept"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    backward_per_term: bool = False
+    loss_scaling: bool | None = None
+    attach_mode: str = "unmerged"
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps <= 0:
@@ -47,6 +62,9 @@ class UnlearnConfig:
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:
             raise ValueError(f"unknown timestep sampler {self.timestep_sampler!r}; "
                              f"choose one of {list(TIMESTEP_SAMPLERS)}")
+        if self.attach_mode not in ATTACH_MODES:
+            raise ValueError(f"attach_mode must be one of {list(ATTACH_MODES)}, "
+                             f"got {self.attach_mode!r}")
 
 
 @dataclass
@@ -54,7 +72,9 @@ class UnlearnResult:
     """The trained adapter (detached from the model) and the run's history.
 
     history keys: ``loss`` (per step), ``terms`` (per step dict), ``seconds``, ``trainable_params``,
-    ``timestep_probs`` (``[T]`` list, the sampler's density).
+    ``timestep_probs`` (``[T]`` list, the sampler's density), ``compute_dtype``, ``loss_scale``
+    (final scale, 1.0 without loss scaling) and ``skipped_steps`` (steps the loss scaler skipped
+    because a scaled gradient overflowed).
     """
 
     adapter: UnlearnAdapter
@@ -72,8 +92,9 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     """Train ``adapter`` on ``denoiser`` for ``task`` with ``objective``.
 
     Every input is validated before any work. The adapter is attached to ``denoiser.unet`` only for
-    the run (weight parametrizations; the UNet's tensors are never written) and detached in all
-    cases, also on cancellation or a non-finite loss.
+    the run (forward hooks; the UNet's tensors are never written) and detached in all cases, also
+    on cancellation or a non-finite loss. The adapter's parameters stay float32 whatever the
+    denoiser computes in; float16 runs use dynamic loss scaling (``config.loss_scaling``).
     """
     config = config or UnlearnConfig()
     config.validate()
@@ -82,6 +103,11 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     obj = make_objective(objective, **(objective_kwargs or {})) if isinstance(objective, str) else objective
     if adapter.num_trainable() == 0:
         raise ValueError("the adapter has no trainable parameters (empty mask?)")
+    if config.gradient_checkpointing and not hasattr(denoiser, "enable_gradient_checkpointing"):
+        raise ValueError(f"{type(denoiser).__name__} cannot turn on gradient checkpointing; "
+                         "set gradient_checkpointing=False")
+    dtype = compute_dtype_of(denoiser)
+    scaling = (dtype == torch.float16) if config.loss_scaling is None else bool(config.loss_scaling)
 
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
@@ -96,8 +122,13 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     unet.requires_grad_(False)
     was_training = unet.training
     unet.eval()  # no dropout: the teacher and the student must see the same network
-    adapter.attach(unet)
+    adapter.attach(unet, config.attach_mode)
+    if config.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing(True)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler(device_of(denoiser).type, enabled=scaling)
+    split = config.backward_per_term and hasattr(obj, "parts")
+    skipped = consecutive_skips = 0
 
     def student(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         return denoiser.eps(x, t, c)
@@ -118,26 +149,45 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
                     if should_stop is not None and should_stop():
                         raise UnlearnCancelled(f"unlearning cancelled at step {step}/{config.steps}")
                     batch = task.batch(denoiser, config.batch_size, gen)
-                    loss, logs = obj(student, teacher, batch)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(f"loss became {loss.item()} at step {step}: lower lr "
-                                            f"(now {config.lr}) or use float32; the model is unchanged")
-                    (loss / config.grad_accum).backward()
-                    step_loss += loss.item() / config.grad_accum
-                    for k, v in logs.items():
-                        step_terms[k] = step_terms.get(k, 0.0) + v / config.grad_accum
+                    batch.loss_scale = scaler.get_scale() if scaling else 1.0
+                    # one backward per term (lower peak) or one for the whole loss
+                    pieces = obj.parts(student, teacher, batch) if split else [obj(student, teacher, batch)]
+                    for loss, logs in pieces:
+                        if not torch.isfinite(loss):
+                            raise NonFiniteLoss(f"loss became {loss.item()} at step {step}: lower lr "
+                                                f"(now {config.lr}) or use float32; the model is unchanged")
+                        scaler.scale(loss / config.grad_accum).backward()
+                        step_loss += loss.item() / config.grad_accum
+                        for k, v in logs.items():
+                            step_terms[k] = step_terms.get(k, 0.0) + v / config.grad_accum
+                scaler.unscale_(opt)
+                norm = None
                 if config.max_grad_norm is not None:
                     norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    if not torch.isfinite(norm):
+                if scaling:  # the scaler skips a step whose scaled gradients overflowed
+                    before = scaler.get_scale()
+                    scaler.step(opt)
+                    scaler.update()
+                    overflowed = scaler.get_scale() < before
+                    skipped += overflowed
+                    consecutive_skips = consecutive_skips + 1 if overflowed else 0
+                    if consecutive_skips >= 20:
+                        raise NonFiniteLoss(f"gradients overflowed float16 for 20 steps in a row "
+                                            f"(step {step}): use bfloat16 or float32; the model is "
+                                            "unchanged")
+                else:
+                    if norm is not None and not torch.isfinite(norm):
                         raise NonFiniteLoss(f"gradient became non-finite at step {step}: lower lr; "
                                             "the model is unchanged")
-                opt.step()
+                    opt.step()
                 losses.append(step_loss)
                 terms.append(step_terms)
                 if progress is not None:
                     progress(step + 1, config.steps, step_loss)
     finally:
         adapter.detach(unet)
+        if config.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing(False)
         for p, flag in unet_flags.items():
             p.requires_grad_(flag)
         unet.train(was_training)
@@ -149,5 +199,7 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
         "trainable_params": adapter.num_trainable(),
         "timestep_probs": sampler.probs().tolist() if sampler is not None and hasattr(sampler, "probs") else None,
         "objective": getattr(obj, "name", type(obj).__name__),
+        "compute_dtype": str(dtype).replace("torch.", ""),
+        "loss_scale": scaler.get_scale() if scaling else 1.0, "skipped_steps": int(skipped),
     }
     return UnlearnResult(adapter, history)

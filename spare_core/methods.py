@@ -38,6 +38,7 @@ from torch import Tensor
 from .denoiser import Denoiser
 from .loop import UnlearnConfig, UnlearnResult, unlearn
 from .objectives import make_objective
+from .spare import phase_callback
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,9 @@ def run_method(name: str, denoiser: Denoiser, *,
                clip_x0: float | None = None,
                progress: Callable[[int, int, float], None] | None = None,
                should_stop: Callable[[], bool] | None = None,
+               phase_progress: Callable[[str, int, int], None] | None = None,
+               gradient_checkpointing: bool = False, backward_per_term: bool = False,
+               saliency_batch_size: int = 8,
                **hparams) -> UnlearnResult:
     """Run method ``name`` (one of :data:`METHODS`) and return the trained adapter and history.
 
@@ -191,6 +195,11 @@ def run_method(name: str, denoiser: Denoiser, *,
     ``lr=None`` takes the method's step-scaled default (module docstring). Everything is
     validated before any sampling or training.
 
+    Memory controls (see :class:`~spare_core.loop.UnlearnConfig`): ``gradient_checkpointing``,
+    ``backward_per_term`` and ``saliency_batch_size`` (latents per saliency micro-batch).
+    ``progress(step, steps, loss)`` reports training steps; ``phase_progress(what, done, total)``
+    the work before them (concept samples, saliency, latent pools, encoding, timestep gaps).
+
     The result's ``history`` has the loop's keys plus ``method`` and ``lr``; methods that compute
     a saliency map (spare, salun) also set ``result.saliency``.
     """
@@ -205,7 +214,11 @@ def run_method(name: str, denoiser: Denoiser, *,
     lr = spec.lr_for(steps) if lr is None else lr
     sampler = timestep_sampler or ("concept" if name == "spare" else "uniform")
     config = UnlearnConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                           seed=seed, timestep_sampler=sampler)
+                           seed=seed, timestep_sampler=sampler,
+                           gradient_checkpointing=gradient_checkpointing,
+                           backward_per_term=backward_per_term)
+    if not isinstance(saliency_batch_size, int) or saliency_batch_size < 1:
+        raise ValueError(f"saliency_batch_size must be a positive integer, got {saliency_batch_size!r}")
     config.validate()
     if spec.kind == "concept":
         if forget is not None or keep is not None:
@@ -215,14 +228,16 @@ def run_method(name: str, denoiser: Denoiser, *,
             if grad_accum != 1:
                 raise ValueError("spare (spare_unlearn) does not take grad_accum; raise batch_size")
             return _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples,
-                              sample_steps, guidance, clip_x0, progress, should_stop)
+                              sample_steps, guidance, clip_x0, progress, should_stop,
+                              phase_progress, saliency_batch_size)
         return _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
-                            num_samples, sample_steps, guidance, clip_x0, progress, should_stop)
+                            num_samples, sample_steps, guidance, clip_x0, progress, should_stop,
+                            phase_progress, saliency_batch_size)
     if concept is not None:
         raise ValueError(f"{name} forgets data (forget=..., keep=...); concept prompts are for "
                          f"the concept methods {list(CONCEPT_METHODS)}")
     return _run_data(name, spec, denoiser, forget, keep, forget_prompts, keep_prompts, encode,
-                     config, hp, progress, should_stop)
+                     config, hp, progress, should_stop, phase_progress)
 
 
 def _objective(name: str, hp: dict):
@@ -238,7 +253,8 @@ def _finish(res: UnlearnResult, name: str, config: UnlearnConfig) -> UnlearnResu
 
 
 def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, sample_steps,
-               guidance, clip_x0, progress, should_stop) -> UnlearnResult:
+               guidance, clip_x0, progress, should_stop, phase_progress=None,
+               saliency_batch_size=8) -> UnlearnResult:
     from .spare import spare_unlearn
 
     res = spare_unlearn(denoiser, concept, surrogate, list(preserve), num_samples=num_samples,
@@ -248,14 +264,18 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
                         module_selection=hp["module_selection"], steps=config.steps, lr=config.lr,
                         batch_size=config.batch_size, timestep_sampler=config.timestep_sampler,
                         forget_weight=hp["forget_weight"], preserve_weight=hp["preserve_weight"],
-                        seed=config.seed, progress=progress, should_stop=should_stop)
+                        seed=config.seed, progress=progress, should_stop=should_stop,
+                        phase_progress=phase_progress, saliency_batch_size=saliency_batch_size,
+                        gradient_checkpointing=config.gradient_checkpointing,
+                        backward_per_term=config.backward_per_term)
     out = UnlearnResult(res.adapter, dict(res.history))
     out.saliency = res.saliency
     return _finish(out, "spare", config)
 
 
 def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp, num_samples,
-                 sample_steps, guidance, clip_x0, progress, should_stop) -> UnlearnResult:
+                 sample_steps, guidance, clip_x0, progress, should_stop,
+                 phase_progress=None, saliency_batch_size=8) -> UnlearnResult:
     from .esd import init_esd_adapter
     from .saliency import compute_saliency
     from .sampling import sample
@@ -271,15 +291,21 @@ def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
         raise ValueError(f"parameterization must be 'full' or 'lora', got {hp['parameterization']!r}")
     if name == "salun" and not (0.0 < hp["mask_fraction"] <= 1.0):
         raise ValueError(f"mask_fraction must be in (0, 1], got {hp['mask_fraction']}")
+    if name == "salun":  # saliency needs weight gradients (fp8 storage cannot hold them)
+        from .saliency import check_gradient_storage
+        check_gradient_storage(denoiser.unet)
 
     gen = torch.Generator().manual_seed(config.seed)
     latents = sample(denoiser, [concept] * num_samples, steps=sample_steps, guidance=guidance,
-                     method="ddim", generator=gen, clip_x0=clip_x0)
+                     method="ddim", generator=gen, clip_x0=clip_x0,
+                     callback=phase_callback(phase_progress, "concept samples"))
     task.concept_latents = latents
     saliency = None
     if name == "salun":
         saliency = compute_saliency(denoiser, concept, latents, seed=config.seed,
-                                    should_stop=should_stop)
+                                    should_stop=should_stop, batch_size=saliency_batch_size,
+                                    gradient_checkpointing=config.gradient_checkpointing,
+                                    progress=phase_callback(phase_progress, "saliency"))
         masks = saliency.mask(fraction=hp["mask_fraction"], scope=hp["mask_scope"])
         if hp["parameterization"] == "full":
             from .adapter import init_masked_full
@@ -297,14 +323,14 @@ def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
     adapter.meta.update(concept=concept, surrogate=surrogate,
                         parameterization=hp["parameterization"])
     res = unlearn(denoiser, adapter, task, objective, config, progress=progress,
-                  should_stop=should_stop)
+                  should_stop=should_stop, prepare_progress=phase_progress)
     if saliency is not None:
         res.saliency = saliency
     return _finish(res, name, config)
 
 
 def _run_data(name, spec, denoiser, forget, keep, forget_prompts, keep_prompts, encode, config,
-              hp, progress, should_stop) -> UnlearnResult:
+              hp, progress, should_stop, phase_progress=None) -> UnlearnResult:
     from .data_task import DataTask
     from .esd import init_module_adapter
 
@@ -320,5 +346,5 @@ def _run_data(name, spec, denoiser, forget, keep, forget_prompts, keep_prompts, 
                                   hp["lora_alpha"], seed=config.seed,
                                   meta={"parameterization": hp["parameterization"]})
     res = unlearn(denoiser, adapter, task, objective, config, progress=progress,
-                  should_stop=should_stop)
+                  should_stop=should_stop, prepare_progress=phase_progress)
     return _finish(res, name, config)

@@ -3,13 +3,15 @@
 ``student(x_t, t, ctx)`` runs the UNet with the adapter on (gradients flow into the adapter);
 ``teacher(x_t, t, ctx)`` runs the same UNet with the adapter off, without gradients. Objectives
 batch their student and teacher calls so one training step costs one student and one teacher
-forward.
+forward. An objective may also offer ``parts(student, teacher, batch)``: the same loss as a
+sequence of terms whose sum is the loss, which the loop back-propagates one at a time (a lower
+peak: only one term's activations are alive at once).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -44,6 +46,8 @@ class Batch:
         uncond_ctx: ``[1, L, D]`` context of the empty prompt.
         alphas_cumprod: ``[T]`` training schedule.
         extras: objective-specific tensors a batch builder adds (e.g. SISS's mixture weights).
+        loss_scale: factor the loop multiplies the loss by before backward (fp16 loss scaling);
+            objectives that take gradients themselves scale by it too, then divide it out.
     """
 
     forget: Part
@@ -52,6 +56,7 @@ class Batch:
     uncond_ctx: Tensor
     alphas_cumprod: Tensor
     extras: dict | None = None
+    loss_scale: float = 1.0
 
 
 class Objective(Protocol):
@@ -96,6 +101,16 @@ class SelfDistill:
         lf, lp = mse(s[:nf], target[:nf]), mse(s[nf:], target[nf:])
         return self.wf * lf + self.wp * lp, {"forget": lf.item(), "preserve": lp.item()}
 
+    def parts(self, student: EpsFn, teacher: EpsFn, batch: Batch) -> Iterator[tuple[Tensor, dict[str, float]]]:
+        """The forget term, then the preserve term, each with its own forward passes (as the
+        SPARE authors back-propagate the halves separately to fit SDXL in 12 GB)."""
+        f, p = batch.forget, batch.preserve
+        lf = mse(student(f.x_t, f.t, f.ctx), teacher(f.x_t, f.t, batch.surrogate_ctx))
+        yield self.wf * lf, {"forget": lf.item()}
+        if p is not None:
+            lp = mse(student(p.x_t, p.t, p.ctx), teacher(p.x_t, p.t, p.ctx))
+            yield self.wp * lp, {"preserve": lp.item()}
+
 
 # ---------------------------------------------------------------------------------------------
 # Shared helpers of the baseline objectives
@@ -138,9 +153,13 @@ def trainable_leaves(*roots: Tensor) -> list[Tensor]:
     return list(out.values())
 
 
-def _grads(loss: Tensor, params: list[Tensor], retain: bool) -> list[Tensor]:
-    gs = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+def _grads(loss: Tensor, params: list[Tensor], retain: bool, scale: float = 1.0) -> list[Tensor]:
+    """Gradients of ``loss`` w.r.t. ``params``, back-propagated at ``scale`` (fp16 loss scaling,
+    so small gradients do not underflow inside the network) and divided by it in float32."""
+    gs = torch.autograd.grad(loss * scale if scale != 1.0 else loss, params, retain_graph=retain,
+                             allow_unused=True)
+    return [torch.zeros_like(p) if g is None else (g.float() / scale if scale != 1.0 else g)
+            for p, g in zip(params, gs)]
 
 
 def _norm(gs: list[Tensor]) -> Tensor:
@@ -384,8 +403,8 @@ class SISS:
             logs["forget_coef"] = self.s
             return l_x - self.s * l_a, logs
         params = trainable_leaves(l_x, l_a)
-        g_x = _grads(l_x, params, retain=True)
-        g_a = _grads(l_a, params, retain=False)
+        g_x = _grads(l_x, params, retain=True, scale=batch.loss_scale)
+        g_a = _grads(l_a, params, retain=False, scale=batch.loss_scale)
         n_x, n_a = _norm(g_x), _norm(g_a)
         target = self.s * n_x if self.normalize == "relative" else torch.tensor(self.s, dtype=torch.float64)
         coef = (target / n_a) if float(n_a) > 0 else torch.zeros((), dtype=torch.float64)
@@ -466,8 +485,8 @@ class EraseDiff:
             logs["lambda"] = self.lam
             return l_r + self.lam * l_f, logs
         params = trainable_leaves(l_r, l_f)
-        g_r = _grads(l_r, params, retain=True)
-        g_f = _grads(l_f, params, retain=False)
+        g_r = _grads(l_r, params, retain=True, scale=batch.loss_scale)
+        g_f = _grads(l_f, params, retain=False, scale=batch.loss_scale)
         n_r, n_f = _norm(g_r), _norm(g_f)
         cos = float(_dot(g_r, g_f) / (n_r * n_f + 1e-8))
         lam = max(self.eta - cos, 0.0) if float(n_f) > 0 else 0.0

@@ -5,13 +5,14 @@ latents of the concept conditioned on the concept prompt, summed over N samples 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .denoiser import Denoiser, device_of
+from .denoiser import Denoiser, compute_dtype_of, device_of
 from .sampling import q_sample
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)
@@ -22,30 +23,76 @@ def adaptable_modules(unet: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in unet.named_modules() if isinstance(m, ADAPTABLE)}
 
 
+GRADIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_gradient_storage(unet: nn.Module, modules: Sequence[str] | None = None) -> None:
+    """ValueError, naming the fix, unless the weights of ``modules`` (default: every Linear/Conv2d)
+    are stored in a dtype that can hold their gradients (saliency; full-weight training). Weights
+    stored in fp8 cannot; LoRA training does not need them to."""
+    mods = adaptable_modules(unet)
+    names = list(mods) if modules is None else list(modules)
+    odd = sorted({str(mods[n].weight.dtype).replace("torch.", "") for n in names
+                  if mods[n].weight.dtype not in GRADIENT_DTYPES})
+    if odd:
+        raise ValueError(f"saliency needs the gradient of every weight, which weights stored in "
+                         f"{', '.join(odd)} cannot hold; load the model with float16, bfloat16 or "
+                         "float32 weights (ComfyUI: weight_dtype 'default')")
+
+
+class SaliencyError(FloatingPointError):
+    """A loss or gradient became NaN/inf while computing saliency (nothing was changed)."""
+
+
 @dataclass
 class Saliency:
-    """Per-element saliency scores of the UNet's Linear/Conv2d weights.
+    """Saliency of the UNet's Linear/Conv2d weights: per element, or per module only.
 
     Attributes:
-        scores: module name -> ``|sum grad|`` with the shape of that module's weight (float32, CPU).
+        scores: module name -> ``|sum grad|`` with the shape of that module's weight (float32,
+            CPU). Empty when only per-module scores were kept (``element_scores=False``).
         concept: the prompt the gradients were taken for.
         num_samples: how many (latent, timestep) pairs were summed.
+        stats: module name -> ``{"mean": ..., "max": ...}`` of its element scores; always set by
+            :func:`compute_saliency`, derived from ``scores`` when absent.
+        shapes: module name -> weight shape.
     """
 
     scores: dict[str, Tensor]
     concept: str = ""
     num_samples: int = 0
     meta: dict[str, str] = field(default_factory=dict)
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for n, sc in self.scores.items():
+            self.shapes.setdefault(n, tuple(int(d) for d in sc.shape))
+            if n not in self.stats:
+                self.stats[n] = {"mean": float(sc.float().mean()), "max": float(sc.float().amax())}
+
+    @property
+    def modules(self) -> list[str]:
+        """Names of every module with a score."""
+        return list(self.stats)
+
+    @property
+    def has_elements(self) -> bool:
+        """True when per-element scores were kept (needed for masks)."""
+        return bool(self.scores)
 
     def total_elements(self) -> int:
-        return sum(s.numel() for s in self.scores.values())
+        return sum(math.prod(s) for s in self.shapes.values())
 
     def mask(self, fraction: float | None = None, threshold: float | None = None,
              scope: str = "global", modules: Iterable[str] | None = None) -> dict[str, Tensor]:
         """Binary masks (bool, weight-shaped) keeping the most salient elements.
 
         Args:
-            fraction: keep the top ``fraction`` in (0, 1] of elements (ties at the cut kept).
+            fraction: keep exactly ``round(fraction * n)`` (at least 1) of the ``n`` elements
+                ranked, ``fraction`` in (0, 1]; ties at the cut are broken by position (modules
+                in the order given, then flat index), so masks never grow past the fraction
+                when many scores are equal (e.g. zero).
             threshold: keep elements with score >= threshold (instead of fraction).
             scope: ``"global"`` ranks all elements together; ``"layer"`` keeps the top fraction of
                 each module separately.
@@ -57,6 +104,10 @@ class Saliency:
             raise ValueError(f"mask fraction must be in (0, 1], got {fraction}")
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        if not self.has_elements:
+            raise ValueError("this saliency kept per-module scores only; compute it with "
+                             "element_scores=True (ComputeSaliency: element_scores on) to mask "
+                             "weight elements")
         names = list(self.scores) if modules is None else list(modules)
         missing = [n for n in names if n not in self.scores]
         if missing:
@@ -64,17 +115,17 @@ class Saliency:
         if threshold is not None:
             return {n: self.scores[n] >= threshold for n in names}
         if scope == "layer":
-            return {n: _top_fraction(self.scores[n], fraction) for n in names}
-        flat = torch.cat([self.scores[n].flatten() for n in names])
-        cut = _kth_largest(flat, fraction)
-        return {n: self.scores[n] >= cut for n in names}
+            return {n: top_k_masks([self.scores[n]], _count(fraction, self.scores[n].numel()))[0]
+                    for n in names}
+        tensors = [self.scores[n] for n in names]
+        k = _count(fraction, sum(t.numel() for t in tensors))
+        return dict(zip(names, top_k_masks(tensors, k)))
 
     def module_scores(self, reduce: str = "mean") -> dict[str, float]:
         """One score per module: ``mean`` or ``max`` of its element scores."""
         if reduce not in ("mean", "max"):
             raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
-        fn = torch.mean if reduce == "mean" else torch.amax
-        return {n: float(fn(s)) for n, s in self.scores.items()}
+        return {n: st[reduce] for n, st in self.stats.items()}
 
     def top_modules(self, count: int | None = None, fraction: float | None = None,
                     reduce: str = "mean", exclude: Iterable[str] = ()) -> list[str]:
@@ -94,32 +145,86 @@ class Saliency:
         return [n for n, _ in ranked[:count]]
 
 
-def _kth_largest(flat: Tensor, fraction: float) -> Tensor:
-    k = max(1, int(round(fraction * flat.numel())))
-    return torch.topk(flat.float(), k, sorted=False).values.min()
+def _count(fraction: float, n: int) -> int:
+    return min(n, max(1, int(round(fraction * n))))
 
 
-def _top_fraction(scores: Tensor, fraction: float) -> Tensor:
-    return scores >= _kth_largest(scores.flatten(), fraction)
+_EXACT_LIMIT = 1 << 24  # up to this many elements, one concatenated kthvalue (64 MB float32)
+
+
+def kth_largest(tensors: Sequence[Tensor], k: int) -> float:
+    """The ``k``-th largest value (1 = the maximum) over non-negative float tensors.
+
+    Small inputs: one ``kthvalue`` over their concatenation. Large ones (an SD UNet has 860 M
+    weights): a bisection on the float32 bit pattern, counting ``>=`` per tensor, so no
+    concatenated copy and no ``topk`` over every weight is ever formed (32 counting passes)."""
+    total = sum(t.numel() for t in tensors)
+    if not 1 <= k <= total:
+        raise ValueError(f"k must be in 1..{total}, got {k}")
+    if total <= _EXACT_LIMIT:
+        flat = torch.cat([t.detach().flatten().float().cpu() for t in tensors])
+        return float(flat.kthvalue(total - k + 1).values)
+    lo, hi = 0, 0x7F800000  # bit patterns of +0.0 and +inf; non-negative floats sort as ints
+
+    def count_ge(bits: int) -> int:
+        v = float(torch.tensor(bits, dtype=torch.int32).view(torch.float32))
+        return sum(int((t >= v).sum()) for t in tensors)
+
+    while lo < hi:  # largest bit pattern whose value still has >= k elements at or above it
+        mid = (lo + hi + 1) // 2
+        if count_ge(mid) >= k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(torch.tensor(lo, dtype=torch.int32).view(torch.float32))
+
+
+def top_k_masks(tensors: Sequence[Tensor], k: int) -> list[Tensor]:
+    """Bool masks keeping exactly ``k`` largest elements over ``tensors`` ranked together; ties at
+    the cut go to the earliest positions (tensor order, then flat index)."""
+    cut = kth_largest(tensors, k)
+    masks = [t > cut for t in tensors]
+    need = k - sum(int(m.sum()) for m in masks)
+    for t, m in zip(tensors, masks):
+        if need <= 0:
+            break
+        tied = (t == cut).flatten().nonzero().squeeze(1)[:need]
+        m.view(-1)[tied] = True
+        need -= tied.numel()
+    return masks
 
 
 def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
                      timesteps: Tensor | None = None, batch_size: int = 8,
                      modules: Sequence[str] | None = None, seed: int = 0,
+                     element_scores: bool = True, gradient_checkpointing: bool = False,
                      progress: Callable[[int, int], None] | None = None,
                      should_stop: Callable[[], bool] | None = None) -> Saliency:
     """Accumulate ``grad_W`` of the denoising MSE on ``latents`` ``[N, C, H, W]`` of the concept,
-    conditioned on ``concept``, and return ``|sum|`` per element.
+    conditioned on ``concept``, and return ``|sum|`` per element (and per-module mean/max).
 
     Each latent gets one timestep: ``timesteps`` ``[N]`` if given, else uniform random (seeded).
-    The UNet's weights and ``requires_grad`` flags are restored afterwards; its ``.grad`` fields are
-    left as they were.
+    Memory: ``batch_size`` latents go through the UNet at a time (micro-batches; any N). Each
+    weight's gradient is added to a running sum the moment backward produces it and then freed,
+    so no full set of weight gradients is ever held on the device. The running sums live in
+    system RAM: float32 with ``element_scores=True`` (exact; what masks need), bfloat16 with
+    ``element_scores=False``, which keeps only per-module mean/max (no float32 copy of the UNet
+    anywhere, and a SALIENCY of kilobytes). ``gradient_checkpointing`` recomputes activations in backward (needs a
+    denoiser with ``enable_gradient_checkpointing``). Weights stored in float16 are handled with
+    loss scaling (gradients of the UNet underflow float16 otherwise). The UNet runs in eval mode;
+    its weights, ``requires_grad`` flags, ``.grad`` fields and mode are restored afterwards.
+    Raises :class:`SaliencyError` if a loss or gradient is not finite.
     """
     if not concept or not concept.strip():
         raise ValueError("concept prompt is empty: type the concept to forget, e.g. 'Van Gogh style'")
     if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(denoiser.latent_shape):
         raise ValueError(f"latents must be [N, {', '.join(map(str, denoiser.latent_shape))}], "
                          f"got {list(latents.shape)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if gradient_checkpointing and not hasattr(denoiser, "enable_gradient_checkpointing"):
+        raise ValueError(f"{type(denoiser).__name__} cannot turn on gradient checkpointing; "
+                         "set gradient_checkpointing=False")
     unet = denoiser.unet
     targets = adaptable_modules(unet)
     if modules is not None:
@@ -127,7 +232,11 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
         if unknown:
             raise KeyError(f"modules not Linear/Conv2d in this UNet: {unknown[:3]}")
         targets = {m: targets[m] for m in modules}
+    weights = {name: m.weight for name, m in targets.items()}
+    check_gradient_storage(unet, list(targets))
+    storage = {w.dtype for w in weights.values()}
     dev = device_of(denoiser)
+    dtype = compute_dtype_of(denoiser)
     n = latents.shape[0]
     gen = torch.Generator().manual_seed(seed)
     T = denoiser.alphas_cumprod.numel()
@@ -135,54 +244,123 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
         timesteps = torch.randint(0, T, (n,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
     context = denoiser.encode([concept])
+    fp16 = torch.float16 in storage or dtype == torch.float16
 
     saved_flags = {p: p.requires_grad for p in unet.parameters()}
-    weights = {name: m.weight for name, m in targets.items()}
+    saved_grads = {name: w.grad for name, w in weights.items()}
+    was_training = unet.training
     unet.requires_grad_(False)
+    unet.eval()
     for w in weights.values():
         w.requires_grad_(True)
-    sums = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+        w.grad = None
+    if gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing(True)
     try:
-        done = 0
+        # float16: back-propagate loss * scale; halve the scale and start again on overflow
+        scale = 2.0 ** 16 if fp16 else 1.0
+        for _ in range(32):
+            sums = _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_size,
+                               scale, element_scores, dev, dtype, progress, should_stop)
+            if sums is not None:
+                break
+            if not fp16:
+                raise SaliencyError("a gradient became NaN/inf while computing saliency: check the "
+                                    "model's outputs (float32 or bfloat16 compute); nothing was "
+                                    "changed")
+            scale /= 2.0 ** 4
+        else:
+            raise SaliencyError("float16 gradients overflowed at every loss scale; load the model "
+                                "in bfloat16 or float32")
+    finally:
+        if gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing(False)
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+        for name, w in weights.items():
+            w.grad = saved_grads[name]
+        unet.train(was_training)
+    shapes = {k: tuple(int(d) for d in w.shape) for k, w in weights.items()}
+    if element_scores:
+        return Saliency({k: v.abs_() for k, v in sums.items()}, concept=concept, num_samples=n,
+                        shapes=shapes)
+    stats = {}
+    for k, v in sums.items():
+        a = v.float().abs_()
+        stats[k] = {"mean": float(a.mean()), "max": float(a.amax())}
+    return Saliency({}, concept=concept, num_samples=n, stats=stats, shapes=shapes)
+
+
+def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_size, scale,
+                element_scores, dev, dtype, progress, should_stop) -> dict[str, Tensor] | None:
+    """One pass over the micro-batches; the summed gradients, or None if one overflowed."""
+    # running sums in system RAM: the device holds one weight's gradient at a time
+    acc_dtype = torch.float32 if element_scores else torch.bfloat16
+    sums = {k: torch.zeros(w.shape, dtype=acc_dtype) for k, w in weights.items()}
+    finite = torch.ones((), dtype=torch.bool, device=dev)
+
+    def take(name: str):
+        def hook(param: Tensor) -> None:
+            g = param.grad
+            param.grad = None  # freed as soon as it is summed
+            finite.logical_and_(torch.isfinite(g).all())
+            acc = sums[name]
+            acc.add_(g.to(acc.device, acc.dtype) / scale if scale != 1.0 else g.to(acc.device, acc.dtype))
+        return hook
+
+    handles = [w.register_post_accumulate_grad_hook(take(k)) for k, w in weights.items()]
+    n = latents.shape[0]
+    try:
         for lo in range(0, n, batch_size):
             if should_stop is not None and should_stop():
                 raise InterruptedError("saliency computation was cancelled")
-            x0 = latents[lo:lo + batch_size].to(dev)
-            t = timesteps[lo:lo + batch_size].to(dev)
-            eps = noise[lo:lo + batch_size].to(dev)
-            dtype = next(unet.parameters()).dtype
-            x_t = q_sample(x0.float(), t, eps.float(), denoiser.alphas_cumprod).to(dtype)
+            x0 = latents[lo:lo + batch_size]
+            t = timesteps[lo:lo + batch_size]
+            eps = noise[lo:lo + batch_size].float()
+            x_t = q_sample(x0.float(), t, eps, denoiser.alphas_cumprod).to(dev, dtype)
             with torch.enable_grad():
-                pred = denoiser.eps(x_t, t, context.expand(x0.shape[0], -1, -1).to(dev))
+                pred = denoiser.eps(x_t, t.to(dev), context.expand(x0.shape[0], -1, -1).to(dev))
                 # sum over the batch of per-sample MSE: gradients add over samples as in SalUn
-                loss = ((pred.float() - eps.float()) ** 2).mean(dim=(1, 2, 3)).sum()
-                grads = torch.autograd.grad(loss, list(weights.values()))
-            for name, g in zip(weights, grads):
-                sums[name] += g.float()
-            done += x0.shape[0]
+                loss = ((pred.float() - eps.to(dev)) ** 2).mean(dim=(1, 2, 3)).sum()
+                if not torch.isfinite(loss):
+                    raise SaliencyError(f"the denoising loss became {float(loss)} on the concept's "
+                                        "latents: the model's outputs are not finite in "
+                                        f"{dtype}; try float32 or bfloat16. Nothing was changed")
+                (loss * scale if scale != 1.0 else loss).backward()
+            if not bool(finite):
+                return None
             if progress is not None:
-                progress(done, n)
+                progress(min(lo + batch_size, n), n)
     finally:
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
-    return Saliency({k: v.abs().cpu() for k, v in sums.items()}, concept=concept, num_samples=n)
+        for h in handles:
+            h.remove()
+    return sums
 
 
 def save_saliency(sal: Saliency, path: str) -> None:
-    """Write scores to ``.safetensors`` (atomic)."""
+    """Write scores (and per-module stats and shapes, as JSON metadata) to ``.safetensors``
+    (atomic)."""
+    import json
+
     from .files import atomic_save_safetensors
-    meta = {"format": "spare_saliency", "concept": sal.concept, "num_samples": str(sal.num_samples)}
+    meta = {"format": "spare_saliency", "concept": sal.concept, "num_samples": str(sal.num_samples),
+            "stats": json.dumps(sal.stats), "shapes": json.dumps(sal.shapes)}
     meta.update(sal.meta)
     atomic_save_safetensors({k: v.contiguous() for k, v in sal.scores.items()}, path, meta)
 
 
 def load_saliency(path: str) -> Saliency:
     """Read a file written by :func:`save_saliency`."""
+    import json
+
     from .files import read_safetensors
     tensors, meta = read_safetensors(path)
     if meta.get("format") != "spare_saliency":
         raise ValueError(f"{path} is not a saliency file (format={meta.get('format')!r})")
+    stats = json.loads(meta.get("stats", "{}"))
+    shapes = {k: tuple(v) for k, v in json.loads(meta.get("shapes", "{}")).items()}
     return Saliency(tensors, concept=meta.get("concept", ""),
                     num_samples=int(meta.get("num_samples", 0)),
                     meta={k: v for k, v in meta.items()
-                          if k not in ("format", "concept", "num_samples")})
+                          if k not in ("format", "concept", "num_samples", "stats", "shapes")},
+                    stats=stats, shapes=shapes)

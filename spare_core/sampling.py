@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .denoiser import Denoiser, device_of
+from .denoiser import Denoiser, compute_dtype_of, device_of
 
 
 def timestep_grid(num_train_steps: int, steps: int) -> list[int]:
@@ -50,7 +50,7 @@ def sample(denoiser: Denoiser, prompts: Sequence[str] | Tensor, *, steps: int = 
     if method not in ("ddpm", "ddim"):
         raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
     dev = device_of(denoiser)
-    param_dtype = next(denoiser.unet.parameters()).dtype
+    compute_dtype = compute_dtype_of(denoiser)
     cond = prompts if isinstance(prompts, Tensor) else denoiser.encode(list(prompts))
     n = cond.shape[0]
     uncond_one = denoiser.encode([negative_prompt]) if guidance != 1.0 else None
@@ -59,6 +59,7 @@ def sample(denoiser: Denoiser, prompts: Sequence[str] | Tensor, *, steps: int = 
     if x_T is None:
         x_T = torch.randn((n, *denoiser.latent_shape), generator=generator)
     outs = []
+    chunks = -(-n // batch_size)
     for lo in range(0, n, batch_size):
         c = cond[lo:lo + batch_size].to(dev)
         u = uncond_one.expand(c.shape[0], -1, -1).to(dev) if uncond_one is not None else None
@@ -67,7 +68,7 @@ def sample(denoiser: Denoiser, prompts: Sequence[str] | Tensor, *, steps: int = 
             a_t = ac[t]
             a_prev = ac[grid[i + 1]] if i + 1 < len(grid) else torch.tensor(1.0, device=dev)
             tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
-            e = guided_eps(denoiser, x.to(param_dtype), tt, c, u, guidance).float()
+            e = guided_eps(denoiser, x.to(compute_dtype), tt, c, u, guidance).float()
             x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
@@ -82,7 +83,7 @@ def sample(denoiser: Denoiser, prompts: Sequence[str] | Tensor, *, steps: int = 
                 noise = torch.randn(x.shape, generator=generator).to(dev)
                 x = mean + var.sqrt() * noise
             if callback is not None:
-                callback(i + 1, len(grid))
+                callback((lo // batch_size) * len(grid) + i + 1, chunks * len(grid))
         outs.append(x.cpu())
     return torch.cat(outs)
 

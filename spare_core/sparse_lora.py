@@ -69,7 +69,7 @@ def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int 
                                    fraction=None if top_modules is not None else module_fraction,
                                    reduce=module_reduce, exclude=exclude)
     if selection == "random":
-        pool = [n for n in saliency.scores if n not in set(exclude)]
+        pool = [n for n in saliency.modules if n not in set(exclude)]
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
         modules = [pool[i] for i in order[:len(modules)].tolist()]
     masks = None

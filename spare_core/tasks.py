@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .denoiser import Denoiser, device_of
+from .denoiser import Denoiser, compute_dtype_of, device_of
 from .objectives import Batch, Part
 from .sampling import q_sample, sample
 from .timesteps import make_timestep_sampler
@@ -20,12 +20,14 @@ from .timesteps import make_timestep_sampler
 
 @dataclass
 class PoolConfig:
-    """How latents of a prompt are generated when none are given (frozen model, DDIM)."""
+    """How latents of a prompt are generated when none are given (frozen model, DDIM);
+    ``batch_size`` latents go through the UNet at once (twice that with guidance)."""
 
     size: int = 16
     steps: int = 25
     guidance: float = 3.0
     clip_x0: float | None = None
+    batch_size: int = 256
 
 
 def _same_prompt(a: str, b: str) -> bool:
@@ -36,7 +38,9 @@ def _part(x0: Tensor, ctx: Tensor, t: Tensor, gen: torch.Generator, ac: Tensor,
           dev: torch.device, dtype: torch.dtype) -> Part:
     noise = torch.randn(x0.shape, generator=gen)
     x_t = q_sample(x0.float(), t, noise, ac)
-    return Part(x0.to(dev, dtype), noise.to(dev, dtype), t.to(dev), x_t.to(dev, dtype), ctx.to(dev, dtype))
+    # x0 and the noise (regression targets) stay float32; the network's inputs take its dtype
+    return Part(x0.to(dev, torch.float32), noise.to(dev), t.to(dev), x_t.to(dev, dtype),
+                ctx.to(dev, dtype))
 
 
 @dataclass
@@ -64,8 +68,8 @@ class ConceptTask:
                              "concept should turn into, e.g. 'a painting', or '' for unconditional")
         if any(_same_prompt(self.concept, p) for p in self.preserve):
             raise ValueError(f"the concept {self.concept!r} is also listed as a preserved prompt")
-        if self.pool.size < 1 or self.pool.steps < 1:
-            raise ValueError("pool size and pool steps must be >= 1")
+        if self.pool.size < 1 or self.pool.steps < 1 or self.pool.batch_size < 1:
+            raise ValueError("pool size, pool steps and pool batch size must be >= 1")
         if self.preserve_latents is not None and len(self.preserve_latents) != len(self.preserve):
             raise ValueError("give one latent tensor per preserved prompt")
         if denoiser is not None:
@@ -88,20 +92,22 @@ class ConceptTask:
             cb = (lambda i, n: progress(what, i, n)) if progress else None
             return sample(denoiser, [prompt] * self.pool.size, steps=self.pool.steps,
                           guidance=self.pool.guidance, method="ddim", generator=gen,
-                          clip_x0=self.pool.clip_x0, callback=cb)
+                          clip_x0=self.pool.clip_x0, batch_size=self.pool.batch_size, callback=cb)
 
         if self.concept_latents is None:
             self.concept_latents = pool_for(self.concept, "concept pool")
         if self.preserve and self.preserve_latents is None:
             self.preserve_latents = [pool_for(p, f"preserve pool {i + 1}")
                                      for i, p in enumerate(self.preserve)]
-        self.sampler = make_timestep_sampler(timestep_sampler, denoiser, self.concept_latents,
-                                             self._ctx, self._sur, seed=seed)
+        self.sampler = make_timestep_sampler(
+            timestep_sampler, denoiser, self.concept_latents, self._ctx, self._sur, seed=seed,
+            callback=(lambda i, n: progress("timestep gaps", i, n)) if progress else None,
+            batch_size=self.pool.batch_size)
 
     def batch(self, denoiser: Denoiser, batch_size: int, gen: torch.Generator) -> Batch:
         """Draw ``batch_size`` concept latents and as many preserved ones (random prompts)."""
         dev = device_of(denoiser)
-        dtype = next(denoiser.unet.parameters()).dtype
+        dtype = compute_dtype_of(denoiser)
         ac = denoiser.alphas_cumprod
         idx = torch.randint(0, self.concept_latents.shape[0], (batch_size,), generator=gen)
         t = self.sampler(batch_size, gen)

@@ -7,12 +7,12 @@
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from .denoiser import Denoiser, device_of
+from .denoiser import Denoiser, compute_dtype_of, device_of
 from .sampling import q_sample
 
 
@@ -69,31 +69,44 @@ class ConceptSampler:
 
 @torch.no_grad()
 def concept_gaps(denoiser: Denoiser, latents: Tensor, concept_ctx: Tensor, surrogate_ctx: Tensor,
-                 bins: int = 10, seed: int = 0) -> Tensor:
+                 bins: int = 10, seed: int = 0,
+                 callback: Callable[[int, int], None] | None = None,
+                 batch_size: int = 256) -> Tensor:
     """``g`` ``[bins]``: mean squared gap between concept- and surrogate-conditioned predictions on
-    ``latents`` ``[N, C, H, W]`` noised to the middle timestep of each bin (one batched forward per bin)."""
+    ``latents`` ``[N, C, H, W]`` noised to the middle timestep of each bin (``batch_size``
+    latents, i.e. twice as many UNet inputs, per forward)."""
     T = denoiser.alphas_cumprod.numel()
     dev = device_of(denoiser)
-    dtype = next(denoiser.unet.parameters()).dtype
+    dtype = compute_dtype_of(denoiser)
     gen = torch.Generator().manual_seed(seed)
     edges = torch.linspace(0, T, bins + 1)
     n = latents.shape[0]
     noise = torch.randn(latents.shape, generator=gen)
     gaps = []
     for i in range(bins):
-        t = torch.full((n,), int((edges[i] + edges[i + 1]) / 2), dtype=torch.long)
-        x_t = q_sample(latents.float(), t, noise, denoiser.alphas_cumprod).to(dev, dtype)
-        tt = t.to(dev)
-        ctx = torch.cat([concept_ctx.expand(n, -1, -1), surrogate_ctx.expand(n, -1, -1)]).to(dev)
-        e = denoiser.eps(torch.cat([x_t, x_t]), torch.cat([tt, tt]), ctx).float()
-        e_c, e_s = e.chunk(2)
-        gaps.append(((e_c - e_s) ** 2).mean())
-    return torch.stack(gaps).cpu()
+        t_mid = int((edges[i] + edges[i + 1]) / 2)
+        total = torch.zeros((), dtype=torch.float64)
+        for lo in range(0, n, batch_size):
+            x0, eps = latents[lo:lo + batch_size].float(), noise[lo:lo + batch_size]
+            m = x0.shape[0]
+            t = torch.full((m,), t_mid, dtype=torch.long)
+            x_t = q_sample(x0, t, eps, denoiser.alphas_cumprod).to(dev, dtype)
+            tt = t.to(dev)
+            ctx = torch.cat([concept_ctx.expand(m, -1, -1), surrogate_ctx.expand(m, -1, -1)]).to(dev)
+            e = denoiser.eps(torch.cat([x_t, x_t]), torch.cat([tt, tt]), ctx).float()
+            e_c, e_s = e.chunk(2)
+            total += ((e_c - e_s) ** 2).sum().double().cpu()
+        gaps.append(total / latents[:1].numel() / n)
+        if callback is not None:
+            callback(i + 1, bins)
+    return torch.stack(gaps).float()
 
 
 def make_timestep_sampler(name: str, denoiser: Denoiser, latents: Tensor | None = None,
                           concept_ctx: Tensor | None = None, surrogate_ctx: Tensor | None = None,
-                          bins: int = 10, floor: float = 0.2, seed: int = 0):
+                          bins: int = 10, floor: float = 0.2, seed: int = 0,
+                          callback: Callable[[int, int], None] | None = None,
+                          batch_size: int = 256):
     """Build the sampler called ``name`` (``'uniform'`` or ``'concept'``)."""
     T = denoiser.alphas_cumprod.numel()
     if name == "uniform":
@@ -101,8 +114,8 @@ def make_timestep_sampler(name: str, denoiser: Denoiser, latents: Tensor | None 
     if name == "concept":
         if latents is None or concept_ctx is None or surrogate_ctx is None:
             raise ValueError("the 'concept' timestep sampler needs concept latents and both contexts")
-        return ConceptSampler(concept_gaps(denoiser, latents, concept_ctx, surrogate_ctx, bins, seed),
-                              T, floor)
+        return ConceptSampler(concept_gaps(denoiser, latents, concept_ctx, surrogate_ctx, bins, seed,
+                                           callback, batch_size), T, floor)
     raise ValueError(f"unknown timestep sampler {name!r}; choose 'uniform' or 'concept'")
 
 

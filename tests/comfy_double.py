@@ -9,10 +9,12 @@ Installed into ``sys.modules`` by :meth:`Host.install`:
   ModelPatcher's weight patches into the shared UNet, first restoring the weights another clone
   patched: ModelPatcher.patch_model / unpatch_model with the shared ``backup`` dict),
   ``throw_exception_if_processing_interrupted()``, ``InterruptProcessingException``,
-  ``interrupt_current_processing()``.
+  ``interrupt_current_processing()``, ``get_free_memory(dev)`` (reports ``Host.free_memory``).
 - ``comfy.utils.ProgressBar(total)`` with ``update_absolute(value, total)``.
 - ``folder_paths``: ``get_folder_paths``, ``get_full_path``, ``get_filename_list``,
-  ``get_save_image_path`` (only the ``loras`` folder exists).
+  ``get_save_image_path`` (only the ``loras`` folder exists; like the host it raises a plain
+  ``Exception`` "Saving image outside the output folder is not allowed" for a prefix that
+  normalises to a folder outside the given one: ``../x``, ``a/../../x``, an absolute path).
 Objects (as CheckpointLoaderSimple returns them, built under ``torch.inference_mode()`` like every
 node ComfyUI executes, so weights are inference tensors):
 - :class:`ModelPatcher` (comfy/model_patcher.py): ``model``, ``clone()``, ``add_patches()``,
@@ -61,9 +63,11 @@ CHUNK = 32  # tokens per CLIP chunk (ComfyUI: 77)
 Backup = collections.namedtuple("Dimension", ["weight", "inplace_update"])
 
 
-def load_pack(name: str = "spare_pack"):
-    """Import the repository root the way ComfyUI's nodes.load_custom_node does (a package from
-    its ``__init__.py``, under a path-derived module name)."""
+def load_pack(name: str | None = None):
+    """Import the repository root the way ComfyUI's nodes.load_custom_node does: a package from
+    its ``__init__.py`` under the module name ComfyUI gives it, the pack folder's path with "."
+    replaced by "_x_" (README's folder ``custom_nodes/spare-unlearn`` is no identifier either)."""
+    name = name or REPO.replace(".", "_x_")
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "__init__.py"))
@@ -125,6 +129,29 @@ class BaseModel(nn.Module):
 
     def process_latent_in(self, latent: torch.Tensor) -> torch.Tensor:
         return latent * 0.18215  # latent_formats.SD15.process_in
+
+
+def store_weights_as(model: "ModelPatcher", storage: torch.dtype, compute: torch.dtype) -> None:
+    """What UNETLoader(weight_dtype=fp8_e4m3fn) gives: Linear/Conv2d weights stored in
+    ``storage`` and cast to ``compute`` at every call (comfy.ops.manual_cast:
+    cast_bias_weight makes new tensors, the stored weights are never changed), with
+    ``BaseModel.manual_cast_dtype = compute``."""
+    import torch.nn.functional as F
+
+    with torch.inference_mode(False):
+        for m in model.model.diffusion_model.modules():
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                continue
+            m.weight = nn.Parameter(m.weight.detach().to(storage), requires_grad=False)
+
+            def forward(x, _m=m):
+                w = _m.weight.to(x.dtype)
+                b = None if _m.bias is None else _m.bias.to(x.dtype)
+                if isinstance(_m, nn.Conv2d):
+                    return _m._conv_forward(x, w, b)
+                return F.linear(x, w, b)
+            m.forward = forward
+    model.model.manual_cast_dtype = compute
 
 
 class VAE:
@@ -247,6 +274,7 @@ class Host:
         self.loaded: list[ModelPatcher] = []
         self._interrupt = False
         self._interrupt_after: int | None = None
+        self.free_memory = 1 << 40  # bytes get_free_memory reports
 
     # -- fake modules
     def modules(self) -> dict[str, types.ModuleType]:
@@ -268,6 +296,9 @@ class Host:
 
         def interrupt_current_processing(value=True):
             host._interrupt = value
+
+        def get_free_memory(dev=None, torch_free_too=False):
+            return host.free_memory
 
         class ProgressBar:
             def __init__(self, total, node_id=None):
@@ -304,7 +335,10 @@ class Host:
             filename = os.path.basename(os.path.normpath(filename_prefix))
             folder = os.path.join(output_dir, subfolder)
             if os.path.commonpath((output_dir, os.path.abspath(folder))) != output_dir:
-                raise Exception("Saving image outside the output folder is not allowed.")
+                # as the host: a plain Exception (logged there too), not a ValueError
+                raise Exception("**** ERROR: Saving image outside the output folder is not allowed."
+                                f"\n full_output_folder: {os.path.abspath(folder)}"
+                                f"\n         output_dir: {output_dir}")
             os.makedirs(folder, exist_ok=True)
             pattern = re.compile(re.escape(filename) + r"_(\d+)_")
             found = [int(m.group(1)) for f in os.listdir(folder) if (m := pattern.match(f))]
@@ -313,6 +347,7 @@ class Host:
         mm.load_models_gpu = load_models_gpu
         mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
         mm.interrupt_current_processing = interrupt_current_processing
+        mm.get_free_memory = get_free_memory
         mm.InterruptProcessingException = InterruptProcessingException
         utils.ProgressBar = ProgressBar
         fp.get_folder_paths, fp.get_filename_list = get_folder_paths, get_filename_list
@@ -436,6 +471,10 @@ STOCK_NODES: dict[str, dict] = {
         "strength_model": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0}],
         "strength_clip": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0}]}},
         "output": ["MODEL", "CLIP"]},
+    "CheckpointSave": {"input": {"required": {
+        "model": ["MODEL", {}], "clip": ["CLIP", {}], "vae": ["VAE", {}],
+        "filename_prefix": ["STRING", {"default": "checkpoints/ComfyUI"}]}},
+        "output": [], "output_node": True},
     "SaveLatent": {"input": {"required": {"samples": ["LATENT", {}],
                                           "filename_prefix": ["STRING", {"default": "latents/ComfyUI"}]}},
                    "output": [], "output_node": True},
@@ -583,20 +622,43 @@ def validate_ui_workflow(wf: dict, info: dict) -> list[str]:
     return errors
 
 
+MUTED, BYPASSED = 2, 4
+"""LiteGraph node modes the frontend leaves out of the queued prompt (Ctrl+M, Ctrl+B)."""
+
+
 def ui_to_api(wf: dict, info: dict) -> dict:
     """What the frontend queues for a UI workflow (graphToPrompt): literal widget values and
-    [node id, slot] links, without the control_after_generate values."""
+    [node id, slot] links, without the control_after_generate values. Muted and bypassed nodes
+    are left out; an input fed by a bypassed node is fed by whatever feeds that node's first
+    input of the same type (the same slot first), an input fed by a muted node by nothing (the
+    frontend drops links to nodes it left out)."""
     nodes = {n["id"]: n for n in wf["nodes"]}
     links = {l[0]: l for l in wf["links"]}
+
+    def source(link_id: int) -> list | None:
+        _, src, slot, _, _, kind = links[link_id]
+        while nodes[src].get("mode", 0) in (MUTED, BYPASSED):
+            if nodes[src]["mode"] == MUTED:
+                return None
+            ins = nodes[src].get("inputs", [])
+            order = ([slot] if slot < len(ins) else []) + list(range(len(ins)))
+            match = next((ins[i] for i in order if ins[i]["type"] == kind), None)
+            if match is None or match.get("link") is None:  # first match taken, linked or not
+                return None
+            through = match["link"]
+            _, src, slot, _, _, _ = links[through]
+        return [str(src), slot]
+
     prompt = {}
     for nid, n in nodes.items():
+        if n.get("mode", 0) in (MUTED, BYPASSED):
+            continue
         inputs = {}
         for (name, _, _), value in zip(widget_slots(info[n["type"]]), n.get("widgets_values", [])):
             if not name.endswith(":control"):
                 inputs[name] = value
         for inp in n.get("inputs", []):
-            if inp.get("link") is not None:
-                link = links[inp["link"]]
-                inputs[inp["name"]] = [str(link[1]), link[2]]
+            if inp.get("link") is not None and (src := source(inp["link"])) is not None:
+                inputs[inp["name"]] = src
         prompt[str(nid)] = {"class_type": n["type"], "inputs": inputs}
     return prompt

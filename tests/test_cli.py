@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from spare_core import load_adapter
@@ -81,10 +82,168 @@ def test_diffusers_file_loads_with_pipe_load_lora_weights(pipe_dir, tmp_path):
 def test_bad_input_exits_with_message(pipe_dir, tmp_path, capsys):
     out = str(tmp_path / "a.safetensors")
     assert main(_args(pipe_dir, out, "--steps", "0")) == 2
-    assert "steps must be" in capsys.readouterr().err
+    assert "argument --steps: must be >= 1, got 0" in capsys.readouterr().err
     assert not os.path.exists(out)
     assert main(["unlearn", "--model", str(tmp_path), "--concept", "x", "--out", out]) == 2
-    assert "not a diffusers pipeline folder" in capsys.readouterr().err
+    assert "not a diffusers pipeline folder: no unet/ inside" in capsys.readouterr().err
+    assert main(["unlearn", "--model", str(tmp_path / "nope"), "--concept", "x", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "no unet/" not in err
+
+
+# Runs the CLI in a fresh interpreter where ``spare_core`` is a bare package (its __init__, which
+# imports the engine, is skipped) and any import of torch/diffusers/transformers fails: what the
+# command line does before its heavy imports is then all that can run.
+_NO_TORCH = r"""
+import importlib.abc, io, json, os, sys, time, types, contextlib
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "diffusers", "transformers"):
+            raise ImportError("blocked heavy import: " + name)
+sys.meta_path.insert(0, Block())
+pkg = types.ModuleType("spare_core")
+pkg.__path__ = [os.path.join(sys.argv[1], "spare_core")]
+sys.modules["spare_core"] = pkg
+from spare_core.cli import main
+results = []
+for argv in json.loads(sys.argv[2]):
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    results.append([rc, out.getvalue(), err.getvalue(), time.perf_counter() - t0])
+print(json.dumps(results))
+"""
+
+
+def _no_torch_cli(argvs):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, root, json.dumps(argvs)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_help_and_bad_arguments_need_no_torch(pipe_dir, tmp_path):
+    out = str(tmp_path / "a.safetensors")
+    base = ["unlearn", "--model", pipe_dir, "--concept", "a cat", "--out", out]
+    cases = [
+        (base + ["--steps", "0"], "--steps: must be >= 1"),
+        (base + ["--lr", "-1"], "--lr: must be > 0"),
+        (base + ["--lr", "nan"], "--lr: must be a finite number"),
+        (base + ["--batch-size", "-2"], "--batch-size: must be >= 1"),
+        (base + ["--module-fraction", "1.5"], "--module-fraction: must be in (0, 1]"),
+        (base + ["--device", "gpu"], "--device: must be auto, cpu, cuda, cuda:N or mps"),
+        (base + ["--param", "eta"], "--param: takes KEY=VALUE"),
+        (base + ["--preserve", " "], "--preserve: is empty"),
+        (["unlearn", "--model", pipe_dir, "--concept", "", "--out", out], "--concept: is empty"),
+        (["unlearn", "--model", pipe_dir, "--method", "siss", "--forget-images",
+          str(tmp_path / "none"), "--out", out], "--forget-images"),
+        (["demo", "--forget", "12"], "--forget: must be a digit 0..9"),
+        (["demo", "--forget", "3", "--surrogate", "3"], "other than --forget 3"),
+        (["demo", "--n", "0"], "--n: must be >= 1"),
+        (["bench", "--methods", "spare,nope"], "unknown method 'nope'"),
+        (["bench", "--forget", "3,x"], "--forget must be a comma list of digits"),
+        (["bench", "--steps", "-5"], "--steps: must be >= 1"),
+    ]
+    helps = [["--help"], ["unlearn", "--help"], ["demo", "--help"], ["bench", "--help"]]
+    results = _no_torch_cli([c for c, _ in cases] + helps)
+    for (argv, message), (rc, _, err, secs) in zip(cases, results):
+        assert rc == 2 and message in err, (argv, err)
+        assert "Traceback" not in err and secs < 2.0, (argv, secs)
+    for argv, (rc, text, err, _) in zip(helps, results[len(cases):]):
+        assert rc == 0 and not err, argv
+        assert "``" not in text and ":data:" not in text, text
+    unlearn_help, demo_help, bench_help = (r[1] for r in results[len(cases) + 1:])
+    for flag, default in [("--steps", "200"), ("--guidance", "7.5"), ("--batch-size", "4"),
+                          ("--seed", "0"), ("--device", "auto"), ("--sample-steps", "25")]:
+        block = " ".join(unlearn_help.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0].split())
+        assert f"(default: {default})" in block, (flag, block)
+    assert "(default: 100)" in demo_help and "(default: 20)" in bench_help
+    assert not os.path.exists(out)
+
+
+def test_refuses_to_overwrite_without_flag(pipe_dir, tmp_path, capsys):
+    out = tmp_path / "a.safetensors"
+    out.write_bytes(b"someone else's data")
+    assert main(_args(pipe_dir, str(out))) == 2
+    assert "--out" in capsys.readouterr().err and out.read_bytes() == b"someone else's data"
+    grid = tmp_path / "g.png"
+    grid.write_bytes(b"x")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    for extra, flag in ([["--grid", str(grid)], "--grid"], [["--merged-out", str(merged)], "--merged-out"]):
+        assert main(_args(pipe_dir, str(tmp_path / "new.safetensors"), *extra)) == 2
+        assert f"{flag} " in capsys.readouterr().err
+    assert not (tmp_path / "new.safetensors").exists()
+    assert main(_args(pipe_dir, str(out), "--overwrite")) == 0
+    assert load_adapter(str(out)).meta["concept"] == "a cat"
+
+
+def test_ctrl_c_exits_130_with_one_line(tmp_path):
+    """A real SIGINT while the command runs (models loaded, bars drawing): status 130, one line,
+    no traceback, no files."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "demo"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "spare_core.cli", "demo", "--out", str(out),
+                             "--n", "2", "--steps", "500"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()  # printed once the models are loaded
+    assert "forgetting" in line, line + proc.stderr.read()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("spare: interrupted")
+    assert not (out / "grid.png").exists() and not (out / "metrics.json").exists()
+
+
+def test_phases_each_get_a_bar_and_libraries_stay_quiet(pipe_dir, tmp_path, capsys):
+    assert main(_args(pipe_dir, str(tmp_path / "a.safetensors"), "--preserve", "a tree")) == 0
+    err = capsys.readouterr().err
+    for phase in ("spare: concept samples", "spare: saliency", "spare: preserve pool 1",
+                  "spare: preserve pool 2", "spare: timestep gaps", "spare: training"):
+        assert phase in err, phase
+    assert "Loading weights" not in err and "Traceback" not in err
+
+
+def test_merged_out_equals_the_adapter_applied(pipe_dir, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from spare_core import DiffusersDenoiser
+
+    out, merged = str(tmp_path / "a.safetensors"), str(tmp_path / "merged")
+    assert main(_args(pipe_dir, out, "--merged-out", merged)) == 0
+    assert sorted(os.listdir(merged)) == sorted(os.listdir(pipe_dir))
+    den = DiffusersDenoiser.from_pretrained(pipe_dir)
+    baked = UNet2DConditionModel.from_pretrained(merged, subfolder="unet").eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    ctx = den.encode(["a cat", "the ocean"])
+    with torch.no_grad():
+        base = den.eps(x, t, ctx)
+        with load_adapter(out, unet=den.unet).applied(den.unet):
+            want = den.eps(x, t, ctx)
+        got = baked(x, t, encoder_hidden_states=ctx).sample
+    assert float((want - base).abs().max()) > 1e-4
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_cli_method_names_match_the_engine():
+    from spare_core import cli_args
+    from spare_core.methods import CONCEPT_METHODS, DATA_METHODS
+
+    assert cli_args.CONCEPT_METHODS == CONCEPT_METHODS and cli_args.DATA_METHODS == DATA_METHODS
 
 
 @pytest.mark.parametrize("method", ["salun", "esd"])
@@ -129,9 +288,22 @@ def test_unlearn_data_method_from_image_folders(pipe_dir, tmp_path, capsys):
     (["--method", "siss"], "needs --forget-images"),
     (["--method", "spare"], "give --concept"),
     (["--method", "esd", "--concept", "a cat", "--param", "lambda_=0.5"], "esd does not take ['lambda_']"),
-    (["--method", "esd", "--concept", "a cat", "--param", "eta"], "--param takes KEY=VALUE"),
+    (["--method", "esd", "--concept", "a cat", "--param", "eta"], "--param: takes KEY=VALUE"),
     (["--method", "spare", "--concept", "a cat", "--out", "x.pt"], "--out must end in .safetensors"),
 ])
 def test_unlearn_method_flags_are_checked(pipe_dir, tmp_path, capsys, extra, message):
     assert main(["unlearn", "--model", pipe_dir, "--steps", "2", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_unlearn_in_bfloat16_with_the_memory_controls(pipe_dir, tmp_path):
+    """A bf16 pipeline with checkpointing, split backward and saliency micro-batches trains and
+    writes a float32 adapter that loads on the float32 model."""
+    out = str(tmp_path / "bf16.safetensors")
+    assert main(_args(pipe_dir, out, "--dtype", "bfloat16", "--gradient-checkpointing",
+                      "--split-backward", "--micro-batch", "1")) == 0
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet")
+    ad = load_adapter(out, unet=unet, strict=False)
+    assert all(p.dtype == torch.float32 for p in ad.parameters())
+    assert any(float(ad[n].lora_B.abs().sum()) > 0 for n in ad.names)

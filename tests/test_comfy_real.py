@@ -1,6 +1,8 @@
 """The pack inside a real ComfyUI: skipped unless ``COMFYUI_ROOT`` points to a checkout.
 
-Run it inside ComfyUI's own environment (it starts ``main.py --cpu`` with that interpreter)::
+Run it inside ComfyUI's own environment (it starts ``main.py --cpu`` with that interpreter), with
+the pack's test extra installed there (``pip install -r requirements-test.txt``: pytest and
+websocket-client) and the pack not pip-installed, as ComfyUI users have it::
 
     COMFYUI_ROOT=/work/comfy/ComfyUI /work/comfy/venv/bin/python -m pytest tests/test_comfy_real.py -s
 
@@ -10,8 +12,9 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
    the one transformer block that carries context_dim, output blocks without transformers, no
    middle block; a full-size random CLIP-L, since ComfyUI builds CLIP-L from a fixed config; a
    TAESD-keyed VAE), in a temporary base directory;
-2. starts ComfyUI with this repository linked into ``custom_nodes/`` (loaded as ComfyUI loads any
-   pack), checks ``/object_info`` against the pack and the stock-node table of the unit tests;
+2. starts ComfyUI with this repository linked as ``custom_nodes/spare-unlearn`` (README's folder
+   name; loaded as ComfyUI loads any pack), checks ``/object_info`` against the pack and the
+   stock-node table of the unit tests;
 3. validates and queues the shipped API workflow (sizes and steps made tiny), follows progress
    on the websocket and checks ``/history`` and the files written;
 4. checks that the saved LoRA in the stock LoraLoader samples the same latents as
@@ -19,7 +22,17 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
 5. interrupts a long unlearning run: no adapter file appears and the original model still
    samples bit-identical latents;
 6. runs DataUnlearn (SISS) on IMAGE batches made by the stock EmptyImage node, encoded by the
-   checkpoint's VAE: the adapter saves, applies, and changes the samples of the original model.
+   checkpoint's VAE: the adapter saves, applies, and changes the samples of the original model;
+7. bakes the patched MODEL (+ CLIP + VAE) with the stock CheckpointSave (the workflow's optional
+   group, as workflows/README.md's API entry), reloads the file with CheckpointLoaderSimple: it
+   samples bit-identical latents and images to the patched model, different ones from the original;
+8. feeds SaveUnlearnAdapter a ``../`` prefix: ComfyUI's folder_paths refuses the same prefixes as
+   the node, the user gets the node's error with the fix, and no file is written;
+9. runs ComputeSaliency + SparseLoRAInit + SelfDistillUnlearn with the memory controls
+   explicitly on and explicitly off: both train, and their adapters change the concept's samples
+   alike;
+10. loads the UNet alone with the stock UNETLoader at weight_dtype fp8_e4m3fn: ComputeSaliency
+    fails at once naming the fix, and a LoRA made on the normal checkpoint trains on it.
 """
 from __future__ import annotations
 
@@ -346,6 +359,7 @@ def masked_adapter(comfy) -> str:
     ids = [node_of(wf, k) for k in ("CheckpointLoaderSimple", "ComputeSaliency", "SparseLoRAInit",
                                     "SelfDistillUnlearn", "SaveUnlearnAdapter")]
     run = keep(wf, ids)
+    run[ids[1]]["inputs"]["element_scores"] = True  # per-weight scores, needed for masks
     run[ids[2]]["inputs"]["sparsity"] = 0.5
     run[ids[3]]["inputs"]["steps"] = 3
     run[ids[4]]["inputs"]["filename_prefix"] = "spare/test_masked"
@@ -477,3 +491,274 @@ def test_data_unlearn_on_stock_image_batches(comfy, erased):
     assert effect > 0
     print(f"DataUnlearn (siss, 4 steps) ran in {time.time() - t:.0f}s, saved {lora}; "
           f"adapter effect on latents {effect:.2e}")
+
+
+def _bake_entry() -> dict:
+    """The CheckpointSave entry workflows/README.md gives for baking headless."""
+    with open(os.path.join(REPO, "workflows", "README.md")) as f:
+        text = f.read()
+    return json.loads(text.split("## Bake into a checkpoint", 1)[1]
+                      .split("```json\n", 1)[1].split("```", 1)[0])
+
+
+def test_checkpoint_save_bakes_the_patched_model(comfy, erased):
+    """The stock CheckpointSave after ApplyUnlearnAdapter (the workflow's optional group, as the
+    README's API entry): the saved checkpoint, reloaded by CheckpointLoaderSimple, samples what
+    the patched MODEL samples, and not what the original does."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    wf, history, _ = erased
+    native = history["outputs"][node_of(wf, "SaveUnlearnAdapter")]["text"][0].replace(
+        ".safetensors", ".spare.safetensors")
+    ck, apply_id = node_of(wf, "CheckpointLoaderSimple"), node_of(wf, "ApplyUnlearnAdapter")
+    empty = node_of(wf, "EmptyLatentImage")
+    bake = _bake_entry()
+    (save_id, save), = bake.items()
+    assert save["inputs"]["model"] == [apply_id, 0] and save["inputs"]["vae"] == [ck, 2]
+    save["inputs"]["filename_prefix"] = "checkpoints/test_baked"
+    run = keep(wf, [ck, "2", "3", empty])
+    run["31"] = {"class_type": "LoadUnlearnAdapter", "inputs": {"adapter_name": native}}
+    run[apply_id] = {"class_type": "ApplyUnlearnAdapter",
+                     "inputs": {"model": [ck, 0], "adapter": ["31", 0], "strength": 1.0}}
+    run[save_id] = save
+    sample_branch(run, "41", [apply_id, 0], "bake_patched")
+    sample_branch(run, "42", [ck, 0], "bake_original")
+    run["43"] = {"class_type": "VAEDecode", "inputs": {"samples": ["41", 0], "vae": [ck, 2]}}
+    run["44"] = {"class_type": "SaveImage", "inputs": {"images": ["43", 0],
+                                                       "filename_prefix": "cmp/bake_patched"}}
+    assert validate_api_prompt(run, comfy.get("/object_info")) == []  # lists the saved adapter
+    t = time.time()
+    h, messages = comfy.run(run)
+    assert h["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    saved = os.path.join(comfy.base, "output", "checkpoints", "test_baked_00001_.safetensors")
+    assert os.path.isfile(saved), os.listdir(os.path.join(comfy.base, "output"))
+    print(f"\nCheckpointSave wrote {os.path.getsize(saved) / 2**20:.0f} MiB in {time.time() - t:.0f}s")
+
+    # as a user would: move it into models/checkpoints and load it like any checkpoint
+    shutil.copyfile(saved, os.path.join(comfy.base, "models", "checkpoints", "test_baked.safetensors"))
+    again = keep(wf, [empty])
+    again["50"] = {"class_type": "CheckpointLoaderSimple",
+                   "inputs": {"ckpt_name": "test_baked.safetensors"}}
+    for nid in ("2", "3"):  # the prompts, encoded by the baked checkpoint's own CLIP
+        again["5" + nid] = {"class_type": "CLIPTextEncode",
+                            "inputs": {**wf[nid]["inputs"], "clip": ["50", 1]}}
+    sample_branch(again, "55", ["50", 0], "bake_reloaded")
+    again["55"]["inputs"].update(positive=["52", 0], negative=["53", 0])
+    again["56"] = {"class_type": "VAEDecode", "inputs": {"samples": ["55", 0], "vae": ["50", 2]}}
+    again["57"] = {"class_type": "SaveImage", "inputs": {"images": ["56", 0],
+                                                         "filename_prefix": "cmp/bake_reloaded"}}
+    assert validate_api_prompt(again, comfy.get("/object_info")) == []  # lists the new file
+    h2, messages = comfy.run(again)
+    assert h2["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+
+    patched, original = _latent(comfy, h, "410"), _latent(comfy, h, "420")
+    reloaded = _latent(comfy, h2, "550")
+    images = [np.asarray(Image.open(comfy.output_file(hist["outputs"][nid]["images"][0])))
+              for hist, nid in ((h, "44"), (h2, "57"))]
+    diff = float((reloaded - patched).abs().max())
+    effect = float((patched - original).abs().max())
+    print(f"baked checkpoint vs patched MODEL: max |latent diff| {diff:.2e}, images equal "
+          f"{np.array_equal(*images)}; vs original model {effect:.2e}")
+    assert torch.equal(reloaded, patched)
+    assert np.array_equal(*images)
+    assert effect > 1e-3 * max(float(original.abs().max()), 1.0)
+
+
+def test_save_prefix_outside_loras_is_refused(comfy, erased, tmp_path):
+    """A '../' prefix: ComfyUI's own folder_paths refuses the same prefixes the node refuses,
+    and through the API the user gets the node's error with the fix; no file is written."""
+    prefixes = ["../escape", "spare/../../escape", "/tmp/spare_escape/x", "spare/x",
+                "spare/../inside", "a/b/../c"]
+    code = ("import json, os, sys\nimport folder_paths\nout = {}\n"
+            "for p in json.loads(sys.argv[2]):\n"
+            "    try:\n        folder_paths.get_save_image_path(p, sys.argv[1])\n"
+            "        out[p] = 'ok'\n"
+            "    except Exception as e:\n        out[p] = str(e)\n"
+            "print(json.dumps(out))")
+    loras = str(tmp_path / "loras")
+    os.makedirs(loras)
+    real = subprocess.run([sys.executable, "-c", code, loras, json.dumps(prefixes)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                          timeout=300)
+    assert real.returncode == 0, real.stderr[-3000:]
+    refused_by_host = {p for p, r in json.loads(real.stdout.strip().splitlines()[-1]).items()
+                       if r != "ok"}
+    assert all("outside the output folder" in json.loads(real.stdout.strip().splitlines()[-1])[p]
+               for p in refused_by_host)
+    file_nodes = sys.modules[load_pack().__name__ + ".nodes.file_nodes"]
+    refused_by_node = set()
+    for p in prefixes:
+        try:
+            file_nodes.check_prefix(p)
+        except ValueError:
+            refused_by_node.add(p)
+    assert refused_by_host == refused_by_node == {"../escape", "spare/../../escape",
+                                                  "/tmp/spare_escape/x"}
+
+    wf, history, _ = erased
+    native = history["outputs"][node_of(wf, "SaveUnlearnAdapter")]["text"][0].replace(
+        ".safetensors", ".spare.safetensors")
+    run = {"70": {"class_type": "LoadUnlearnAdapter", "inputs": {"adapter_name": native}},
+           "71": {"class_type": "SaveUnlearnAdapter", "inputs": {
+               "adapter": ["70", 0], "filename_prefix": "../escape", "keep_native": True}}}
+    before = sorted(os.path.join(d, f) for d, _, fs in os.walk(comfy.base) for f in fs
+                    if "escape" in f)
+    h, messages = comfy.run(run)
+    errors = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert errors and errors[0]["node_id"] == "71", json.dumps(messages)[-2000:]
+    message = errors[0]["exception_message"]
+    assert "points outside models/loras" in message and "'spare/erased_concept'" in message
+    after = sorted(os.path.join(d, f) for d, _, fs in os.walk(comfy.base) for f in fs
+                   if "escape" in f)
+    assert before == after == [] and not os.path.exists("/tmp/spare_escape")
+    print(f"'../escape' -> {errors[0]['exception_type']}: {message}")
+
+
+def _adapter_modules(comfy, lora: str) -> set[str]:
+    """Module names of a saved native adapter file (``<name>.spare.safetensors``)."""
+    from safetensors import safe_open
+
+    native = os.path.join(comfy.base, "models", "loras", lora.replace(".safetensors", ".spare.safetensors"))
+    with safe_open(native, "pt") as f:
+        return {k.rsplit(".", 1)[0] for k in f.keys()}
+
+
+def test_memory_controls_on_and_off_both_train(comfy, erased):
+    """ComputeSaliency + SparseLoRAInit + SelfDistillUnlearn with the memory controls explicitly
+    on (micro_batch 1, gradient checkpointing, no per-weight scores) and explicitly off (every
+    image at once, no checkpointing, per-weight scores kept): both run, and both adapters move
+    the concept's samples by a similar amount (the batching differs, so not bit-identical)."""
+    wf = tiny_workflow()
+    ck, empty = node_of(wf, "CheckpointLoaderSimple"), node_of(wf, "EmptyLatentImage")
+    sal, init, unl = (node_of(wf, k) for k in ("ComputeSaliency", "SparseLoRAInit",
+                                                "SelfDistillUnlearn"))
+    run = keep(wf, [ck, "2", "3", empty])
+    settings = {"on": dict(micro_batch=1, gradient_checkpointing=True),
+                "off": dict(micro_batch=2, gradient_checkpointing=False)}
+    for i, (name, mem) in enumerate(settings.items()):
+        s, a, u, ap, sv = (str(100 + 10 * i + k) for k in range(5))
+        run[s] = {"class_type": "ComputeSaliency", "inputs": {
+            **wf[sal]["inputs"], **mem, "element_scores": name == "off", "seed": 21}}
+        run[a] = {"class_type": "SparseLoRAInit", "inputs": {**wf[init]["inputs"], "saliency": [s, 0]}}
+        run[u] = {"class_type": "SelfDistillUnlearn", "inputs": {
+            **wf[unl]["inputs"], **mem, "adapter": [a, 0], "seed": 21, "batch_size": 2}}
+        run[ap] = {"class_type": "ApplyUnlearnAdapter",
+                   "inputs": {"model": [ck, 0], "adapter": [u, 0], "strength": 1.0}}
+        run[sv] = {"class_type": "SaveUnlearnAdapter", "inputs": {
+            "adapter": [u, 0], "filename_prefix": f"spare/memory_{name}", "keep_native": True}}
+        sample_branch(run, f"9{i}", [ap, 0], f"memory_{name}")
+    sample_branch(run, "92", [ck, 0], "memory_base")
+    assert validate_api_prompt(run, comfy.info) == []
+    t = time.time()
+    history, messages = comfy.run(run)
+    assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    progress = {}
+    for m in messages:
+        if m["type"] == "progress":
+            progress.setdefault(m["data"]["node"], []).append((m["data"]["value"], m["data"]["max"]))
+    for nid in ("100", "102", "110", "112"):  # both saliency and both training nodes finished
+        assert progress.get(nid) and progress[nid][-1][0] == progress[nid][-1][1], (nid, progress)
+
+    on, off, base = (_latent(comfy, history, n) for n in ("900", "910", "920"))
+    effect_on, effect_off = (float((x - base).abs().mean()) for x in (on, off))
+    between = float((on - off).abs().mean())
+    mods = {name: _adapter_modules(comfy, history["outputs"][str(104 + 10 * i)]["text"][0])
+            for i, name in enumerate(settings)}
+    overlap = len(mods["on"] & mods["off"]) / len(mods["on"] | mods["off"])
+    print(f"\nmemory controls on/off ran in {time.time() - t:.0f}s: mean |effect| on the concept's "
+          f"latents {effect_on:.3e} / {effect_off:.3e}, on vs off {between:.3e}; adapted modules "
+          f"{len(mods['on'])} / {len(mods['off'])}, overlap {overlap:.2f}")
+    scale = float(base.abs().mean())
+    assert effect_on > 1e-3 * scale and effect_off > 1e-3 * scale
+    assert 0.5 < effect_on / effect_off < 2.0 and between < 0.25 * min(effect_on, effect_off)
+    assert overlap >= 0.5
+
+
+UNET_FILE = "tiny_sd15_unet.safetensors"
+
+
+def _unet_only_file(comfy) -> str:
+    """The checkpoint's UNet saved alone (diffusion-model keys, no prefix), as a file the stock
+    UNETLoader lists (models/diffusion_models)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = os.path.join(comfy.base, "models", "diffusion_models")
+    path = os.path.join(folder, UNET_FILE)
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        prefix = "model.diffusion_model."
+        with safe_open(os.path.join(comfy.base, "models", "checkpoints", CKPT), "pt") as f:
+            sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        save_file(sd, path)
+    return UNET_FILE
+
+
+def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
+    """The UNet loaded by the stock UNETLoader with weight_dtype fp8_e4m3fn: ComputeSaliency
+    fails at once, naming the fix (weight_dtype 'default'), before any progress; a LoRA made on
+    the normally loaded checkpoint trains on it (ComfyUI computes in its manual-cast dtype)."""
+    wf = tiny_workflow()
+    ck = node_of(wf, "CheckpointLoaderSimple")
+    sal, init, unl = (node_of(wf, k) for k in ("ComputeSaliency", "SparseLoRAInit",
+                                                "SelfDistillUnlearn"))
+    unet_name = _unet_only_file(comfy)
+    info = comfy.get("/object_info")
+    assert unet_name in info["UNETLoader"]["input"]["required"]["unet_name"][0]
+    fp8 = {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name,
+                                                  "weight_dtype": "fp8_e4m3fn"}}
+
+    refused = keep(wf, [ck])
+    refused["70"] = fp8
+    refused["71"] = {"class_type": "ComputeSaliency", "inputs": {
+        **wf[sal]["inputs"], "model": ["70", 0], "seed": 31}}
+    refused["72"] = {"class_type": "SaliencyPreview", "inputs": {
+        "saliency": ["71", 0], "reduce": "mean", "max_modules": 10}}
+    refused["73"] = {"class_type": "PreviewImage", "inputs": {"images": ["72", 0]}}
+    assert validate_api_prompt(refused, info) == []
+    t = time.time()
+    history, messages = comfy.run(refused)
+    took = time.time() - t
+    errors = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert errors and errors[0]["node_id"] == "71", json.dumps(messages)[-3000:]
+    message = errors[0]["exception_message"]
+    assert "float8_e4m3fn" in message and "weight_dtype 'default'" in message, message
+    assert not [m for m in messages if m["type"] == "progress" and m["data"]["node"] == "71"]
+    print(f"\nfp8 UNet -> ComputeSaliency: {errors[0]['exception_type']}: {message.strip()} "
+          f"({took:.1f}s)")
+
+    trains = keep(wf, [ck, "2", "3", node_of(wf, "EmptyLatentImage")])
+    trains["70"] = fp8
+    trains[sal] = {"class_type": "ComputeSaliency", "inputs": {**wf[sal]["inputs"], "seed": 31}}
+    trains[init] = wf[init]
+    trains[unl] = {"class_type": "SelfDistillUnlearn", "inputs": {
+        **wf[unl]["inputs"], "model": ["70", 0], "steps": 4, "seed": 31}}
+    trains["74"] = {"class_type": "SaveUnlearnAdapter", "inputs": {
+        "adapter": [unl, 0], "filename_prefix": "spare/fp8_trained", "keep_native": True}}
+    trains["75"] = {"class_type": "ApplyUnlearnAdapter",
+                    "inputs": {"model": ["70", 0], "adapter": [unl, 0], "strength": 1.0}}
+    sample_branch(trains, "76", ["75", 0], "fp8_after")
+    sample_branch(trains, "77", ["70", 0], "fp8_base")
+    assert validate_api_prompt(trains, info) == []
+    t = time.time()
+    history, messages = comfy.run(trains)
+    assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    steps = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == unl]
+    assert steps and steps[-1]["value"] == steps[-1]["max"], steps
+
+    from safetensors.torch import load_file
+    lora = history["outputs"]["74"]["text"][0]
+    tensors = load_file(os.path.join(comfy.base, "models", "loras",
+                                     lora.replace(".safetensors", ".spare.safetensors")))
+    ups = [v for k, v in tensors.items() if k.endswith("lora_B")]
+    assert ups and all(v.isfinite().all() for v in tensors.values())
+    trained = max(float(v.abs().max()) for v in ups)  # lora_B starts at zero
+    after, base = _latent(comfy, history, "760"), _latent(comfy, history, "770")
+    effect = float((after - base).abs().max())
+    print(f"LoRA on the fp8 UNet: {len(steps)} progress updates in {time.time() - t:.0f}s, "
+          f"max |lora_B| {trained:.2e}, effect on the fp8 model's latents {effect:.2e}")
+    assert trained > 0 and effect > 0

@@ -43,12 +43,29 @@ def test_demo_writes_grid_and_metrics(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n", "3", "--steps", "5",
                  "--sample-steps", str(SAMPLE_STEPS)]) == 0
+    out_text, err = capsys.readouterr()
+    for phase in ("evaluate before", "SPARE: concept samples", "SPARE: saliency",
+                  "SPARE: preserve pool 9", "SPARE: timestep gaps", "SPARE: training",
+                  "evaluate after"):
+        assert phase in err, phase
+    assert "Loading weights" not in err
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["before"]) == {"UA", "RA", "FD_forget", "FD_retain"} and m["forget"] == FORGET
     assert m["before"]["UA"] <= 0.34  # the original model draws the digit
     from PIL import Image
     assert Image.open(out / "grid.png").size[1] >= 10 * 40
-    assert "UA" in capsys.readouterr().out
+    assert "UA" in out_text
+    before = (out / "metrics.json").read_bytes()
+    assert main(["demo", "--out", str(out), "--steps", "5"]) == 2  # its files exist
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_cli_constants_match_the_digits_model():
+    from spare_core import bench
+    from spare_core.digits.data import NAMES
+
+    assert bench.SAMPLE_STEPS == M.SAMPLE_STEPS and bench.NAMES == NAMES
 
 
 def test_bench_prints_a_table(tmp_path, capsys):

@@ -137,3 +137,139 @@ def test_diffusers_lora_export_loads_with_peft(masked):
         ref = _out(den)
     den.unet.load_lora_adapter(to_diffusers_lora(ad), prefix="unet", adapter_name="spare")
     assert torch.allclose(_out(den), ref, atol=1e-4), float((_out(den) - ref).abs().max())
+
+
+# ---- files hygiene ---------------------------------------------------------------------------
+
+def test_atomic_write_takes_the_umask_without_touching_it(tmp_path, monkeypatch):
+    """The kernel applies the umask at creation: the process umask is never read or flipped
+    (ComfyUI's server thread may create files meanwhile)."""
+    from spare_core.files import atomic_write_json
+
+    old = os.umask(0o027)
+    try:
+        def no_umask(*_):
+            raise AssertionError("os.umask called")
+        monkeypatch.setattr(os, "umask", no_umask)
+        path = tmp_path / "m.json"
+        atomic_write_json({"a": 1}, str(path))
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def _crafted(tmp_path, den, layout_edit, tensors_edit=None, full=True):
+    """A saved adapter whose metadata (and optionally tensors) are rewritten."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from spare_core.files import read_safetensors
+
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(_adapter(den, False, full=full), path, unet=den.unet)
+    tensors, meta = read_safetensors(path)
+    layout = json.loads(meta["modules"])
+    layout_edit(layout)
+    meta["modules"] = json.dumps(layout)
+    if tensors_edit:
+        tensors_edit(tensors)
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, metadata=meta)
+    return bad
+
+
+def test_load_adapter_checks_claimed_shapes_before_allocating(den, tmp_path, monkeypatch):
+    from spare_core.adapter import UnlearnAdapter
+
+    def huge(layout):
+        layout[LINEAR]["shape"] = [1 << 20, 1 << 20]  # a sparse full delta would allocate 1 TiB
+
+    path = _crafted(tmp_path, den, huge)
+
+    def never(*_a, **_k):
+        raise AssertionError("allocated before checking")
+    monkeypatch.setattr(UnlearnAdapter, "from_tensors", classmethod(never))
+    monkeypatch.setattr("spare_core.files.read_safetensors", never)
+    with pytest.raises(ModelMismatchError, match="different layer sizes"):
+        load_adapter(path, unet=den.unet)
+    with pytest.raises(AdapterFileError, match="more than any diffusion UNet has"):
+        load_adapter(path)
+
+
+def test_load_adapter_checks_metadata_against_the_file(den, tmp_path):
+    def other_rank(layout):
+        layout[CONV]["rank"] = 2
+
+    with pytest.raises(AdapterFileError, match="metadata claims"):
+        load_adapter(_crafted(tmp_path, den, other_rank, full=False))
+    short = _crafted(tmp_path, den, lambda layout: None,
+                     lambda t: t.__setitem__(f"{LINEAR}.values", t[f"{LINEAR}.values"][:-1]))
+    with pytest.raises(AdapterFileError, match="metadata claims"):
+        load_adapter(short)
+    with pytest.raises(AdapterFileError, match="malformed metadata"):
+        load_adapter(_crafted(tmp_path, den, lambda layout: layout[LINEAR].update(shape=[-1, 4])))
+
+
+def test_from_pretrained_refuses_pickle_weights(tmp_path):
+    from spare_core import DiffusersDenoiser
+
+    den = tiny_denoiser()
+    den.unet.save_pretrained(str(tmp_path / "unet"), safe_serialization=False)
+    den.text_encoder.save_pretrained(str(tmp_path / "text_encoder"))
+    den.tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    den.scheduler.save_pretrained(str(tmp_path / "scheduler"))
+    assert not list((tmp_path / "unet").glob("*.safetensors"))
+    with pytest.raises(OSError, match="safetensors"):
+        DiffusersDenoiser.from_pretrained(str(tmp_path))
+
+
+# ---- exports: CompVis names, merged models ---------------------------------------------------
+
+def test_diffusers_export_refuses_compvis_names():
+    from spare_core import LoRADelta, UnlearnAdapter
+
+    ad = UnlearnAdapter({"input_blocks.1.1.transformer_blocks.0.attn2.to_k": LoRADelta((8, 8), 2, 2),
+                         "middle_block.1.proj_in": LoRADelta((8, 8), 2, 2)})
+    with pytest.raises(ValueError, match="to_comfy_lora"):
+        to_diffusers_lora(ad)
+    assert to_comfy_lora(ad)  # the fix it names works
+
+
+@pytest.mark.parametrize("masked,full", [(False, False), (True, False), (False, True)])
+def test_merge_into_unet_equals_the_adapter_applied(masked, full):
+    from spare_core.export import merge_into_unet
+
+    den = tiny_denoiser()
+    ad = _adapter(den, masked, full)
+    with ad.applied(den.unet):
+        want = _out(den)
+        with pytest.raises(RuntimeError, match="detach it"):
+            merge_into_unet(den.unet, ad)
+    merge_into_unet(den.unet, ad)
+    torch.testing.assert_close(_out(den), want, atol=1e-6, rtol=1e-5)
+
+
+def test_save_merged_pipeline_writes_a_loadable_folder(tmp_path):
+    from spare_core import DiffusersDenoiser
+    from spare_core.export import save_merged_pipeline
+
+    den = tiny_denoiser()
+    src = tmp_path / "pipe"
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        getattr(den, part).save_pretrained(str(src / part))
+    (src / "model_index.json").write_text("{}")
+    ad = _adapter(den, True)
+    with ad.applied(den.unet):
+        want = _out(den)
+    dst = tmp_path / "merged"
+    save_merged_pipeline(str(src), ad, str(dst))
+    assert (dst / "model_index.json").exists() and (dst / "unet" / "config.json").exists()
+    got = _out(DiffusersDenoiser.from_pretrained(str(dst)))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_merged_pipeline(str(src), ad, str(dst))
+    save_merged_pipeline(str(src), ad, str(dst), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "pipe"]

@@ -37,7 +37,7 @@ def _pattern():
 
 def _effective_weights(den, adapter):
     """Every Linear/Conv2d weight as the forward pass sees it with the adapter attached."""
-    with adapter.applied(den.unet), torch.no_grad():
+    with adapter.applied(den.unet, mode="merged"), torch.no_grad():
         return {n: m.weight.detach().clone() for n, m in adaptable_modules(den.unet).items()}
 
 

@@ -29,7 +29,8 @@ def env(tmp_path_factory):
     nodes = load_pack().NODE_CLASS_MAPPINGS
     model, clip = host.load_checkpoint(seed=0)
     (sal,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT,
-                      samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, **SIZE)
+                      samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, element_scores=True,
+                      **SIZE)
     (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, rank=2, alpha=2.0,
                        sparsity=0.0, seed=0)
     # concept left empty, as in the shipped workflow: taken from the adapter's saliency map
@@ -434,3 +435,141 @@ def test_data_unlearn_bad_inputs_name_the_fix(env):
     with pytest.raises(ValueError, match="not a multiple of 8"):
         host.run(nodes["DataUnlearn"], vae=VAE(), forget_images=torch.rand(1, 60, 60, 3),
                  keep_images=torch.rand(2, 60, 60, 3), **common)
+
+
+# ---------------------------------------------------------------- save prefixes, chart legend, strength
+
+ESCAPES = ["../escape", "spare/../../escape", "/tmp/spare_escape/x", " ../escape "]
+
+
+def _files_under(folder):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs)
+
+
+def test_save_prefix_outside_the_loras_folder_is_refused_with_the_fix(env):
+    """ComfyUI's folder_paths.get_save_image_path raises a bare Exception for these prefixes;
+    the node refuses them first, naming the folder and a prefix that works."""
+    import folder_paths  # the host's (the double's, installed by ``env``)
+
+    host, nodes, ad = env["host"], env["nodes"], env["trained"]
+    base = os.path.dirname(os.path.dirname(host.loras))
+    before = _files_under(base)
+    for prefix in ESCAPES:
+        with pytest.raises(Exception, match="outside the output folder is not allowed"):
+            folder_paths.get_save_image_path(prefix.strip(), os.path.abspath(host.loras))
+        _expect(env, "SaveUnlearnAdapter", r"points outside models/loras.*'spare/erased_concept'",
+                adapter=ad, filename_prefix=prefix, keep_native=True)
+    for prefix in ("./", "..", "spare/.."):  # the host would write '._00001_' or '.._00001_'
+        _expect(env, "SaveUnlearnAdapter", "names no file", adapter=ad, filename_prefix=prefix,
+                keep_native=True)
+    assert _files_under(base) == before and not os.path.exists("/tmp/spare_escape")
+    # '..' that stays inside the folder is what the host accepts too
+    (name,) = host.run(nodes["SaveUnlearnAdapter"], adapter=ad, filename_prefix="spare/../inside",
+                       keep_native=False)
+    assert name == "inside_00001_.safetensors"
+    assert os.path.isfile(os.path.join(host.loras, name))
+    os.remove(os.path.join(host.loras, name))
+
+
+def test_host_refusal_of_a_save_path_becomes_a_clear_error(env, monkeypatch):
+    """Should the host refuse a prefix the node's own check let through, the host's bare
+    Exception still reaches the user as the node's ValueError with the fix."""
+    file_nodes = sys.modules[load_pack().__name__ + ".nodes.file_nodes"]
+    monkeypatch.setattr(file_nodes, "check_prefix", lambda prefix: None)
+    with pytest.raises(ValueError, match="points outside models/loras") as err:
+        env["host"].run(env["nodes"]["SaveUnlearnAdapter"], adapter=env["trained"],
+                        filename_prefix="../escape", keep_native=True)
+    assert "outside the output folder" in str(err.value.__cause__)
+
+
+def test_preview_greys_the_never_adapted_io_convolutions(env):
+    """The input/output convolutions are often the most salient modules, and SparseLoRAInit never
+    adapts them: their bars are grey, the top_k adapted ones orange, and the caption says so."""
+    sal, host, preview = env["sal"], env["host"], env["nodes"]["SaliencyPreview"]
+    stats = {n: dict(s) for n, s in sal.stats.items()}
+    io = [n for n in stats if n in IO_CONVS]
+    assert len(io) == 2, io  # conv_in, conv_out
+    top = max(s["mean"] for s in stats.values())
+    for i, n in enumerate(io):
+        stats[n]["mean"] = top * (3 - i)  # the two highest bars
+    loud = Saliency(scores=sal.scores, concept=sal.concept, num_samples=sal.num_samples,
+                    meta=dict(sal.meta), stats=stats)
+    (img,) = host.run(preview, saliency=loud, reduce="mean", max_modules=16)
+    px = (img[0] * 255).round().to(torch.int16)
+    chart = sys.modules[load_pack().__name__ + ".nodes.chart"]
+    head, row, bar_x = 28, 16, int(900 * 0.45) + 2
+
+    def bar_color(i):
+        return tuple(int(v) for v in px[head + i * row + row // 2, bar_x])
+
+    assert [bar_color(i) for i in range(2)] == [chart.EXCLUDED] * 2
+    colors = [bar_color(i) for i in range(2, 16)]
+    top_k = int(sal.meta["top_k"])
+    assert colors[:top_k] == [chart.HIGHLIGHT] * top_k  # the next top_k: adapted
+    assert set(colors[top_k:]) == {chart.BAR}
+    assert loud.top_modules(count=top_k, exclude=IO_CONVS) == loud.top_modules(count=top_k + 2)[2:]
+    caption = preview.caption(sal.concept, "mean", len(stats), top_k, True)
+    assert "orange: the 12 adapted" in caption and "grey: input/output conv, never adapted" in caption
+    assert "grey" not in preview.caption(sal.concept, "mean", len(stats), top_k, False)
+    from PIL import Image, ImageDraw, ImageFont
+    draw = ImageDraw.Draw(Image.new("RGB", (900, 30)))
+    assert chart._fit(draw, ImageFont.load_default(), caption, 900 - 16) == caption  # not cut
+    # one bar: conv_in alone, still grey
+    (one,) = host.run(preview, saliency=loud, reduce="mean", max_modules=1)
+    assert tuple(int(v) for v in (one[0] * 255).round().to(torch.int16)[head + row // 2, bar_x]) \
+        == chart.EXCLUDED
+
+
+def test_apply_strength_says_it_extrapolates_past_one(env):
+    spec = env["nodes"]["ApplyUnlearnAdapter"].INPUT_TYPES()["required"]["strength"][1]
+    assert spec["default"] == 1.0 and spec["min"] == -2.0 and spec["max"] == 2.0
+    assert "extrapolates" in spec["tooltip"] and "Above 1" in spec["tooltip"]
+
+
+def test_saliency_memory_controls_keep_the_ranking(env):
+    """The node's defaults (micro-batch 1, gradient checkpointing, per-module scores only) rank
+    the modules as the float32 per-element run does, keep no element scores, and a sparsity that
+    needs them is refused with the fix."""
+    host, nodes, model, clip, full = env["host"], env["nodes"], env["model"], env["clip"], env["sal"]
+    (lean,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT,
+                       samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, **SIZE)
+    assert not lean.has_elements and set(lean.modules) == set(full.modules)
+    for name, st in lean.stats.items():  # bfloat16 running sums: within bf16 rounding
+        assert st["mean"] == pytest.approx(full.stats[name]["mean"], rel=2e-2, abs=1e-12), name
+    assert lean.top_modules(12) == full.top_modules(12)
+    with pytest.raises(ValueError, match="turn on element_scores"):
+        host.run(nodes["SparseLoRAInit"], model=model, saliency=lean, rank=2, alpha=2.0,
+                 sparsity=0.5, seed=0)
+
+
+def test_fp8_weights_train_lora_in_bf16_and_refuse_saliency_up_front(env):
+    """A UNet stored in float8 and computed in bfloat16 (ComfyUI's manual cast): saliency is refused before any sampling, LoRA training runs."""
+    host, nodes, clip = env["host"], env["nodes"], env["clip"]
+    from comfy_double import store_weights_as
+
+    model, _ = host.load_checkpoint(seed=0)
+    store_weights_as(model, torch.float8_e4m3fn, torch.bfloat16)
+    host.progress.clear()
+    with pytest.raises(ValueError, match="float8_e4m3fn.*weight_dtype 'default'"):
+        host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT, samples=2,
+                 top_k=4, seed=0, sample_steps=3, cfg=3.0, **SIZE)
+    assert host.progress == []  # refused before any sampling
+    (trained,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=env["init"],
+                          concept="", surrogate=SURROGATE, preserve="", steps=3, lr=1e-2,
+                          timestep_sampler="uniform", objective="self_distill", seed=0,
+                          batch_size=2, pool_size=2, pool_steps=2, cfg=3.0, **SIZE)
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in trained.parameters())
+    assert any(float(trained[n].lora_B.abs().sum()) > 0 for n in trained.names)
+
+
+def test_full_weight_data_unlearn_refused_when_it_cannot_fit(env):
+    host, nodes, model, clip = env["host"], env["nodes"], env["model"], env["clip"]
+    images = torch.rand(2, 64, 64, 3)
+    host.free_memory = 1 << 20  # 1 MB free
+    try:
+        with pytest.raises(ValueError, match="only 0.00 GB is free; choose parameterization 'lora'"):
+            host.run(nodes["DataUnlearn"], model=model, clip=clip, vae=__import__("comfy_double").VAE(),
+                     forget_images=images, keep_images=images, method="siss", steps=1, lr=0.0,
+                     parameterization="full", seed=0)
+    finally:
+        host.free_memory = 1 << 40

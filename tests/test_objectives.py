@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from spare_core.objectives import (ESD, OBJECTIVES, SISS, Batch, EraseDiff, NaiveDeletion,
-                                   NegGrad, Part, SalUnRL, make_objective, siss_log_weights,
-                                   trainable_leaves, with_gradient)
+                                   NegGrad, Part, SalUnRL, SelfDistill, make_objective,
+                                   siss_log_weights, trainable_leaves, with_gradient)
 
 B, C, H, W, L, D = 3, 1, 2, 2, 2, 3
 AC = torch.linspace(0.99, 0.02, 10)  # a made-up schedule alphas_cumprod [T=10]
@@ -295,3 +295,92 @@ def test_with_gradient_and_leaf_discovery():
 def test_bad_options_are_refused(cls, kw):
     with pytest.raises(ValueError):
         cls(**kw)
+
+
+# ---- SelfDistill (SPARE stage 2) -------------------------------------------------------------
+class _Recording:
+    """Wraps a Fake and records the contexts each call got (to check which network sees which)."""
+
+    def __init__(self, fake, detach=False):
+        self.fake, self.detach, self.ctxs = fake, detach, []
+
+    def __call__(self, x, t, c):
+        self.ctxs.append(c.detach().clone())
+        out = self.fake(x, t, c)
+        return out.detach() if self.detach else out
+
+
+def _seen(rec):
+    """Every context row a recorded network got, over all its calls, as one tensor."""
+    return torch.cat(rec.ctxs)
+
+
+@pytest.mark.parametrize("with_preserve", [True, False])
+@pytest.mark.parametrize("split", [False, True])
+def test_self_distill_equals_formula(with_preserve, split):
+    wf, wp = 1.7, 0.4
+    g = _gen(9)
+    f, p = _part(g), _part(g, t=torch.tensor([2, 5, 7]))
+    sur = torch.randn(B, L, D, generator=g)
+    batch = Batch(f, p if with_preserve else None, sur, torch.zeros(1, L, D), AC)
+    st_fake, te_fake = Fake(), Fake(0.5, 0.1, grad=False)
+    st, te = _Recording(st_fake), _Recording(te_fake, detach=True)
+    obj = SelfDistill(forget_weight=wf, preserve_weight=wp)
+    # wf * ||s(x_f, t_f, c) - T(x_f, t_f, c_sur)||^2 + wp * ||s(x_p, t_p, p) - T(x_p, t_p, p)||^2
+    lf = _msq(st_fake.plain(f.x_t, f.ctx), te_fake.plain(f.x_t, sur))
+    lp = _msq(st_fake.plain(p.x_t, p.ctx), te_fake.plain(p.x_t, p.ctx))
+    want = wf * lf + (wp * lp if with_preserve else 0.0)
+    if split:
+        pieces = list(obj.parts(st, te, batch))
+        assert len(pieces) == (2 if with_preserve else 1)
+        assert pieces[0][1] == pytest.approx({"forget": lf}, rel=1e-5)
+        assert pieces[0][0].item() == pytest.approx(wf * lf, rel=1e-5)
+        if with_preserve:
+            assert pieces[1][1] == pytest.approx({"preserve": lp}, rel=1e-5)
+            assert pieces[1][0].item() == pytest.approx(wp * lp, rel=1e-5)
+        loss = sum(l for l, _ in pieces)
+        logs = {k: v for _, lg in pieces for k, v in lg.items()}
+    else:
+        loss, logs = obj(st, te, batch)
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+    assert logs == pytest.approx({"forget": lf, "preserve": lp} if with_preserve else {"forget": lf},
+                                 rel=1e-5)
+    # the student sees the concept (and preserved) contexts, the teacher the surrogate (and the
+    # same preserved) contexts: never the concept
+    want_s = torch.cat([f.ctx, p.ctx]) if with_preserve else f.ctx
+    want_t = torch.cat([sur, p.ctx]) if with_preserve else sur
+    assert torch.equal(_seen(st), want_s) and torch.equal(_seen(te), want_t)
+    # gradient by hand: d/dth0 of mean(r^2) = mean(2 r x), d/dth1 = mean(2 r)
+    loss.backward()
+    r_f = st_fake.plain(f.x_t, f.ctx) - te_fake.plain(f.x_t, sur)
+    r_p = st_fake.plain(p.x_t, p.ctx) - te_fake.plain(p.x_t, p.ctx)
+    n = r_f.numel()
+    g0 = wf * float((2 * r_f * f.x_t).sum() / n)
+    g1 = wf * float((2 * r_f).sum() / n)
+    if with_preserve:
+        g0 += wp * float((2 * r_p * p.x_t).sum() / n)
+        g1 += wp * float((2 * r_p).sum() / n)
+    assert st_fake.theta.grad.tolist() == pytest.approx([g0, g1], rel=1e-4)
+
+
+@pytest.mark.parametrize("with_preserve", [True, False])
+def test_self_distill_parts_sum_to_the_loss(with_preserve):
+    g = _gen(10)
+    f, p = _part(g), _part(g, t=torch.tensor([0, 6, 9]))
+    batch = Batch(f, p if with_preserve else None, torch.randn(B, L, D, generator=g),
+                  torch.zeros(1, L, D), AC)
+    obj = SelfDistill(forget_weight=0.6, preserve_weight=2.5)
+    st = Fake()
+    loss, logs = obj(st, _teacher(), batch)
+    pieces = list(obj.parts(st, _teacher(), batch))
+    assert sum(l for l, _ in pieces).item() == pytest.approx(loss.item(), rel=1e-6)
+    merged = {k: v for _, lg in pieces for k, v in lg.items()}
+    assert merged == pytest.approx(logs, rel=1e-6)
+    assert set(merged) == ({"forget", "preserve"} if with_preserve else {"forget"})
+    # the same gradient, one backward per part or one for the whole loss
+    loss.backward()
+    whole = st.theta.grad.clone()
+    st.theta.grad = None
+    for l, _ in obj.parts(st, _teacher(), batch):
+        l.backward()
+    assert st.theta.grad.tolist() == pytest.approx(whole.tolist(), rel=1e-5)

@@ -87,7 +87,7 @@ def test_sparse_lora_touches_only_masked_elements_and_modules(den):
     mods = adaptable_modules(den.unet)
     before = {n: m.weight.detach().clone() for n, m in mods.items()}
     masks = sal.mask(fraction=0.3, scope="layer", modules=adapter.names)
-    with adapter.applied(den.unet):
+    with adapter.applied(den.unet, mode="merged"):  # merged: the weights themselves show the delta
         for n, m in mods.items():
             diff = m.weight.detach() - before[n]
             if n in adapter.names:
@@ -150,9 +150,35 @@ def test_bad_rank(den, rank):
         init_sparse_lora(den.unet, ["conv_in"], rank=rank)
 
 
-def test_double_attach_is_refused(den):
+def test_double_attach_is_refused_and_two_adapters_stack(den):
     a = init_sparse_lora(den.unet, ["conv_in"], rank=1)
     b = init_sparse_lora(den.unet, ["conv_in"], rank=1)
-    with a.applied(den.unet):
-        with pytest.raises(RuntimeError, match="already"):
-            b.attach(den.unet)
+    _randomize(a)
+    _randomize(b)
+    x = torch.randn(2, *den.latent_shape, generator=torch.Generator().manual_seed(0))
+    conv = den.unet.conv_in
+    with torch.no_grad():
+        ref = conv(x)
+        with a.applied(den.unet):
+            with pytest.raises(RuntimeError, match="already attached"):
+                a.attach(den.unet)
+            only_a = conv(x)
+            with b.applied(den.unet):  # unmerged adapters add up
+                both = conv(x)
+        with b.applied(den.unet):
+            only_b = conv(x)
+        torch.testing.assert_close(both - ref, (only_a - ref) + (only_b - ref), atol=1e-5, rtol=1e-4)
+        assert torch.equal(conv(x), ref)
+
+
+def test_lora_on_every_layer_clamps_rank_to_small_layers(den):
+    """DataUnlearn's LoRA adapts every Linear/Conv2d; SD's output convolution has 4 output
+    channels, so a rank-8 request gives it rank 4 (full rank) instead of failing, while an
+    explicit module list still refuses a rank that does not fit."""
+    from spare_core.esd import init_module_adapter
+
+    ad = init_module_adapter(den.unet, None, "lora", rank=8)
+    assert ad["conv_out"].rank == 4 and ad["conv_out"].scale == 1.0
+    assert max(ad[n].rank for n in ad.names) == 8
+    with pytest.raises(ValueError, match="rank 8 is larger than layer conv_out"):
+        init_sparse_lora(den.unet, ["conv_out"], rank=8)

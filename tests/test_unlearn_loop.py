@@ -134,3 +134,134 @@ def test_cancel_detaches_and_leaves_model_untouched(den):
     assert seen == [1, 2, 3]
     assert_state_equal(den.unet, saved)
     assert torch.equal(_probe(den, CONCEPT), ref)
+
+
+# ---- grad_accum and max_grad_norm -------------------------------------------------------------
+class _FixedTask:
+    """A task double whose batches are fixed slices of one pre-drawn batch of ``n`` samples, in
+    turn: with batch_size n the loop gets all of it each micro-step, with n/k it gets the k
+    slices one after the other. (ConceptTask draws fresh samples from the loop's generator, so
+    two batch sizes would see different data.)"""
+
+    def __init__(self, den, n=4, preserve=True, seed=11):
+        from spare_core.objectives import Batch, Part
+        from spare_core.sampling import q_sample
+
+        g = torch.Generator().manual_seed(seed)
+        ac = den.alphas_cumprod
+
+        def part(prompts, t):
+            x0 = torch.randn(n, *den.latent_shape, generator=g)
+            noise = torch.randn(x0.shape, generator=g)
+            return Part(x0, noise, t, q_sample(x0, t, noise, ac), den.encode(prompts))
+
+        self.n, self._Batch, self._Part = n, Batch, Part
+        self.forget = part([CONCEPT] * n, torch.tensor([100, 400, 700, 900])[:n])
+        self.preserve = part([KEEP[i % 2] for i in range(n)], torch.tensor([50, 300, 600, 850])[:n]) \
+            if preserve else None
+        self.sur = den.encode([SURROGATE] * n)
+        self.uncond = den.encode([""])
+        self.ac = ac
+        self.calls = []
+
+    def validate(self, denoiser=None):
+        pass
+
+    def prepare(self, denoiser, timestep_sampler, seed, progress=None):
+        self.next = 0
+
+    def _slice(self, part, lo, hi):
+        if part is None:
+            return None
+        return self._Part(*(getattr(part, k)[lo:hi] for k in ("x0", "noise", "t", "x_t", "ctx")))
+
+    def batch(self, denoiser, batch_size, gen):
+        assert self.n % batch_size == 0
+        lo = self.next
+        hi = lo + batch_size
+        self.next = hi % self.n
+        self.calls.append((lo, hi))
+        return self._Batch(self._slice(self.forget, lo, hi), self._slice(self.preserve, lo, hi),
+                           self.sur[lo:hi], self.uncond, self.ac)
+
+
+def _one_step(den, task, objective="self_distill", **cfg):
+    """One training step; returns (adapter params before, after, gradients seen after the step,
+    history)."""
+    ad = _adapter(den)
+    before = [p.detach().clone() for p in ad.parameters()]
+    grads = []
+
+    def progress(i, n, loss):  # runs after opt.step(), before the grads are cleared
+        grads.append([p.grad.detach().clone() for p in ad.parameters()])
+
+    res = unlearn(den, ad, task, objective, UnlearnConfig(steps=1, **cfg), progress=progress)
+    after = [p.detach().clone() for p in ad.parameters()]
+    assert len(grads) == 1
+    return before, after, grads[0], res.history
+
+
+def _cat(ts):
+    return torch.cat([t.flatten() for t in ts])
+
+
+@pytest.mark.parametrize("preserve", [True, False])
+def test_grad_accum_equals_one_big_batch(den, preserve):
+    big_task = _FixedTask(den, preserve=preserve)
+    b0, b1, gb, hb = _one_step(den, big_task, batch_size=4, grad_accum=1, max_grad_norm=None, lr=1e-3)
+    acc_task = _FixedTask(den, preserve=preserve)
+    a0, a1, ga, ha = _one_step(den, acc_task, batch_size=2, grad_accum=2, max_grad_norm=None, lr=1e-3)
+    assert big_task.calls == [(0, 4)] and acc_task.calls == [(0, 2), (2, 4)]
+    assert torch.equal(_cat(b0), _cat(a0))  # same initial adapter
+    gb, ga = _cat(gb), _cat(ga)
+    assert float(gb.norm()) > 0
+    # the mean of two half-batch losses (each / grad_accum) has the full batch's gradient
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6 * float(gb.abs().max()))
+    assert torch.allclose(_cat(a1), _cat(b1), rtol=1e-4, atol=1e-7)
+    assert ha["loss"][0] == pytest.approx(hb["loss"][0], rel=1e-5)
+    assert ha["terms"][0] == pytest.approx(hb["terms"][0], rel=1e-5)
+    # grad_accum=2 without the 1/grad_accum factor would double the gradient: not the case
+    assert not torch.allclose(ga, 2 * gb, rtol=1e-2)
+
+
+def _adam_first_step(before, grad, lr, eps=1e-8):
+    """AdamW's first step (no weight decay, bias-corrected): p - lr * g / (|g| + eps)."""
+    return before - lr * grad / (grad.abs() + eps)
+
+
+def test_max_grad_norm_none_is_unclipped_and_a_norm_clips(den):
+    # the tiny model's gradient norm is ~4e-4 at weight 1: weight 1e4 lifts it above the default
+    # clip 1.0, so None is also told apart from "None means the default"
+    obj = SelfDistill(forget_weight=1e4, preserve_weight=1e4)
+    lr = 1e-3
+    # the gradient computed by hand: the objective's loss backward through the attached adapter
+    task = _FixedTask(den)
+    task.prepare(den, None, 0)
+    ad = _adapter(den)
+    den.unet.requires_grad_(False)
+    batch = task.batch(den, 4, None)
+    with ad.applied(den.unet):
+        def teacher(x, t, c):
+            with torch.no_grad(), ad.disabled():
+                return den.eps(x, t, c)
+        loss, _ = obj(den.eps, teacher, batch)
+        loss.backward()
+    raw = _cat([p.grad for p in ad.parameters()])
+    raw_norm = float(raw.norm())
+    clip = 1e-3
+    assert raw_norm > 1.5  # so a clip at 1e-3, or at 1.0, changes it
+
+    b0, b1, g_none, _ = _one_step(den, _FixedTask(den), obj, batch_size=4, max_grad_norm=None,
+                                  lr=lr)
+    g_none = _cat(g_none)
+    assert torch.allclose(g_none, raw, rtol=1e-4, atol=1e-6 * float(raw.abs().max()))
+    assert torch.allclose(_cat(b1), _adam_first_step(_cat(b0), g_none, lr), rtol=1e-5, atol=1e-9)
+
+    c0, c1, g_clip, _ = _one_step(den, _FixedTask(den), obj, batch_size=4, max_grad_norm=clip,
+                                  lr=lr)
+    g_clip = _cat(g_clip)
+    coef = clip / (raw_norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s factor
+    assert float(g_clip.norm()) == pytest.approx(clip, rel=1e-4)
+    assert torch.allclose(g_clip, raw * coef, rtol=1e-4, atol=1e-6 * float(raw.abs().max()) * coef)
+    # and the optimizer stepped with it
+    assert torch.allclose(_cat(c1), _adam_first_step(_cat(c0), g_clip, lr), rtol=1e-5, atol=1e-9)

@@ -164,3 +164,62 @@ def test_ui_validation_catches_mistakes(ui, info):
     errors = validate_ui_workflow(broken, info)
     assert any("widgets_values" in e for e in errors)
     assert any(f"link {link[0]}:" in e for e in errors)
+
+
+README = os.path.join(REPO, "workflows", "README.md")
+BAKE = "Bake into a checkpoint"
+
+
+def bake_snippet() -> dict:
+    """The API entry workflows/README.md gives for baking headless."""
+    with open(README) as f:
+        text = f.read()
+    return json.loads(text.split(f"## {BAKE}", 1)[1].split("```json\n", 1)[1].split("```", 1)[0])
+
+
+def test_bake_group_holds_a_bypassed_checkpoint_save_of_the_patched_model(ui):
+    """The optional group: the stock CheckpointSave fed by Apply's MODEL and the loader's CLIP and
+    VAE, bypassed so that queueing the workflow writes no multi-GB file."""
+    group = [g for g in ui["groups"] if g["title"].startswith(BAKE)]
+    assert len(group) == 1 and "bypassed" in group[0]["title"]
+    gx, gy, gw, gh = group[0]["bounding"]
+    inside = [n for n in ui["nodes"] if gx <= n["pos"][0] and n["pos"][0] + n["size"][0] <= gx + gw
+              and gy <= n["pos"][1] and n["pos"][1] + n["size"][1] <= gy + gh]
+    assert [n["type"] for n in inside] == ["CheckpointSave"]
+    save = inside[0]
+    assert save["mode"] == 4  # LiteGraph's bypass (Ctrl+B)
+    assert save["widgets_values"][0].startswith("checkpoints/")
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {link[0]: link for link in ui["links"]}
+    fed = {i["name"]: (nodes[links[i["link"]][1]]["type"], links[i["link"]][2]) for i in save["inputs"]}
+    assert fed == {"model": ("ApplyUnlearnAdapter", 0), "clip": ("CheckpointLoaderSimple", 1),
+                   "vae": ("CheckpointLoaderSimple", 2)}
+
+
+def test_bake_node_enabled_queues_the_readme_api_entry(ui, api, info):
+    """The API twin is what the frontend queues with the node bypassed; enabled, the frontend
+    queues the twin plus exactly the entry workflows/README.md tells headless users to add."""
+    assert "CheckpointSave" not in {v["class_type"] for v in api.values()}
+    enabled = copy.deepcopy(ui)
+    for n in enabled["nodes"]:
+        if n["type"] == "CheckpointSave":
+            n["mode"] = 0
+    twin = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert ui_to_api(enabled, info) == {**twin, **bake_snippet()}
+    assert validate_api_prompt({**api, **bake_snippet()}, info) == []
+
+
+def test_bypassed_and_muted_nodes_are_queued_as_the_frontend_does(ui, info):
+    """A bypassed node passes its input of the same type through; a muted one feeds nothing."""
+    apply_id = next(n["id"] for n in ui["nodes"] if n["type"] == "ApplyUnlearnAdapter")
+    after = next(n for n in ui["nodes"] if n["type"] == "KSampler"
+                 and any(i["name"] == "model" and (l := i.get("link")) is not None
+                         and next(k for k in ui["links"] if k[0] == l)[1] == apply_id
+                         for i in n["inputs"]))
+    loader = next(n["id"] for n in ui["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    for mode, model in ((4, [str(loader), 0]), (2, None)):
+        changed = copy.deepcopy(ui)
+        next(n for n in changed["nodes"] if n["id"] == apply_id)["mode"] = mode
+        queued = ui_to_api(changed, info)
+        assert str(apply_id) not in queued
+        assert queued[str(after["id"])]["inputs"].get("model") == model

@@ -5,7 +5,7 @@ Images everywhere are ``[N, 1, 8, 8]`` float tensors in ``[-1, 1]`` (the model's
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -49,9 +49,11 @@ def load_classifier():
 
 def generate_digits(denoiser, digits: Sequence[int], n_per_digit: int, seed: int = 0, *,
                     steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE,
-                    method: str = "ddpm") -> dict[int, Tensor]:
+                    method: str = "ddpm",
+                    callback: Callable[[int, int], None] | None = None) -> dict[int, Tensor]:
     """Sample ``n_per_digit`` images per digit from its prompt, in one batched call (the noise is
     fixed by ``seed``, ``digits`` and ``n_per_digit``, so before/after comparisons are paired).
+    ``callback(i, n)`` reports sampler steps (as :func:`spare_core.sampling.sample`).
 
     Returns ``{digit: images [n_per_digit, 1, 8, 8] in [-1, 1]}``."""
     from ..sampling import sample
@@ -59,17 +61,21 @@ def generate_digits(denoiser, digits: Sequence[int], n_per_digit: int, seed: int
     digits = [int(d) for d in digits]
     prompts = [prompt_for(d) for d in digits for _ in range(n_per_digit)]
     x = sample(denoiser, prompts, steps=steps, guidance=guidance, method=method,
-               generator=torch.Generator().manual_seed(seed), clip_x0=1.0).clamp(-1, 1)
+               generator=torch.Generator().manual_seed(seed), clip_x0=1.0,
+               callback=callback).clamp(-1, 1)
     return {d: x[i * n_per_digit:(i + 1) * n_per_digit] for i, d in enumerate(digits)}
 
 
 def generate_unconditional(denoiser, n: int, seed: int = 0, *, steps: int = SAMPLE_STEPS,
-                           method: str = "ddpm") -> Tensor:
-    """``n`` samples ``[n, 1, 8, 8]`` from the empty prompt at guidance 1."""
+                           method: str = "ddpm",
+                           callback: Callable[[int, int], None] | None = None) -> Tensor:
+    """``n`` samples ``[n, 1, 8, 8]`` from the empty prompt at guidance 1 (``callback(i, n)``
+    reports sampler steps)."""
     from ..sampling import sample
 
     return sample(denoiser, [""] * n, steps=steps, guidance=1.0, method=method,
-                  generator=torch.Generator().manual_seed(seed), clip_x0=1.0).clamp(-1, 1)
+                  generator=torch.Generator().manual_seed(seed), clip_x0=1.0,
+                  callback=callback).clamp(-1, 1)
 
 
 def classify(classifier, images_by_digit: dict[int, Tensor]) -> dict[int, Tensor]:
