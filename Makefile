@@ -11,7 +11,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-# extra pip options for the torch step, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# extra pip options for the torch step (e.g. an --index-url of CPU-only wheels)
 TORCH_PIP_ARGS ?=
 ARGS ?=
 

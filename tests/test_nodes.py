@@ -573,3 +573,16 @@ def test_full_weight_data_unlearn_refused_when_it_cannot_fit(env):
                      parameterization="full", seed=0)
     finally:
         host.free_memory = 1 << 40
+
+
+def test_esd_objective_skips_the_preserve_pools_and_says_the_surrogate_is_unused(env, caplog):
+    host, nodes, model, clip = env["host"], env["nodes"], env["model"], env["clip"]
+    host.progress.clear()
+    with caplog.at_level("WARNING"):
+        (ad,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=env["init"],
+                         concept="", surrogate=SURROGATE, preserve="a green line\nthe sea",
+                         steps=2, lr=1e-2, timestep_sampler="uniform", objective="esd", seed=0,
+                         batch_size=2, pool_size=2, pool_steps=3, cfg=3.0, **SIZE)
+    assert host.progress[-1] == (5, 5)  # one 3-step concept pool + 2 steps: no preserve pools
+    assert "ignores the surrogate" in caplog.text and "not sampled" in caplog.text
+    assert ad.meta["surrogate"] == "" and ad.meta["objective"] == "esd"
