@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from spare_core.denoiser import v_to_eps_and_x0
 from spare_core.saliency import adaptable_modules
 
 NATIVE_SUFFIX = ".spare.safetensors"
@@ -272,14 +273,18 @@ class ComfyDenoiser:
         set_gradient_checkpointing(self.unet, enabled)
 
     def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        return self.predict(x_t, t, context)[0]
+
+    def predict(self, x_t: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(eps, x0)``: x0 division-free for v-prediction (spare_core.denoiser.eps_and_x0),
+        None for eps models."""
         dev = self.device
         x = x_t.to(dev, self.dtype)
         out = self.unet(x, t.to(dev).float(), context=context.to(dev, self.dtype),
                         control=None, transformer_options={})
         if self.prediction == "V_PREDICTION":
-            a = self.alphas_cumprod.to(dev)[t.to(dev)].view(-1, 1, 1, 1).to(out.dtype)
-            out = a.sqrt() * out + (1 - a).sqrt() * x
-        return out
+            return v_to_eps_and_x0(out, x, self.alphas_cumprod, t)
+        return out, None
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:

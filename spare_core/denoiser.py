@@ -41,6 +41,31 @@ class Denoiser(Protocol):
         ...
 
 
+def eps_and_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor,
+               context: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(eps, x0)`` predictions ``[B, C, H, W]`` in float32, ``x0`` None when it is only the
+    division ``(x_t - sqrt(1 - a) eps) / sqrt(a)`` (eps-prediction models; see
+    :func:`x0_from_eps`). A backend's optional ``predict`` gives x0 division-free from a
+    v-prediction, so a zero-terminal-SNR schedule (alpha-bar 0 at the last step) stays finite."""
+    predict = getattr(denoiser, "predict", None)
+    if predict is None:
+        return denoiser.eps(x_t, t, context).float(), None
+    eps, x0 = predict(x_t, t, context)
+    return eps.float(), None if x0 is None else x0.float()
+
+
+def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """``(x_t - sqrt(1 - a) eps) / sqrt(a)`` for ``alpha_bar`` ``a`` (broadcastable)."""
+    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def v_to_eps_and_x0(v: Tensor, x_t: Tensor, alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """From a v-prediction (``v = sqrt(a) eps - sqrt(1 - a) x0``): ``eps = sqrt(1 - a) x_t +
+    sqrt(a) v`` and ``x0 = sqrt(a) x_t - sqrt(1 - a) v``, no division."""
+    a = alphas_cumprod.to(v.device)[t.to(v.device)].view(-1, 1, 1, 1).to(v.dtype)
+    return (1 - a).sqrt() * x_t + a.sqrt() * v, a.sqrt() * x_t - (1 - a).sqrt() * v
+
+
 def device_of(denoiser: Denoiser) -> torch.device:
     """Device the UNet's first parameter lives on."""
     return next(denoiser.unet.parameters()).device
@@ -91,6 +116,12 @@ class DiffusersDenoiser:
             raise ValueError(f"prediction_type {self.prediction_type!r} is not supported; "
                              "use an epsilon or v_prediction model")
         cfg = unet.config
+        extra = getattr(cfg, "addition_embed_type", None)
+        if extra is not None or getattr(cfg, "class_embed_type", None) is not None:
+            raise ValueError(f"this UNet needs extra conditioning (addition_embed_type={extra!r}: "
+                             "SDXL-style pooled text and size ids), which the engine does not feed "
+                             "yet; supported: SD1.x/SD2.x UNets (eps or v-prediction) conditioned "
+                             "on text only")
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         self.latent_shape = (int(cfg.in_channels), int(size), int(size))
         self.text_encoder.requires_grad_(False)
@@ -133,12 +164,23 @@ class DiffusersDenoiser:
         return cls(unet.to(device).eval(), te.to(device).eval(), tok, sched)
 
     def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        x = x_t.to(self.compute_dtype)
-        out = self.unet(x, t, encoder_hidden_states=context.to(x.device, self.compute_dtype)).sample
+        x, out = self._raw(x_t, t, context)
         if self.prediction_type == "v_prediction":
-            a = self.alphas_cumprod.to(x.device)[t.to(x.device)].view(-1, 1, 1, 1).to(out.dtype)
-            out = a.sqrt() * out + (1 - a).sqrt() * x
+            return v_to_eps_and_x0(out, x, self.alphas_cumprod, t)[0]
         return out
+
+    def predict(self, x_t: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(eps, x0)``, x0 division-free for v-prediction models and None for eps models
+        (see :func:`eps_and_x0`)."""
+        x, out = self._raw(x_t, t, context)
+        if self.prediction_type == "v_prediction":
+            return v_to_eps_and_x0(out, x, self.alphas_cumprod, t)
+        return out, None
+
+    def _raw(self, x_t: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
+        x = x_t.to(self.compute_dtype)
+        ctx = context.to(x.device, self.compute_dtype)
+        return x, self.unet(x, t, encoder_hidden_states=ctx).sample
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .denoiser import Denoiser, compute_dtype_of, device_of
+from .denoiser import Denoiser, compute_dtype_of, device_of, eps_and_x0, x0_from_eps
 
 
 def timestep_grid(num_train_steps: int, steps: int) -> list[int]:
@@ -23,14 +23,20 @@ def timestep_grid(num_train_steps: int, steps: int) -> list[int]:
     return sorted(set(grid), reverse=True)
 
 
-def guided_eps(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None,
-               guidance: float) -> Tensor:
-    """CFG noise prediction: ``e_u + g (e_c - e_u)``; one batched UNet call when ``g != 1``."""
+def guided_prediction(denoiser: Denoiser, x: Tensor, t: Tensor, cond: Tensor,
+                      uncond: Tensor | None, guidance: float) -> tuple[Tensor, Tensor | None]:
+    """CFG ``(eps, x0)`` (float32): each is ``u + g (c - u)`` (both are affine in the model's
+    output, so guiding one guides the other); x0 None where the backend gives none (then it is
+    derived from the guided eps). One batched UNet call when ``g != 1``."""
     if uncond is None or guidance == 1.0:
-        return denoiser.eps(x, t, cond)
-    e = denoiser.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
+        return eps_and_x0(denoiser, x, t, cond)
+    e, x0 = eps_and_x0(denoiser, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
     e_u, e_c = e.chunk(2)
-    return e_u + guidance * (e_c - e_u)
+    guided = e_u + guidance * (e_c - e_u)
+    if x0 is None:
+        return guided, None
+    x_u, x_c = x0.chunk(2)
+    return guided, x_u + guidance * (x_c - x_u)
 
 
 @torch.no_grad()
@@ -68,8 +74,9 @@ def sample(denoiser: Denoiser, prompts: Sequence[str] | Tensor, *, steps: int = 
             a_t = ac[t]
             a_prev = ac[grid[i + 1]] if i + 1 < len(grid) else torch.tensor(1.0, device=dev)
             tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
-            e = guided_eps(denoiser, x.to(compute_dtype), tt, c, u, guidance).float()
-            x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
+            e, x0 = guided_prediction(denoiser, x.to(compute_dtype), tt, c, u, guidance)
+            if x0 is None:
+                x0 = x0_from_eps(x, e, a_t)
             if clip_x0 is not None:
                 x0 = x0.clamp(-clip_x0, clip_x0)
                 e = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()

@@ -22,8 +22,9 @@ def _sd_latent_denoiser(dtype: torch.dtype, seed: int = 0) -> DiffusersDenoiser:
 
     base = tiny_denoiser(seed)
     torch.manual_seed(seed)
+    cfg = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
     unet = UNet2DConditionModel.from_config({
-        **base.unet.config, "sample_size": 64, "block_out_channels": (16, 32),
+        **cfg, "sample_size": 64, "block_out_channels": (16, 32),
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")}).eval()
     with torch.no_grad():
@@ -259,3 +260,45 @@ def test_saliency_refuses_non_finite_and_restores_mode(den):
         compute_saliency(den, "a cat", lat)
     h.remove()
     assert all(p.grad is None for p in den.unet.parameters())
+
+
+def test_zero_terminal_snr_v_prediction_samples_finite_latents():
+    """A v-prediction model on a zero-terminal-SNR schedule (alpha-bar 0 at the last step, as
+    diffusers' rescale_betas_zero_snr gives) samples from t = T-1 without dividing by zero: x0
+    comes from v directly. Through eps alone, x0 = (x - sqrt(1 - a) eps) / sqrt(a) is 0/0 there."""
+    from diffusers import DDPMScheduler
+
+    from spare_core import sample
+    from spare_core.denoiser import x0_from_eps
+
+    base = tiny_denoiser()
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                          beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
+                          prediction_type="v_prediction")
+    den = DiffusersDenoiser(base.unet, base.text_encoder, base.tokenizer, sched)
+    assert float(den.alphas_cumprod[-1]) == 0.0
+    for method in ("ddim", "ddpm"):
+        lat = sample(den, ["a cat", "a dog"], steps=5, guidance=3.0, method=method,
+                     generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(lat).all(), method
+    x = torch.randn(2, *den.latent_shape)
+    t = torch.tensor([999, 500])
+    ctx = den.encode(["a cat", "a dog"])
+    with torch.no_grad():
+        eps, x0 = den.predict(x, t, ctx)
+        assert torch.isfinite(x0).all() and torch.equal(eps, den.eps(x, t, ctx))
+        a = den.alphas_cumprod[t].view(-1, 1, 1, 1)
+        torch.testing.assert_close(x0[1:], x0_from_eps(x[1:], eps[1:], a[1:]), atol=1e-4, rtol=1e-4)
+        assert not torch.isfinite(x0_from_eps(x[:1], eps[:1], a[:1])).all()  # the old path
+
+
+def test_sdxl_unet_is_refused_up_front():
+    from diffusers import UNet2DConditionModel
+
+    base = tiny_denoiser()
+    cfg = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
+    unet = UNet2DConditionModel(**{**cfg, "addition_embed_type": "text_time",
+                                   "addition_time_embed_dim": 8,
+                                   "projection_class_embeddings_input_dim": 80})
+    with pytest.raises(ValueError, match="addition_embed_type='text_time'.*SD1.x/SD2.x"):
+        DiffusersDenoiser(unet, base.text_encoder, base.tokenizer, base.scheduler)
