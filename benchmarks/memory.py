@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from spare_core import ConceptTask, DiffusersDenoiser, PoolConfig, UnlearnConfig  # noqa: E402
 from spare_core import compute_saliency, run_method, sample, unlearn  # noqa: E402
 from spare_core.memory import TensorPeak, full_weight_bytes  # noqa: E402
-from spare_core.saliency import Saliency, adaptable_modules  # noqa: E402
+from spare_core.families.unet import adaptable_modules  # noqa: E402
+from spare_core.saliency import Saliency  # noqa: E402
 from spare_core.sparse_lora import sparse_lora_from_saliency  # noqa: E402
 from spare_core.timesteps import concept_gaps  # noqa: E402
 

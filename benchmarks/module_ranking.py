@@ -20,7 +20,8 @@ from spare_core.bench import default_surrogate, digit_metrics, spare_digits_defa
 from spare_core.digits import metrics as M
 from spare_core.digits.data import prompt_for
 from spare_core.loop import UnlearnConfig, unlearn
-from spare_core.saliency import adaptable_modules, compute_saliency
+from spare_core.families.unet import adaptable_modules
+from spare_core.saliency import compute_saliency
 from spare_core.sampling import sample
 from spare_core.sparse_lora import IO_CONVS, sparse_lora_from_saliency
 from spare_core.tasks import ConceptTask, PoolConfig

@@ -21,7 +21,7 @@ import torch
 from spare_core import (ConceptTask, compute_saliency, init_sparse_lora,
                         sparse_lora_from_saliency)
 from spare_core.objectives import SelfDistill
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 from spare_core.sampling import q_sample
 
 SIZES = {

@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 
 from spare_core.adapter import UnlearnAdapter
-from spare_core.saliency import Saliency, adaptable_modules
+from spare_core.families.unet import adaptable_modules
+from spare_core.saliency import Saliency
 from spare_core.sparse_lora import sparse_lora_from_saliency
 
 from . import comfy_bridge as bridge

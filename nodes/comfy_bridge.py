@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from spare_core.denoiser import v_to_eps_and_x0
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 
 NATIVE_SUFFIX = ".spare.safetensors"
 """Adapters in spare_core's native format sit next to their ComfyUI LoRA with this suffix."""

@@ -5,7 +5,7 @@ import logging
 
 from spare_core.memory import format_bytes, full_weight_bytes
 from spare_core.methods import DATA_METHODS, METHODS, run_method
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 
 from . import comfy_bridge as bridge
 from .common import ADAPTER, CATEGORY, MEMORY_INPUTS, SEED

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .saliency import adaptable_modules
+from .families.unet import adaptable_modules
 
 
 def _fan_in(shape: torch.Size | tuple[int, ...]) -> int:

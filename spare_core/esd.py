@@ -20,28 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import UnlearnAdapter, init_masked_full, init_sparse_lora
-from .saliency import adaptable_modules
+from .families.unet import (adaptable_modules, is_cross_attention, is_output_layer,
+                            is_time_embedding)
 
 ESD_VARIANTS = ("x", "u")
-OUTPUT_LAYERS = ("conv_out", "out.2", "out.0")
-TIME_EMBED = ("time_embedding", "time_embed")
-
-
-def _parts(name: str) -> list[str]:
-    return name.split(".")
-
-
-def is_cross_attention(name: str) -> bool:
-    """True for a module inside a cross-attention block (a dotted name segment ``attn2``)."""
-    return "attn2" in _parts(name)
-
-
-def _is_output(name: str) -> bool:
-    return name in OUTPUT_LAYERS or name.startswith("out.")
-
-
-def _is_time_embed(name: str) -> bool:
-    return any(p in TIME_EMBED for p in _parts(name))
 
 
 def esd_modules(unet: nn.Module, variant: str = "x") -> list[str]:
@@ -55,7 +37,7 @@ def esd_modules(unet: nn.Module, variant: str = "x") -> list[str]:
         out = [n for n in names if is_cross_attention(n)]
     else:
         out = [n for n in names
-               if not (is_cross_attention(n) or _is_output(n) or _is_time_embed(n))]
+               if not (is_cross_attention(n) or is_output_layer(n) or is_time_embedding(n))]
     if not out:
         raise ValueError(f"this UNet has no modules for ESD-{variant}"
                          + (" (no cross-attention 'attn2' layers)" if variant == "x" else ""))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import LoRADelta, UnlearnAdapter
-from .saliency import adaptable_modules
+from .families.unet import adaptable_modules
 
 # top-level module names of the CompVis/LDM UNet (ComfyUI's, A1111's); diffusers names its parts
 # down_blocks / mid_block / up_blocks / conv_in / time_embedding / ...

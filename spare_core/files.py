@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import UnlearnAdapter
-from .saliency import adaptable_modules
+from .families.unet import adaptable_modules
 
 FORMAT = "spare_adapter"
 

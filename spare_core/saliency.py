@@ -13,15 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import Denoiser, compute_dtype_of, device_of
+from .families.unet import adaptable_modules
 from .sampling import q_sample
-
-ADAPTABLE = (nn.Linear, nn.Conv2d)
-
-
-def adaptable_modules(unet: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv2d modules of ``unet`` by qualified name (what adapters and saliency address)."""
-    return {n: m for n, m in unet.named_modules() if isinstance(m, ADAPTABLE)}
-
 
 GRADIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

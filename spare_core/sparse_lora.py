@@ -7,10 +7,8 @@ import torch
 from torch import nn
 
 from .adapter import UnlearnAdapter, init_sparse_lora
-from .saliency import Saliency, adaptable_modules
-
-# input/output convolutions in diffusers (conv_in, conv_out) and ComfyUI (input_blocks.0.0, out.2)
-IO_CONVS = ("conv_in", "conv_out", "input_blocks.0.0", "out.2")
+from .families.unet import IO_CONVS, adaptable_modules
+from .saliency import Saliency
 
 
 def check_rank(unet: nn.Module, rank: int, exclude: tuple[str, ...] = IO_CONVS) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from spare_core import (AdapterFileError, ModelMismatchError, init_masked_full, init_sparse_lora,
                         load_adapter, save_adapter, to_comfy_lora, to_diffusers_lora)
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 from tiny_models import tiny_denoiser
 
 LINEAR = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"

@@ -9,10 +9,11 @@ import torch
 
 from conftest import assert_state_equal, unet_state
 from spare_core.data_task import DataTask, load_image_folder
-from spare_core.esd import esd_modules, is_cross_attention
+from spare_core.esd import esd_modules
+from spare_core.families.unet import is_cross_attention
 from spare_core.methods import (CONCEPT_METHODS, DATA_METHODS, METHODS, method_defaults,
                                 run_method)
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 from spare_core.sampling import q_sample
 
 CONCEPT, SURROGATE, KEEP = "a cat", "a dog", ["a car"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from comfy_double import REPO, Host, InterruptProcessingException, ModelType, load_pack
 from spare_core import Saliency, UnlearnAdapter
 from spare_core.files import model_fingerprint
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 from spare_core.sparse_lora import IO_CONVS
 
 SIZE = dict(width=64, height=64)  # 8x8 latents, the tiny UNet's sample size

@@ -9,7 +9,7 @@ import torch
 
 from spare_core import ConceptTask, DiffusersDenoiser, UnlearnConfig, compute_saliency, unlearn
 from spare_core.adapter import init_masked_full, init_sparse_lora
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 from spare_core.sparse_lora import sparse_lora_from_saliency
 from tiny_models import tiny_denoiser
 

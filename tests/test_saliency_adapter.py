@@ -5,7 +5,7 @@ import torch
 from conftest import assert_state_equal, unet_state
 from spare_core import (compute_saliency, init_masked_full, init_sparse_lora, load_saliency,
                         save_saliency, sparse_lora_from_saliency)
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 from spare_core.sparse_lora import IO_CONVS
 
 PLANT = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"

@@ -9,7 +9,7 @@ from conftest import assert_state_equal, unet_state
 from spare_core import (ConceptSampler, ConceptTask, NonFiniteLoss, UnlearnCancelled,
                         UnlearnConfig, init_sparse_lora, spare_unlearn, unlearn)
 from spare_core.objectives import SelfDistill
-from spare_core.saliency import adaptable_modules
+from spare_core.families.unet import adaptable_modules
 
 CONCEPT, SURROGATE, KEEP = "a cat", "a dog", ["green hills", "the ocean"]
 FAST = dict(num_samples=8, sample_steps=8, steps=60, lr=3e-3, batch_size=4)
