@@ -94,14 +94,13 @@ class Meter:
         if self.device == "cuda":
             torch.cuda.synchronize()
         out["seconds"] = time.perf_counter() - t0
-        dev = "cuda" if self.device == "cuda" else self.device
         if self.device == "cuda":
             out["device"] = torch.cuda.max_memory_allocated()
             out["host"] = self.peak.peak.get("cpu", 0)
         elif self.device == "cpu":  # one memory: report it all as the device's
             out["device"], out["host"] = self.peak.peak.get("cpu", 0), 0
         else:
-            out["device"], out["host"] = self.peak.peak.get(dev, 0), self.peak.peak.get("cpu", 0)
+            out["device"], out["host"] = self.peak.peak.get("meta", 0), self.peak.peak.get("cpu", 0)
 
 
 def latents(den, n: int, seed: int) -> torch.Tensor:

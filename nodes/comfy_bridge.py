@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from spare_core.denoiser import v_to_eps_and_x0
+from spare_core.denoiser import TRAIN_DTYPES, v_to_eps_and_x0
 from spare_core.families.unet import adaptable_modules
 
 NATIVE_SUFFIX = ".spare.safetensors"
@@ -119,16 +119,13 @@ def alphas_cumprod(model) -> Tensor:
     return 1.0 / (1.0 + sigmas ** 2)
 
 
-COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def compute_dtype(model) -> torch.dtype:
     """The dtype ``BaseModel.apply_model`` runs the UNet in: ComfyUI's manual-cast dtype when the
     weights are stored in one the device cannot compute in (fp8 -> bf16/fp16), else the weights'
     own. ValueError, naming the fix, for one the engine cannot train in."""
     cast = getattr(model.model, "manual_cast_dtype", None)
     dtype = cast if cast is not None else model.model.get_dtype()
-    if dtype not in COMPUTE_DTYPES:
+    if dtype not in TRAIN_DTYPES:
         raise ValueError(f"this MODEL computes in {dtype} (its weights are stored so and ComfyUI "
                          "does not cast them); load it with weight_dtype 'default' (or a fp16/bf16 "
                          "checkpoint) to unlearn")

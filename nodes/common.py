@@ -20,7 +20,7 @@ MEMORY_INPUTS = {
     "gradient_checkpointing": ("BOOLEAN", {
         "default": True,
         "tooltip": "Recompute activations during backward instead of keeping them: far less "
-                   "memory (SD1.5 at 512 px fits 6 GB) for about a third more time per step."}),
+                   "memory (SD1.5 at 512 px fits 6 GB) for about a quarter more time per step."}),
 }
 """Optional inputs of the nodes that run the UNet with gradients (memory controls)."""
 

@@ -70,8 +70,6 @@ class SaveUnlearnAdapter:
         check_prefix(filename_prefix)
         try:
             lora_path, native_path, lora_name = bridge.next_save_paths(filename_prefix)
-        except ValueError:
-            raise
         except Exception as e:  # folder_paths.get_save_image_path's own check, a plain Exception
             if "outside the output folder" not in str(e):
                 raise

@@ -7,7 +7,8 @@ import logging
 from spare_core.adapter import UnlearnAdapter
 from spare_core.loop import UnlearnConfig, unlearn
 from spare_core.tasks import ConceptTask, PoolConfig
-from spare_core.timesteps import TIMESTEP_SAMPLERS
+from spare_core.objectives import make_objective
+from spare_core.timesteps import GAP_BINS, TIMESTEP_SAMPLERS
 
 from . import comfy_bridge as bridge
 from .adapter_nodes import require_adapter
@@ -37,10 +38,6 @@ def copy_adapter(adapter: UnlearnAdapter) -> UnlearnAdapter:
     """An independent copy with normal (non-inference) tensors; ComfyUI caches node outputs, so
     an input adapter must never be trained in place."""
     return UnlearnAdapter.from_tensors(*adapter.to_tensors())
-
-
-GAP_BINS = 10
-"""Forward passes of the concept timestep sampler's gap measurement (spare_core.timesteps)."""
 
 
 class PoolProgress:
@@ -120,15 +117,6 @@ class SelfDistillUnlearn:
         keep = parse_prompts(preserve)
         if objective not in objective_names():
             raise ValueError(f"unknown objective {objective!r}; choose one of {objective_names()}")
-        if objective == "esd":  # ESD's target is eps(x) - eta (eps(x, c) - eps(x)): no surrogate
-            if surrogate:
-                log.warning("SelfDistillUnlearn: objective 'esd' ignores the surrogate %r (its "
-                            "target pushes away from the concept, towards nothing in particular)",
-                            surrogate)
-            if keep:
-                log.warning("SelfDistillUnlearn: objective 'esd' has no preserve term; the %d "
-                            "preserve prompt(s) are not sampled", len(keep))
-            surrogate, keep = "", []
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         task = ConceptTask(concept, surrogate, keep,
@@ -150,19 +138,24 @@ class SelfDistillUnlearn:
             log.warning("SelfDistillUnlearn: the adapter's modules were chosen for %r, training "
                         "it to forget %r", made_for, concept)
 
-        pools = pool_steps * (1 + len(keep)) + (GAP_BINS if timestep_sampler == "concept" else 0)
+        obj = make_objective(objective)
+        preserve_pools = len(keep) if getattr(obj, "uses_preserve", True) else 0
+        pools = pool_steps * (1 + preserve_pools) + (GAP_BINS if timestep_sampler == "concept" else 0)
         with bridge.autograd_enabled():
             trained = copy_adapter(adapter)
             den = bridge.ComfyDenoiser(model, clip, width, height,
                                        prompts=[concept, surrogate, *keep])  # CLIP first
             bridge.load_for_compute(model)
             bar = bridge.Progress(pools + steps)
-            result = unlearn(den, trained, task, objective=objective, config=config,
+            result = unlearn(den, trained, task, objective=obj, config=config,
                              progress=bar.phase(pools, steps), should_stop=bridge.should_stop,
                              prepare_progress=PoolProgress(bar, pool_steps))
         trained.to("cpu")  # ComfyUI caches node outputs where its memory manager cannot see them
         losses = result.history.get("loss", [])
-        trained.meta.update(concept=concept, surrogate=surrogate, preserve=json.dumps(keep),
+        ignored = result.history.get("ignored", [])
+        trained.meta.update(concept=concept,
+                            surrogate="" if "surrogate" in ignored else surrogate,
+                            preserve=json.dumps([] if "preserve" in ignored else keep),
                             method="spare" if objective == "self_distill" else f"sparse_lora+{objective}",
                             objective=objective, steps=str(steps), lr=repr(float(lr)),
                             timestep_sampler=timestep_sampler,

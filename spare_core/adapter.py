@@ -42,6 +42,22 @@ def _fan_in(shape: torch.Size | tuple[int, ...]) -> int:
     return int(math.prod(shape[1:]))
 
 
+def check_shapes_fit(shapes: Mapping[str, tuple[int, ...]], unet: nn.Module) -> None:
+    """ValueError unless every module named in ``shapes`` is a Linear/Conv2d of ``unet`` with that
+    weight shape (what an adapter, or an adapter file's metadata before anything is allocated,
+    needs of a model)."""
+    mods = adaptable_modules(unet)
+    missing = [n for n in shapes if n not in mods]
+    if missing:
+        raise ValueError(f"adapter was made for a model with different layers: {len(missing)} "
+                         f"module(s) not in this UNet, e.g. {missing[0]!r}")
+    for n, want in shapes.items():
+        got = tuple(mods[n].weight.shape)
+        if tuple(want) != got:
+            raise ValueError(f"adapter was made for a model with different layer sizes: "
+                             f"{n} has weight {list(got)}, adapter expects {list(want)}")
+
+
 class LoRADelta(nn.Module):
     """Low-rank delta for one weight of shape ``[out, in]`` or ``[out, in, kh, kw]``.
 
@@ -233,16 +249,7 @@ class UnlearnAdapter(nn.Module):
 
     def check_compatible(self, unet: nn.Module) -> None:
         """Raise a clear error if a module is missing or has another weight shape."""
-        mods = adaptable_modules(unet)
-        missing = [n for n in self.names if n not in mods]
-        if missing:
-            raise ValueError(f"adapter was made for a model with different layers: {len(missing)} "
-                             f"module(s) not in this UNet, e.g. {missing[0]!r}")
-        for n in self.names:
-            want, got = self[n].weight_shape, tuple(mods[n].weight.shape)
-            if want != got:
-                raise ValueError(f"adapter was made for a model with different layer sizes: "
-                                 f"{n} has weight {list(got)}, adapter expects {list(want)}")
+        check_shapes_fit({n: self[n].weight_shape for n in self.names}, unet)
 
     def attach(self, unet: nn.Module, mode: str = "unmerged") -> "UnlearnAdapter":
         """Patch ``unet`` (in place, reversibly) and move the adapter to its device.

@@ -292,7 +292,7 @@ def add_command(sub) -> None:
     p = sub.add_parser("bench", help="compare unlearning methods on the embedded digits models",
                        description="Compare unlearning methods on the embedded digits models at "
                                    "an equal step budget and print a Markdown table.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=A.HelpFormatter)
     p.add_argument("--methods", default=None,
                    help=f"comma list; concept: {','.join(CONCEPT_METHODS)} (default spare); data: "
                         f"{','.join(DATA_METHODS)} (default all four); a variant sets options "
@@ -332,8 +332,7 @@ def _method_names(text: str, allowed: tuple[str, ...]) -> None:
         if name not in allowed:
             raise ValueError(f"unknown method {name!r}; choose from {list(allowed)}")
         for item in items:
-            key, sep, _ = item.partition("=")
-            if not sep or not key.strip():
+            if not A.is_key_value(item):
                 raise ValueError(f"method {name!r} option takes KEY=VALUE, got {item!r}")
 
 

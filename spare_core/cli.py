@@ -20,20 +20,10 @@ DESCRIPTION = ("Make text-to-image diffusion models forget a concept or a set of
 INTERRUPTED = 130
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default, except where there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        d = action.default
-        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def _add_unlearn(sub) -> None:
     p = sub.add_parser(
         "unlearn", help="forget a concept or a set of images in a diffusers pipeline folder "
-                        "(offline)", formatter_class=_Formatter,
+                        "(offline)", formatter_class=A.HelpFormatter,
         description="Forget a concept (spare, salun, esd, esd_u) or a set of images (siss, "
                     "neggrad, erasediff, naive_deletion) in a diffusers pipeline folder, offline; "
                     "write the adapter (--out), optionally a before/after grid (--grid) and the "

@@ -15,26 +15,34 @@ METHOD_NAMES = CONCEPT_METHODS + DATA_METHODS
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _int_at_least(text: str, lo: int) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= {lo}, got {text!r}") from None
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1)
 
 
 def seed(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return _int_at_least(text, 0)
 
 
 def _finite(text: str) -> float:
@@ -78,9 +86,13 @@ def prompt(text: str) -> str:
     return text
 
 
+def _is_digit(text: str) -> bool:
+    return text.strip() in tuple("0123456789")
+
+
 def digit(text: str) -> int:
     """argparse type: one digit 0..9."""
-    if text.strip() not in tuple("0123456789"):
+    if not _is_digit(text):
         raise argparse.ArgumentTypeError(f"must be a digit 0..9, got {text!r}")
     return int(text)
 
@@ -92,10 +104,15 @@ def device(text: str) -> str:
     return text
 
 
+def is_key_value(text: str) -> bool:
+    """``KEY=VALUE`` with a non-blank key."""
+    key, sep, _ = text.partition("=")
+    return bool(sep and key.strip())
+
+
 def key_value(text: str) -> str:
     """argparse type: KEY=VALUE (the value is parsed by spare_core.methods.parse_options)."""
-    key, sep, _ = text.partition("=")
-    if not sep or not key.strip():
+    if not is_key_value(text):
         raise argparse.ArgumentTypeError(f"takes KEY=VALUE, got {text!r}")
     return text
 
@@ -103,7 +120,7 @@ def key_value(text: str) -> str:
 def digit_list(text: str) -> list[int]:
     """``"3,5,7"`` -> ``[3, 5, 7]``; ValueError naming the fix otherwise."""
     items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items or any(x not in tuple("0123456789") for x in items):
+    if not items or not all(map(_is_digit, items)):
         raise ValueError(f"--forget must be a comma list of digits 0..9, got {text!r}")
     return [int(x) for x in items]
 

@@ -21,7 +21,7 @@ def add_command(sub) -> None:
                        description="Forget one digit of the embedded digits model with SPARE "
                                    "(offline, minutes on a CPU); print UA/RA/FD before and after "
                                    "and write OUT/grid.png and OUT/metrics.json.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=A.HelpFormatter)
     p.add_argument("--forget", type=A.digit, default=3, help="digit to forget (0..9)")
     p.add_argument("--surrogate", type=A.digit, default=None,
                    help="digit it becomes (default: the next digit)")
@@ -86,7 +86,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
           f"training {res.history['seconds']:.1f} s")
     k = min(6, a.n)
     cells = [[before["images"][d][:k], after["images"][d][:k]] for d in range(10)]
-    grid = os.path.join(a.out, "grid.png")
+    grid, metrics_path = (os.path.join(a.out, f) for f in FILES)
     save_grid(cells, grid, [NAMES[d] for d in range(10)], ["before", "after"], cell_px=40)
     metrics = {"forget": a.forget, "surrogate": sur, "steps": a.steps, "n_per_digit": a.n,
                "seed": a.seed, "before": {k: before[k] for k in KEYS},
@@ -96,7 +96,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
                "trainable_params": res.adapter.num_trainable(),
                "train_seconds": res.history["seconds"],
                "total_seconds": time.perf_counter() - t_start}
-    atomic_write_json(metrics, os.path.join(a.out, "metrics.json"))
-    print(f"wrote {grid} and {os.path.join(a.out, 'metrics.json')} "
+    atomic_write_json(metrics, metrics_path)
+    print(f"wrote {grid} and {metrics_path} "
           f"({metrics['total_seconds']:.0f} s in all)")
     return 0

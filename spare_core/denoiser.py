@@ -2,13 +2,16 @@
 
 A method sees a model only through ``eps(x_t, t, context)``, the training schedule
 ``alphas_cumprod``, ``encode(prompts)`` and ``compute_dtype`` (the dtype the network runs in,
-which may differ from the dtype its weights are stored in: fp8 storage computed in bf16). The trainable network is exposed as ``unet`` so that
-saliency and adapters can address its weights by module name. Backends: :class:`DiffusersDenoiser`
-(here) and the ComfyUI bridge (``nodes/comfy_bridge.py``).
+which may differ from the dtype its weights are stored in: fp8 storage computed in bf16), and,
+where a backend has them, ``predict`` (eps and x0 together) and
+``enable_gradient_checkpointing``. The trainable network is exposed as ``unet`` so that saliency
+and adapters can address its weights by module name. Backends: :class:`DiffusersDenoiser` (here)
+and the ComfyUI bridge (``nodes/comfy_bridge.py``).
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from contextlib import contextmanager
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +62,8 @@ def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
     return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
 
-def v_to_eps_and_x0(v: Tensor, x_t: Tensor, alphas_cumprod: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+def v_to_eps_and_x0(v: Tensor, x_t: Tensor, alphas_cumprod: Tensor,
+                    t: Tensor) -> tuple[Tensor, Tensor]:
     """From a v-prediction (``v = sqrt(a) eps - sqrt(1 - a) x0``): ``eps = sqrt(1 - a) x_t +
     sqrt(a) v`` and ``x0 = sqrt(a) x_t - sqrt(1 - a) v``, no division."""
     a = alphas_cumprod.to(v.device)[t.to(v.device)].view(-1, 1, 1, 1).to(v.dtype)
@@ -71,7 +75,8 @@ def device_of(denoiser: Denoiser) -> torch.device:
     return next(denoiser.unet.parameters()).device
 
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
+TRAIN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""Dtypes the engine computes in, and weights must be stored in to hold their own gradients."""
 
 
 def compute_dtype_of(denoiser: Denoiser) -> torch.dtype:
@@ -80,12 +85,35 @@ def compute_dtype_of(denoiser: Denoiser) -> torch.dtype:
     return dtype if dtype is not None else next(denoiser.unet.parameters()).dtype
 
 
+@contextmanager
+def gradient_checkpointing(denoiser: Denoiser, enabled: bool) -> Iterator[None]:
+    """``with gradient_checkpointing(den, on):`` the backend's activation checkpointing for the
+    block (switched off again after, also on error); nothing when ``enabled`` is False.
+    :func:`check_checkpointing` raises the same error up front."""
+    if not enabled:
+        yield
+        return
+    check_checkpointing(denoiser, enabled)
+    denoiser.enable_gradient_checkpointing(True)
+    try:
+        yield
+    finally:
+        denoiser.enable_gradient_checkpointing(False)
+
+
+def check_checkpointing(denoiser: Denoiser, enabled: bool) -> None:
+    """ValueError unless the backend can checkpoint when ``enabled``."""
+    if enabled and not hasattr(denoiser, "enable_gradient_checkpointing"):
+        raise ValueError(f"{type(denoiser).__name__} cannot turn on gradient checkpointing; "
+                         "set gradient_checkpointing=False")
+
+
 def check_compute_dtype(dtype: torch.dtype, storage: torch.dtype) -> torch.dtype:
     """``dtype`` if it is one the engine trains in (float32, bfloat16, float16), else a ValueError
     naming the fix; raised before any work (fp8 storage needs a wider compute dtype)."""
-    if dtype not in (torch.float32, *LOW_PRECISION):
+    if dtype not in TRAIN_DTYPES:
         hint = (f"weights stored in {storage} must be computed in bfloat16 or float16: pass "
-                "compute_dtype=torch.bfloat16" if storage not in (torch.float32, *LOW_PRECISION)
+                "compute_dtype=torch.bfloat16" if storage not in TRAIN_DTYPES
                 else "use torch.float32, torch.bfloat16 or torch.float16")
         raise ValueError(f"cannot compute in {dtype}; {hint}")
     return dtype
@@ -164,23 +192,16 @@ class DiffusersDenoiser:
         return cls(unet.to(device).eval(), te.to(device).eval(), tok, sched)
 
     def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        x, out = self._raw(x_t, t, context)
-        if self.prediction_type == "v_prediction":
-            return v_to_eps_and_x0(out, x, self.alphas_cumprod, t)[0]
-        return out
+        return self.predict(x_t, t, context)[0]
 
     def predict(self, x_t: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(eps, x0)``, x0 division-free for v-prediction models and None for eps models
         (see :func:`eps_and_x0`)."""
-        x, out = self._raw(x_t, t, context)
+        x = x_t.to(self.compute_dtype)
+        out = self.unet(x, t, encoder_hidden_states=context.to(x.device, self.compute_dtype)).sample
         if self.prediction_type == "v_prediction":
             return v_to_eps_and_x0(out, x, self.alphas_cumprod, t)
         return out, None
-
-    def _raw(self, x_t: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, Tensor]:
-        x = x_t.to(self.compute_dtype)
-        ctx = context.to(x.device, self.compute_dtype)
-        return x, self.unet(x, t, encoder_hidden_states=ctx).sample
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:

@@ -158,8 +158,8 @@ def _stored_dtype(model_dir: str) -> torch.dtype:
     from safetensors import safe_open
 
     folder = os.path.join(model_dir, "unet")
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-    names.sort(key=lambda f: f != "diffusion_pytorch_model.safetensors")  # the non-variant first
+    names = sorted((f for f in os.listdir(folder) if f.endswith(".safetensors")),
+                   key=lambda f: (f != "diffusion_pytorch_model.safetensors", f))  # non-variant 1st
     if not names:
         raise FileNotFoundError(f"{folder!r} holds no .safetensors weights; re-save the pipeline "
                                 "with pipe.save_pretrained(folder, safe_serialization=True)")

@@ -12,7 +12,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .adapter import UnlearnAdapter
+from .adapter import UnlearnAdapter, check_shapes_fit
 from .families.unet import adaptable_modules
 
 FORMAT = "spare_adapter"
@@ -76,8 +76,6 @@ def atomic_save_safetensors(tensors: Mapping[str, Tensor], path: str,
 
 def atomic_write_json(obj, path: str) -> None:
     """JSON file (indent 2) written with :func:`atomic_write`."""
-    import json
-
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -85,9 +83,9 @@ def atomic_write_json(obj, path: str) -> None:
     atomic_write(path, write, suffix=".json")
 
 
-def read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors and the string metadata of a ``.safetensors`` file; AdapterFileError if the
-    file is absent, truncated or not safetensors."""
+def _read_safetensors(path: str, read: Callable) -> tuple[dict, dict[str, str]]:
+    """``{key: read(f, key)}`` and the string metadata of a ``.safetensors`` file; AdapterFileError
+    if the file is absent, truncated or not safetensors."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -95,11 +93,17 @@ def read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(path, framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            items = {k: read(f, k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad headers / short files
         raise AdapterFileError(f"{path!r} is truncated or not a safetensors file ({e}); "
                                "re-save or re-download it") from e
-    return tensors, meta
+    return items, meta
+
+
+def read_safetensors(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the string metadata of a ``.safetensors`` file; AdapterFileError if the
+    file is absent, truncated or not safetensors."""
+    return _read_safetensors(path, lambda f, k: f.get_tensor(k))
 
 
 def model_fingerprint(unet: nn.Module, names: list[str] | None = None) -> str:
@@ -135,18 +139,7 @@ def save_adapter(adapter: UnlearnAdapter, path: str, unet: nn.Module | None = No
 def read_safetensors_header(path: str) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
     """Shapes of every tensor and the string metadata of a ``.safetensors`` file, without loading
     any tensor; AdapterFileError as :func:`read_safetensors`."""
-    from safetensors import safe_open
-
-    if not os.path.isfile(path):
-        raise AdapterFileError(f"no file at {path!r}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            shapes = {k: tuple(int(x) for x in f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise AdapterFileError(f"{path!r} is truncated or not a safetensors file ({e}); "
-                               "re-save or re-download it") from e
-    return shapes, meta
+    return _read_safetensors(path, lambda f, k: tuple(int(x) for x in f.get_slice(k).get_shape()))
 
 
 def _layout(path: str, meta: Mapping[str, str]) -> dict[str, dict]:
@@ -177,14 +170,13 @@ def _layout(path: str, meta: Mapping[str, str]) -> dict[str, dict]:
 def _check_layout_against_file(path: str, layout: Mapping[str, dict],
                                shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Every tensor the metadata implies exists with the shape the metadata claims."""
-    def need(key: str, want: tuple[int, ...] | None) -> tuple[int, ...]:
+    def need(key: str, want: tuple[int, ...]) -> None:
         if key not in shapes:
             raise AdapterFileError(f"{path!r} is missing tensor {key!r} (truncated or not a "
                                    "SPARE adapter)")
-        if want is not None and shapes[key] != want:
+        if shapes[key] != want:
             raise AdapterFileError(f"{path!r}: tensor {key!r} has shape {list(shapes[key])}, the "
                                    f"metadata claims {list(want)}; the file is corrupt")
-        return shapes[key]
 
     for n, e in layout.items():
         shape = tuple(e["shape"])
@@ -200,22 +192,6 @@ def _check_layout_against_file(path: str, layout: Mapping[str, dict],
             need(f"{n}.values", idx)
         else:
             need(f"{n}.values", shape)
-
-
-def _check_layout_against_unet(layout: Mapping[str, dict], unet: nn.Module) -> None:
-    """ModelMismatchError if a module is not in ``unet`` or has another weight shape."""
-    mods = adaptable_modules(unet)
-    missing = [n for n in layout if n not in mods]
-    if missing:
-        raise ModelMismatchError(
-            f"adapter was made for a model with different layers: {len(missing)} module(s) not "
-            f"in this UNet, e.g. {missing[0]!r}; load the checkpoint it was trained on")
-    for n, e in layout.items():
-        got = list(mods[n].weight.shape)
-        if got != list(e["shape"]):
-            raise ModelMismatchError(
-                f"adapter was made for a model with different layer sizes: {n} has weight {got}, "
-                f"adapter expects {list(e['shape'])}; load the checkpoint it was trained on")
 
 
 def _check_claimed_size(path: str, layout: Mapping[str, dict]) -> None:
@@ -244,7 +220,10 @@ def load_adapter(path: str, unet: nn.Module | None = None, strict: bool = True) 
     layout = _layout(path, meta)
     _check_layout_against_file(path, layout, shapes)
     if unet is not None:
-        _check_layout_against_unet(layout, unet)
+        try:
+            check_shapes_fit({n: tuple(e["shape"]) for n, e in layout.items()}, unet)
+        except ValueError as e:
+            raise ModelMismatchError(f"{e}; load the checkpoint it was trained on") from e
     else:
         _check_claimed_size(path, layout)
     tensors, meta = read_safetensors(path)

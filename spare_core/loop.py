@@ -1,6 +1,8 @@
 """The unlearning loop: one engine for every method (task x objective x adapter x sampler)."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,9 +12,13 @@ import torch
 from torch import Tensor
 
 from .adapter import ATTACH_MODES, UnlearnAdapter
-from .denoiser import Denoiser, compute_dtype_of, device_of
+from .denoiser import (Denoiser, check_checkpointing, compute_dtype_of, device_of,
+                       gradient_checkpointing)
 from .objectives import Objective, make_objective
 from .saliency import Saliency
+
+
+log = logging.getLogger(__name__)
 
 
 class UnlearnCancelled(InterruptedError):
@@ -71,7 +77,8 @@ class UnlearnConfig:
 class UnlearnResult:
     """The trained adapter (detached from the model) and the run's history.
 
-    history keys: ``loss`` (per step), ``terms`` (per step dict), ``seconds``, ``trainable_params``,
+    history keys: ``ignored`` (task inputs the objective does not use: ``"surrogate"``,
+    ``"preserve"``), ``loss`` (per step), ``terms`` (per step dict), ``seconds``, ``trainable_params``,
     ``timestep_probs`` (``[T]`` list, the sampler's density), ``compute_dtype``, ``loss_scale``
     (final scale, 1.0 without loss scaling) and ``skipped_steps`` (steps the loss scaler skipped
     because a scaled gradient overflowed).
@@ -103,11 +110,11 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     obj = make_objective(objective, **(objective_kwargs or {})) if isinstance(objective, str) else objective
     if adapter.num_trainable() == 0:
         raise ValueError("the adapter has no trainable parameters (empty mask?)")
-    if config.gradient_checkpointing and not hasattr(denoiser, "enable_gradient_checkpointing"):
-        raise ValueError(f"{type(denoiser).__name__} cannot turn on gradient checkpointing; "
-                         "set gradient_checkpointing=False")
+    check_checkpointing(denoiser, config.gradient_checkpointing)
     dtype = compute_dtype_of(denoiser)
     scaling = (dtype == torch.float16) if config.loss_scaling is None else bool(config.loss_scaling)
+
+    task, ignored = _without_unused_prompts(task, obj)
 
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
@@ -123,8 +130,6 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     was_training = unet.training
     unet.eval()  # no dropout: the teacher and the student must see the same network
     adapter.attach(unet, config.attach_mode)
-    if config.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing(True)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device_of(denoiser).type, enabled=scaling)
     split = config.backward_per_term and hasattr(obj, "parts")
@@ -141,7 +146,7 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     losses: list[float] = []
     terms: list[dict[str, float]] = []
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), gradient_checkpointing(denoiser, config.gradient_checkpointing):
             for step in range(config.steps):
                 opt.zero_grad(set_to_none=True)
                 step_loss, step_terms = 0.0, {}
@@ -153,11 +158,12 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
                     # one backward per term (lower peak) or one for the whole loss
                     pieces = obj.parts(student, teacher, batch) if split else [obj(student, teacher, batch)]
                     for loss, logs in pieces:
-                        if not torch.isfinite(loss):
-                            raise NonFiniteLoss(f"loss became {loss.item()} at step {step}: lower lr "
+                        value = loss.item()  # one device sync per term
+                        if not math.isfinite(value):
+                            raise NonFiniteLoss(f"loss became {value} at step {step}: lower lr "
                                                 f"(now {config.lr}) or use float32; the model is unchanged")
                         scaler.scale(loss / config.grad_accum).backward()
-                        step_loss += loss.item() / config.grad_accum
+                        step_loss += value / config.grad_accum
                         for k, v in logs.items():
                             step_terms[k] = step_terms.get(k, 0.0) + v / config.grad_accum
                 scaler.unscale_(opt)
@@ -186,8 +192,6 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
                     progress(step + 1, config.steps, step_loss)
     finally:
         adapter.detach(unet)
-        if config.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing(False)
         for p, flag in unet_flags.items():
             p.requires_grad_(flag)
         unet.train(was_training)
@@ -201,5 +205,23 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
         "objective": getattr(obj, "name", type(obj).__name__),
         "compute_dtype": str(dtype).replace("torch.", ""),
         "loss_scale": scaler.get_scale() if scaling else 1.0, "skipped_steps": int(skipped),
+        "ignored": ignored,
     }
     return UnlearnResult(adapter, history)
+
+
+def _without_unused_prompts(task, obj) -> tuple[object, list[str]]:
+    """The task without preserved prompts the objective never reads (no latent pools are
+    generated for them), and the names of the inputs it ignores, each logged once."""
+    ignored = []
+    name = getattr(obj, "name", type(obj).__name__)
+    if getattr(task, "surrogate", "") and not getattr(obj, "uses_surrogate", True):
+        ignored.append("surrogate")
+        log.warning("objective %r ignores the surrogate %r", name, task.surrogate)
+    if (dataclasses.is_dataclass(task) and getattr(task, "preserve", ())
+            and not getattr(obj, "uses_preserve", True)):
+        ignored.append("preserve")
+        log.warning("objective %r has no preserve term: the %d preserved prompt(s) are not sampled",
+                    name, len(task.preserve))
+        task = dataclasses.replace(task, preserve=(), preserve_latents=None)
+    return task, ignored

@@ -1,15 +1,16 @@
 """Memory: estimates the engine checks before long work, and a peak-bytes meter for benchmarks.
 
-- :func:`adapter_training_bytes` / :func:`available_bytes`: what training an adapter holds beyond
-  the model (values, gradients, AdamW's two moments: 16 bytes per trainable float32), and what
-  the device has free, so a full-weight run can be refused up front.
+- :func:`adapter_training_bytes` / :func:`full_weight_bytes`: what training an adapter holds
+  beyond the model (values, gradients, AdamW's two moments: 16 bytes per trainable float32), so a
+  full-weight run can be refused up front.
 - :class:`TensorPeak`: counts the bytes of every tensor storage alive, per device type, and keeps
   the peak (a ``TorchDispatchMode``; works for CPU, CUDA and ``meta`` tensors). It counts tensors,
   not allocator blocks: no fragmentation or workspace. With ``meta=True`` it also answers the
-  scalar reads (``.item()``, ``bool()``) and host copies a meta tensor cannot, so the engine's
-  own code runs shape-only in seconds on an SD-sized UNet (values are meaningless then: only the
-  byte counts are; ``torch.equal`` answers True), and routes ``scaled_dot_product_attention`` to the flash kernel (linear memory
-  in sequence length, as CUDA's flash/memory-efficient kernels and CPU's flash kernel).
+  scalar reads (``.item()``, ``bool()``, ``torch.equal``: finite, true) and host copies a meta
+  tensor cannot, so the engine's own code runs shape-only in seconds on an SD-sized UNet (values
+  are meaningless then: only the byte counts are); ``flash_attention()`` routes
+  ``scaled_dot_product_attention`` to the flash kernel (memory linear in sequence length, as
+  CUDA's flash/memory-efficient kernels and CPU's flash kernel).
 
 Written here rather than with ``torch.distributed._tools.mem_tracker`` because that tool needs
 torch.distributed and has no meta shims; the counting idea (weak references to storages) is
@@ -18,7 +19,6 @@ the same.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from contextlib import contextmanager
 from typing import Iterator
@@ -37,20 +37,6 @@ TRAINABLE_BYTES = 16
 def adapter_training_bytes(num_trainable: int) -> int:
     """Bytes an adapter with ``num_trainable`` float32 parameters holds while training."""
     return int(num_trainable) * TRAINABLE_BYTES
-
-
-def available_bytes(device: torch.device | str) -> int | None:
-    """Free memory of ``device`` in bytes: CUDA's ``mem_get_info``, the host's MemAvailable for
-    the CPU (Linux), None where unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return None
 
 
 def format_bytes(n: float) -> str:
@@ -131,12 +117,6 @@ class TensorPeak(TorchDispatchMode):
 
 def _release(current: dict[str, int], dev: str, nbytes: int) -> None:
     current[dev] = current.get(dev, 0) - nbytes
-
-
-def tensor_bytes(*modules: torch.nn.Module) -> int:
-    """Bytes of the parameters and buffers of ``modules``."""
-    return sum(t.numel() * t.element_size() for m in modules
-               for t in [*m.parameters(), *m.buffers()])
 
 
 def full_weight_bytes(shapes: list[tuple[int, ...]]) -> int:

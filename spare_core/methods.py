@@ -282,8 +282,6 @@ def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
     from .tasks import ConceptTask, PoolConfig
 
     objective = _objective(name, hp)  # checks the objective's options first
-    if name.startswith("esd") and hp["preserve_weight"] == 0.0:
-        preserve = ()  # ESD has no preserve term: do not generate preserve pools for nothing
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
     task = ConceptTask(concept if concept is not None else "", surrogate, list(preserve), pool=pool)
     task.validate(denoiser)

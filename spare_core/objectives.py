@@ -60,6 +60,9 @@ class Batch:
 
 
 class Objective(Protocol):
+    """Optional attributes: ``uses_preserve`` / ``uses_surrogate`` (default True); when False the
+    loop does not generate preserved-prompt pools, or says the surrogate is ignored."""
+
     name: str
 
     def __call__(self, student: EpsFn, teacher: EpsFn, batch: Batch) -> tuple[Tensor, dict[str, float]]:
@@ -277,10 +280,16 @@ class ESD:
 
     name = "esd"
 
+    uses_surrogate = False  # the target pushes away from the concept, towards no prompt
+
     def __init__(self, eta: float = 1.0, preserve_weight: float = 0.0) -> None:
         if not eta >= 0:
             raise ValueError(f"eta (negative guidance) must be >= 0, got {eta}")
         self.eta, self.wp = float(eta), float(preserve_weight)
+
+    @property
+    def uses_preserve(self) -> bool:
+        return self.wp > 0.0
 
     def target(self, teacher: EpsFn, batch: Batch) -> Tensor:
         f = batch.forget

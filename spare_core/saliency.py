@@ -12,12 +12,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .denoiser import Denoiser, compute_dtype_of, device_of
+from .denoiser import (TRAIN_DTYPES, Denoiser, check_checkpointing, compute_dtype_of, device_of,
+                       gradient_checkpointing as checkpointing)
 from .families.unet import adaptable_modules
 from .sampling import q_sample
-
-GRADIENT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def check_gradient_storage(unet: nn.Module, modules: Sequence[str] | None = None) -> None:
     """ValueError, naming the fix, unless the weights of ``modules`` (default: every Linear/Conv2d)
@@ -26,7 +24,7 @@ def check_gradient_storage(unet: nn.Module, modules: Sequence[str] | None = None
     mods = adaptable_modules(unet)
     names = list(mods) if modules is None else list(modules)
     odd = sorted({str(mods[n].weight.dtype).replace("torch.", "") for n in names
-                  if mods[n].weight.dtype not in GRADIENT_DTYPES})
+                  if mods[n].weight.dtype not in TRAIN_DTYPES})
     if odd:
         raise ValueError(f"saliency needs the gradient of every weight, which weights stored in "
                          f"{', '.join(odd)} cannot hold; load the model with float16, bfloat16 or "
@@ -202,8 +200,8 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
     so no full set of weight gradients is ever held on the device. The running sums live in
     system RAM: float32 with ``element_scores=True`` (exact; what masks need), bfloat16 with
     ``element_scores=False``, which keeps only per-module mean/max (no float32 copy of the UNet
-    anywhere, and a SALIENCY of kilobytes). ``gradient_checkpointing`` recomputes activations in backward (needs a
-    denoiser with ``enable_gradient_checkpointing``). Weights stored in float16 are handled with
+    anywhere, and a SALIENCY of kilobytes). ``gradient_checkpointing`` recomputes activations in
+    backward (needs a denoiser with ``enable_gradient_checkpointing``). Weights stored in float16 are handled with
     loss scaling (gradients of the UNet underflow float16 otherwise). The UNet runs in eval mode;
     its weights, ``requires_grad`` flags, ``.grad`` fields and mode are restored afterwards.
     Raises :class:`SaliencyError` if a loss or gradient is not finite.
@@ -215,9 +213,7 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
                          f"got {list(latents.shape)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if gradient_checkpointing and not hasattr(denoiser, "enable_gradient_checkpointing"):
-        raise ValueError(f"{type(denoiser).__name__} cannot turn on gradient checkpointing; "
-                         "set gradient_checkpointing=False")
+    check_checkpointing(denoiser, gradient_checkpointing)
     unet = denoiser.unet
     targets = adaptable_modules(unet)
     if modules is not None:
@@ -247,14 +243,14 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
     for w in weights.values():
         w.requires_grad_(True)
         w.grad = None
-    if gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing(True)
     try:
-        # float16: back-propagate loss * scale; halve the scale and start again on overflow
+        # float16: back-propagate loss * scale; divide it by 16 and start again on overflow
         scale = 2.0 ** 16 if fp16 else 1.0
         for _ in range(32):
-            sums = _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_size,
-                               scale, element_scores, dev, dtype, progress, should_stop)
+            with checkpointing(denoiser, gradient_checkpointing):
+                sums = _accumulate(denoiser, weights, latents, timesteps, noise, context,
+                                   batch_size, scale, element_scores, dev, dtype, progress,
+                                   should_stop)
             if sums is not None:
                 break
             if not fp16:
@@ -266,8 +262,6 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
             raise SaliencyError("float16 gradients overflowed at every loss scale; load the model "
                                 "in bfloat16 or float32")
     finally:
-        if gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing(False)
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
         for name, w in weights.items():
@@ -298,7 +292,7 @@ def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_siz
             param.grad = None  # freed as soon as it is summed
             finite.logical_and_(torch.isfinite(g).all())
             acc = sums[name]
-            acc.add_(g.to(acc.device, acc.dtype) / scale if scale != 1.0 else g.to(acc.device, acc.dtype))
+            acc.add_(g.to(acc.device, acc.dtype), alpha=1.0 / scale)  # scale: a power of two
         return hook
 
     handles = [w.register_post_accumulate_grad_hook(take(k)) for k, w in weights.items()]

@@ -42,10 +42,11 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     map and the training history. Memory controls: ``saliency_batch_size`` (latents per saliency
     micro-batch), ``gradient_checkpointing`` (saliency and training), ``backward_per_term``
     (forget and preserve halves back-propagated one after the other); element scores are kept
-    only when ``mask_fraction`` asks for an element mask. ``phase_progress(what, done, total)`` reports the phases before
-    training (``"concept samples"``, ``"saliency"``, ``"preserve pool i"``, ``"timestep gaps"``);
-    ``progress(step, steps, loss)`` the training steps. ``module_selection="random"`` adapts as many random modules
-    instead of the most salient ones (an ablation control; see ``sparse_lora_from_saliency``).
+    only when ``mask_fraction`` asks for an element mask. ``phase_progress(what, done, total)``
+    reports the phases before training (``"concept samples"``, ``"saliency"``, ``"preserve pool
+    i"``, ``"timestep gaps"``); ``progress(step, steps, loss)`` the training steps.
+    ``module_selection="random"`` adapts as many random modules instead of the most salient ones
+    (an ablation control; see ``sparse_lora_from_saliency``).
     """
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
     task = ConceptTask(concept, surrogate, list(preserve), pool=pool)

@@ -55,7 +55,7 @@ def choose_threads(num_params: int, cores: int | None = None, load: float | None
         return 1
     cores = usable_cores() if cores is None else cores
     load = _load_average() if load is None else load
-    return max(1, min(cores, cores - round(load)))
+    return max(1, cores - round(load))  # load averages are >= 0
 
 
 def _load_average() -> float:

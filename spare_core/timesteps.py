@@ -16,6 +16,10 @@ from .denoiser import Denoiser, compute_dtype_of, device_of
 from .sampling import q_sample
 
 
+GAP_BINS = 10
+"""Timestep bins (one forward pass of the pool each) the concept sampler measures gaps on."""
+
+
 class TimestepSampler(Protocol):
     def __call__(self, n: int, generator: torch.Generator) -> Tensor:
         """``n`` integer timesteps ``[n]`` (long, CPU)."""
@@ -69,7 +73,7 @@ class ConceptSampler:
 
 @torch.no_grad()
 def concept_gaps(denoiser: Denoiser, latents: Tensor, concept_ctx: Tensor, surrogate_ctx: Tensor,
-                 bins: int = 10, seed: int = 0,
+                 bins: int = GAP_BINS, seed: int = 0,
                  callback: Callable[[int, int], None] | None = None,
                  batch_size: int = 256) -> Tensor:
     """``g`` ``[bins]``: mean squared gap between concept- and surrogate-conditioned predictions on
@@ -104,7 +108,7 @@ def concept_gaps(denoiser: Denoiser, latents: Tensor, concept_ctx: Tensor, surro
 
 def make_timestep_sampler(name: str, denoiser: Denoiser, latents: Tensor | None = None,
                           concept_ctx: Tensor | None = None, surrogate_ctx: Tensor | None = None,
-                          bins: int = 10, floor: float = 0.2, seed: int = 0,
+                          bins: int = GAP_BINS, floor: float = 0.2, seed: int = 0,
                           callback: Callable[[int, int], None] | None = None,
                           batch_size: int = 256):
     """Build the sampler called ``name`` (``'uniform'`` or ``'concept'``)."""

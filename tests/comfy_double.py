@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import enum
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -620,6 +621,15 @@ def validate_ui_workflow(wf: dict, info: dict) -> list[str]:
         if inp.get("link") != link_id or link_id not in (out.get("links") or []):
             errors.append(f"link {link_id}: not recorded on both ends")
     return errors
+
+
+def readme_bake_entry() -> dict:
+    """The API entry (a stock CheckpointSave) that workflows/README.md gives for baking the
+    patched model into a checkpoint headless."""
+    with open(os.path.join(REPO, "workflows", "README.md")) as f:
+        text = f.read()
+    return json.loads(text.split("## Bake into a checkpoint", 1)[1]
+                      .split("```json\n", 1)[1].split("```", 1)[0])
 
 
 MUTED, BYPASSED = 2, 4

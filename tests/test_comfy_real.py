@@ -49,7 +49,7 @@ import uuid
 import pytest
 
 from comfy_double import (FILE_LIST, REPO, STOCK_NODES, Host, load_pack, node_info,
-                          validate_api_prompt, validate_ui_workflow)
+                          readme_bake_entry, validate_api_prompt, validate_ui_workflow)
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(
@@ -493,14 +493,6 @@ def test_data_unlearn_on_stock_image_batches(comfy, erased):
           f"adapter effect on latents {effect:.2e}")
 
 
-def _bake_entry() -> dict:
-    """The CheckpointSave entry workflows/README.md gives for baking headless."""
-    with open(os.path.join(REPO, "workflows", "README.md")) as f:
-        text = f.read()
-    return json.loads(text.split("## Bake into a checkpoint", 1)[1]
-                      .split("```json\n", 1)[1].split("```", 1)[0])
-
-
 def test_checkpoint_save_bakes_the_patched_model(comfy, erased):
     """The stock CheckpointSave after ApplyUnlearnAdapter (the workflow's optional group, as the
     README's API entry): the saved checkpoint, reloaded by CheckpointLoaderSimple, samples what
@@ -516,7 +508,7 @@ def test_checkpoint_save_bakes_the_patched_model(comfy, erased):
         ".safetensors", ".spare.safetensors")
     ck, apply_id = node_of(wf, "CheckpointLoaderSimple"), node_of(wf, "ApplyUnlearnAdapter")
     empty = node_of(wf, "EmptyLatentImage")
-    bake = _bake_entry()
+    bake = readme_bake_entry()
     (save_id, save), = bake.items()
     assert save["inputs"]["model"] == [apply_id, 0] and save["inputs"]["vae"] == [ck, 2]
     save["inputs"]["filename_prefix"] = "checkpoints/test_baked"
@@ -585,10 +577,9 @@ def test_save_prefix_outside_loras_is_refused(comfy, erased, tmp_path):
                           env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
                           timeout=300)
     assert real.returncode == 0, real.stderr[-3000:]
-    refused_by_host = {p for p, r in json.loads(real.stdout.strip().splitlines()[-1]).items()
-                       if r != "ok"}
-    assert all("outside the output folder" in json.loads(real.stdout.strip().splitlines()[-1])[p]
-               for p in refused_by_host)
+    host_says = json.loads(real.stdout.strip().splitlines()[-1])
+    refused_by_host = {p for p, r in host_says.items() if r != "ok"}
+    assert all("outside the output folder" in host_says[p] for p in refused_by_host)
     file_nodes = sys.modules[load_pack().__name__ + ".nodes.file_nodes"]
     refused_by_node = set()
     for p in prefixes:

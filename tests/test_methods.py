@@ -281,3 +281,15 @@ def test_siss_lowers_the_memorised_pattern_rate_on_the_pattern_model():
     assert rate1 <= 0.5 * rate0, (rate0, rate1)
     assert f1 > 2 * f0, (f0, f1)
     assert k1 <= 1.1 * k0, (k0, k1)  # same bound and reason as the tiny-model test
+
+
+def test_esd_skips_preserve_pools_unless_it_has_a_preserve_term(den, caplog):
+    """The loop drops preserved prompts an objective never reads (no latent pools made for them)
+    and says which inputs it ignored; ESD with a preserve weight keeps them."""
+    kw = {**FAST_CONCEPT, "preserve": ["a dog", "the sea"]}
+    with caplog.at_level("WARNING"):
+        plain = run_method("esd", den, steps=1, **kw)
+    assert plain.history["ignored"] == ["surrogate", "preserve"]
+    assert "not sampled" in caplog.text
+    kept = run_method("esd", den, steps=1, preserve_weight=0.5, **kw)
+    assert "preserve" not in kept.history["ignored"] and "preserve" in kept.history["terms"][0]

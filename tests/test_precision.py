@@ -112,7 +112,7 @@ def test_fp8_storage_trains_lora_in_bf16_and_saliency_is_refused_before_sampling
                   config=UnlearnConfig(steps=2, batch_size=2, timestep_sampler="uniform"))
     assert res.history["compute_dtype"] == "bfloat16"
     assert all(p.dtype == torch.float32 for p in ad.parameters())
-    assert any(float(ad[n].lora_B.abs().sum()) > 0 for n in ad.names)
+    assert any(float(ad[n].lora_B.detach().abs().sum()) > 0 for n in ad.names)
 
 
 def _small_pool():
@@ -173,13 +173,31 @@ def test_saliency_micro_batches_equal_one_batch_and_module_scores_follow(den):
         lean.mask(fraction=0.1)
 
 
+def _forward_calls(module: torch.nn.Module, run) -> int:
+    """How often ``module`` started a forward during ``run()``, recomputation in backward
+    included (a pre-hook: checkpoint's recomputation stops early, before forward hooks run)."""
+    calls = []
+    h = module.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        run()
+    finally:
+        h.remove()
+    return len(calls)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(den):
+    """Same scores and LoRA gradients with checkpointing; and it is really on: a checkpointed
+    block runs again in backward."""
     lat = torch.randn(2, *den.latent_shape, generator=torch.Generator().manual_seed(0))
-    plain = compute_saliency(den, "a cat", lat)
-    ckpt = compute_saliency(den, "a cat", lat, gradient_checkpointing=True)
+    block = den.unet.down_blocks[0].resnets[0]  # diffusers checkpoints the resnets
+    out = {}
+    n_plain = _forward_calls(block, lambda: out.update(plain=compute_saliency(den, "a cat", lat)))
+    n_ckpt = _forward_calls(block, lambda: out.update(ckpt=compute_saliency(
+        den, "a cat", lat, gradient_checkpointing=True)))
+    assert n_ckpt == 2 * n_plain
     assert not den.unet.is_gradient_checkpointing  # switched off again
-    for n, s in plain.scores.items():
-        torch.testing.assert_close(ckpt.scores[n], s, atol=1e-7, rtol=1e-4)
+    for n, s in out["plain"].scores.items():
+        torch.testing.assert_close(out["ckpt"].scores[n], s, atol=1e-7, rtol=1e-4)
     grads = [_lora_grads(copy.deepcopy(den), lat, gradient_checkpointing=flag) for flag in (False, True)]
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-8, rtol=1e-4)
@@ -192,17 +210,27 @@ def test_comfy_block_checkpointing_gives_the_same_gradients(den):
 
     lat = torch.randn(2, *den.latent_shape, generator=torch.Generator().manual_seed(0))
     den.enable_gradient_checkpointing = lambda on=True: bridge.set_gradient_checkpointing(den.unet, on)
-    plain = _lora_grads(den, lat)
-    ckpt = _lora_grads(den, lat, gradient_checkpointing=True)
+    block, out = den.unet.down_blocks[0].resnets[0], {}  # inside a wrapped block
+    n_plain = _forward_calls(block, lambda: out.update(plain=_lora_grads(den, lat)))
+    n_ckpt = _forward_calls(block, lambda: out.update(
+        ckpt=_lora_grads(den, lat, gradient_checkpointing=True)))
+    assert n_ckpt > n_plain  # the wrapped block ran again in backward
+    plain, ckpt = out["plain"], out["ckpt"]
     for k in plain:
         torch.testing.assert_close(ckpt[k], plain[k], atol=1e-8, rtol=1e-4)
     assert not any("_spare_forward" in m.__dict__ for m in den.unet.modules())
 
 
 def test_backward_per_term_gives_the_same_gradient(den):
+    """Forget and preserve halves back-propagated one after the other (two student and two
+    teacher forwards a step instead of one each) give the one-backward gradient."""
     lat = torch.randn(2, *den.latent_shape, generator=torch.Generator().manual_seed(0))
-    one = _lora_grads(den, lat)
-    split = _lora_grads(den, lat, backward_per_term=True)
+    out = {}
+    n_one = _forward_calls(den.unet.conv_in, lambda: out.update(one=_lora_grads(den, lat)))
+    n_split = _forward_calls(den.unet.conv_in, lambda: out.update(
+        split=_lora_grads(den, lat, backward_per_term=True)))
+    assert n_split == n_one + 2
+    one, split = out["one"], out["split"]
     for k in one:
         torch.testing.assert_close(split[k], one[k], atol=1e-8, rtol=1e-4)
 

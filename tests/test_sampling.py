@@ -100,19 +100,3 @@ def test_ddpm_matches_diffusers_ddpm_scheduler(den, steps, guidance, clip):
     assert torch.equal(torch.randn(4, generator=g_ours), torch.randn(4, generator=g_ref))
     assert float((ours - x_T).abs().max()) > 0.1
 
-
-@torch.no_grad()
-def test_ddpm_variance_is_fixed_small(den):
-    """Our ancestral variance ``beta * (1 - a_prev) / (1 - a_t)`` (with ``beta = 1 - a_t / a_prev``
-    on the sampling grid) is DDPMScheduler's ``fixed_small`` variance at every grid step."""
-    T, steps = den.alphas_cumprod.numel(), 10
-    sched = DDPMScheduler.from_config(den.scheduler.config, timestep_spacing="linspace",
-                                      variance_type="fixed_small")
-    sched.set_timesteps(steps)
-    ac = den.alphas_cumprod.double()
-    grid = timestep_grid(T, steps)
-    for t, t_prev in zip(grid, grid[1:]):
-        a_t, a_prev = ac[t], ac[t_prev]
-        beta = 1 - a_t / a_prev
-        ours = beta * (1 - a_prev) / (1 - a_t)
-        assert float(sched._get_variance(t)) == pytest.approx(float(ours), rel=1e-5)

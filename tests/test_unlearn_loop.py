@@ -8,8 +8,9 @@ import torch
 from conftest import assert_state_equal, unet_state
 from spare_core import (ConceptSampler, ConceptTask, NonFiniteLoss, UnlearnCancelled,
                         UnlearnConfig, init_sparse_lora, spare_unlearn, unlearn)
-from spare_core.objectives import SelfDistill
 from spare_core.families.unet import adaptable_modules
+from spare_core.objectives import Batch, Part, SelfDistill
+from spare_core.sampling import q_sample
 
 CONCEPT, SURROGATE, KEEP = "a cat", "a dog", ["green hills", "the ocean"]
 FAST = dict(num_samples=8, sample_steps=8, steps=60, lr=3e-3, batch_size=4)
@@ -144,9 +145,6 @@ class _FixedTask:
     two batch sizes would see different data.)"""
 
     def __init__(self, den, n=4, preserve=True, seed=11):
-        from spare_core.objectives import Batch, Part
-        from spare_core.sampling import q_sample
-
         g = torch.Generator().manual_seed(seed)
         ac = den.alphas_cumprod
 
@@ -155,7 +153,7 @@ class _FixedTask:
             noise = torch.randn(x0.shape, generator=g)
             return Part(x0, noise, t, q_sample(x0, t, noise, ac), den.encode(prompts))
 
-        self.n, self._Batch, self._Part = n, Batch, Part
+        self.n = n
         self.forget = part([CONCEPT] * n, torch.tensor([100, 400, 700, 900])[:n])
         self.preserve = part([KEEP[i % 2] for i in range(n)], torch.tensor([50, 300, 600, 850])[:n]) \
             if preserve else None
@@ -173,7 +171,7 @@ class _FixedTask:
     def _slice(self, part, lo, hi):
         if part is None:
             return None
-        return self._Part(*(getattr(part, k)[lo:hi] for k in ("x0", "noise", "t", "x_t", "ctx")))
+        return Part(*(getattr(part, k)[lo:hi] for k in ("x0", "noise", "t", "x_t", "ctx")))
 
     def batch(self, denoiser, batch_size, gen):
         assert self.n % batch_size == 0
@@ -181,7 +179,7 @@ class _FixedTask:
         hi = lo + batch_size
         self.next = hi % self.n
         self.calls.append((lo, hi))
-        return self._Batch(self._slice(self.forget, lo, hi), self._slice(self.preserve, lo, hi),
+        return Batch(self._slice(self.forget, lo, hi), self._slice(self.preserve, lo, hi),
                            self.sur[lo:hi], self.uncond, self.ac)
 
 
@@ -220,8 +218,6 @@ def test_grad_accum_equals_one_big_batch(den, preserve):
     assert torch.allclose(_cat(a1), _cat(b1), rtol=1e-4, atol=1e-7)
     assert ha["loss"][0] == pytest.approx(hb["loss"][0], rel=1e-5)
     assert ha["terms"][0] == pytest.approx(hb["terms"][0], rel=1e-5)
-    # grad_accum=2 without the 1/grad_accum factor would double the gradient: not the case
-    assert not torch.allclose(ga, 2 * gb, rtol=1e-2)
 
 
 def _adam_first_step(before, grad, lr, eps=1e-8):

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from comfy_double import (REPO, Host, load_pack, object_info, ui_to_api, validate_api_prompt,
-                          validate_ui_workflow)
+from comfy_double import (BYPASSED, MUTED, REPO, Host, load_pack, object_info, readme_bake_entry,
+                          ui_to_api, validate_api_prompt, validate_ui_workflow)
 
 UI = os.path.join(REPO, "workflows", "spare_erase_concept.json")
 API = os.path.join(REPO, "workflows", "api", "spare_erase_concept.api.json")
@@ -166,15 +166,7 @@ def test_ui_validation_catches_mistakes(ui, info):
     assert any(f"link {link[0]}:" in e for e in errors)
 
 
-README = os.path.join(REPO, "workflows", "README.md")
 BAKE = "Bake into a checkpoint"
-
-
-def bake_snippet() -> dict:
-    """The API entry workflows/README.md gives for baking headless."""
-    with open(README) as f:
-        text = f.read()
-    return json.loads(text.split(f"## {BAKE}", 1)[1].split("```json\n", 1)[1].split("```", 1)[0])
 
 
 def test_bake_group_holds_a_bypassed_checkpoint_save_of_the_patched_model(ui):
@@ -187,7 +179,7 @@ def test_bake_group_holds_a_bypassed_checkpoint_save_of_the_patched_model(ui):
               and gy <= n["pos"][1] and n["pos"][1] + n["size"][1] <= gy + gh]
     assert [n["type"] for n in inside] == ["CheckpointSave"]
     save = inside[0]
-    assert save["mode"] == 4  # LiteGraph's bypass (Ctrl+B)
+    assert save["mode"] == BYPASSED
     assert save["widgets_values"][0].startswith("checkpoints/")
     nodes = {n["id"]: n for n in ui["nodes"]}
     links = {link[0]: link for link in ui["links"]}
@@ -205,19 +197,19 @@ def test_bake_node_enabled_queues_the_readme_api_entry(ui, api, info):
         if n["type"] == "CheckpointSave":
             n["mode"] = 0
     twin = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    assert ui_to_api(enabled, info) == {**twin, **bake_snippet()}
-    assert validate_api_prompt({**api, **bake_snippet()}, info) == []
+    assert ui_to_api(enabled, info) == {**twin, **readme_bake_entry()}
+    assert validate_api_prompt({**api, **readme_bake_entry()}, info) == []
 
 
 def test_bypassed_and_muted_nodes_are_queued_as_the_frontend_does(ui, info):
     """A bypassed node passes its input of the same type through; a muted one feeds nothing."""
     apply_id = next(n["id"] for n in ui["nodes"] if n["type"] == "ApplyUnlearnAdapter")
+    fed_by = {link[0]: link[1] for link in ui["links"]}
     after = next(n for n in ui["nodes"] if n["type"] == "KSampler"
-                 and any(i["name"] == "model" and (l := i.get("link")) is not None
-                         and next(k for k in ui["links"] if k[0] == l)[1] == apply_id
+                 and any(i["name"] == "model" and fed_by.get(i.get("link")) == apply_id
                          for i in n["inputs"]))
     loader = next(n["id"] for n in ui["nodes"] if n["type"] == "CheckpointLoaderSimple")
-    for mode, model in ((4, [str(loader), 0]), (2, None)):
+    for mode, model in ((BYPASSED, [str(loader), 0]), (MUTED, None)):
         changed = copy.deepcopy(ui)
         next(n for n in changed["nodes"] if n["id"] == apply_id)["mode"] = mode
         queued = ui_to_api(changed, info)
