@@ -1,7 +1,9 @@
 """Peak memory of each phase of the shipped workflow on an SD1.5-shaped UNet (860 M parameters,
-random weights, real size) at 512 px, with each memory control on and off.
+random weights, real size) at 512 px, or an SDXL-shaped one (2.6 B, two text encoders' context
+and pooled/size conditioning) at 1024 px, with each memory control on and off.
 
     python benchmarks/memory.py                          # --device meta: shapes only, seconds
+    python benchmarks/memory.py --arch sdxl --size 1024  # the SDXL UNet at 1024 px
     python benchmarks/memory.py --device cpu --time      # real compute (slow on a CPU)
     python benchmarks/memory.py --device cuda --time     # on a GPU: max_memory_allocated
 
@@ -36,6 +38,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spare_core import ConceptTask, DiffusersDenoiser, PoolConfig, UnlearnConfig  # noqa: E402
+from spare_core.conditioning import Context  # noqa: E402
+from spare_core.families.sdxl import SDXLDenoiser  # noqa: E402
 from spare_core import compute_saliency, run_method, sample, unlearn  # noqa: E402
 from spare_core.memory import TensorPeak, full_weight_bytes  # noqa: E402
 from spare_core.families.unet import adaptable_modules  # noqa: E402
@@ -47,7 +51,24 @@ SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
             block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=8)
+SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+            use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+ARCHS = {"sd15": SD15, "sdxl": SDXL}
 SAMPLES, TOP_K, RANK, PRESERVE = 8, 32, 4, 2  # the shipped workflow's ComputeSaliency / Init / Unlearn
+
+
+def fake_text(prompts, dim: int) -> torch.Tensor:
+    """A fixed random ``[N, 77, dim]`` context per prompt (CLIP's sequence shape), on the host."""
+    out = []
+    for p in prompts:
+        seed = int(hashlib.sha256(p.encode()).hexdigest()[:8], 16)
+        out.append(torch.randn(77, dim, generator=torch.Generator().manual_seed(seed)))
+    return torch.stack(out)
 
 
 class BenchDenoiser(DiffusersDenoiser):
@@ -58,21 +79,29 @@ class BenchDenoiser(DiffusersDenoiser):
         super().__init__(unet, torch.nn.Identity(), None, scheduler)
 
     def encode(self, prompts):
-        out = []
-        for p in prompts:
-            seed = int(hashlib.sha256(p.encode()).hexdigest()[:8], 16)
-            out.append(torch.randn(77, 768, generator=torch.Generator().manual_seed(seed)))
-        return torch.stack(out)
+        return fake_text(prompts, 768)
 
 
-def build(device: str, dtype: torch.dtype, size: int) -> BenchDenoiser:
+class BenchSDXLDenoiser(SDXLDenoiser):
+    """The SDXL backend with stand-in encoders: ``[77, 2048]`` sequence (CLIP-L + CLIP-G) and a
+    ``[1280]`` pooled vector per prompt, on the host."""
+
+    def __init__(self, unet, scheduler) -> None:
+        def encode(prompts):
+            seq = fake_text(prompts, 2048)
+            return Context(seq, {"pooled": seq[:, 0, :1280].clone()})
+
+        super().__init__(unet, encode, scheduler)
+
+
+def build(device: str, dtype: torch.dtype, size: int, arch: str = "sd15"):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     with torch.device(device):
-        unet = UNet2DConditionModel(**{**SD15, "sample_size": size // 8}).to(dtype).eval()
+        unet = UNet2DConditionModel(**{**ARCHS[arch], "sample_size": size // 8}).to(dtype).eval()
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                           beta_start=0.00085, beta_end=0.012)
-    return BenchDenoiser(unet, sched)
+    return (BenchSDXLDenoiser if arch == "sdxl" else BenchDenoiser)(unet, sched)
 
 
 class Meter:
@@ -144,6 +173,8 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--device", default="meta", choices=["meta", "cpu", "cuda"])
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--arch", default="sd15", choices=sorted(ARCHS),
+                    help="UNet shape: SD1.5 (860 M) or SDXL (2.6 B, pooled + size conditioning)")
     ap.add_argument("--size", type=int, default=512, help="image size in pixels (latents / 8)")
     ap.add_argument("--time", action="store_true",
                     help="also time the SPARE step with and without checkpointing")
@@ -169,10 +200,11 @@ def main(argv=None) -> int:
 
     attention = meter.peak.flash_attention() if a.device == "meta" else contextlib.nullcontext()
     with meter.peak, attention:
-        den = build(a.device, dtype, a.size)
+        den = build(a.device, dtype, a.size, a.arch)
         weights = sum(p.numel() * p.element_size() for p in den.unet.parameters())
         n_params = sum(p.numel() for p in den.unet.parameters())
-        print(f"SD1.5-shaped UNet: {n_params / 1e6:.1f} M parameters, {a.dtype} weights "
+        print(f"{'SDXL' if a.arch == 'sdxl' else 'SD1.5'}-shaped UNet: {n_params / 1e6:.1f} M "
+              f"parameters, {a.dtype} weights "
               f"{weights / 2**30:.2f} GB; {a.size} px ({a.size // 8}x{a.size // 8} latents); "
               f"device {a.device}")
         print(f"  {'phase':<22}{'setting':<44}{'device':>8}{'host':>8}{'seconds':>9}   (GB)")

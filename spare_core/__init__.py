@@ -16,6 +16,12 @@ _EXPORTS = {
     "adapter": ("LoRADelta", "MaskedFullDelta", "UnlearnAdapter", "init_masked_full",
                 "init_sparse_lora"),
     "denoiser": ("Denoiser", "DiffusersDenoiser"),
+    "conditioning": ("Context",),
+    "process": ("ForwardProcess",),
+    "families": ("denoiser_from_pipeline", "load_denoiser"),
+    "families.sdxl": ("SDXLDenoiser",),
+    "families.sd3": ("SD3Denoiser",),
+    "families.flux": ("FluxDenoiser",),
     "export": ("to_comfy_lora", "to_diffusers_lora"),
     "files": ("AdapterFileError", "ModelMismatchError", "load_adapter", "model_fingerprint",
               "save_adapter"),
@@ -51,7 +57,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .adapter import (LoRADelta, MaskedFullDelta, UnlearnAdapter, init_masked_full,  # noqa: F401
                           init_sparse_lora)
     from .data_task import DataTask, load_image_folder  # noqa: F401
+    from .conditioning import Context  # noqa: F401
     from .denoiser import Denoiser, DiffusersDenoiser  # noqa: F401
+    from .families import denoiser_from_pipeline, load_denoiser  # noqa: F401
+    from .families.flux import FluxDenoiser  # noqa: F401
+    from .families.sd3 import SD3Denoiser  # noqa: F401
+    from .families.sdxl import SDXLDenoiser  # noqa: F401
+    from .process import ForwardProcess  # noqa: F401
     from .export import to_comfy_lora, to_diffusers_lora  # noqa: F401
     from .files import (AdapterFileError, ModelMismatchError, load_adapter,  # noqa: F401
                         model_fingerprint, save_adapter)

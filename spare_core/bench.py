@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import cli_args as A
-from .cli_args import CONCEPT_METHODS, DATA_METHODS
+from .cli_args import CONCEPT_METHODS, DATA_METHODS, EMBEDDED_NAMES
 
 # torch, the models and the metrics are imported inside the functions: ``spare bench --help`` and
 # argument errors need none of them.
@@ -159,12 +159,13 @@ def _bars(bars, label: str):
 
 
 def bench_concepts(methods, digits, *, n: int, steps: int, seed: int, sample_steps: int,
-                   log=print, bars=None) -> list[Row]:
-    """Rows of the concept bench; ``bars`` (a PhaseBars) draws every phase's progress."""
+                   log=print, bars=None, model: str = "digits") -> list[Row]:
+    """Rows of the concept bench on embedded ``model`` (``digits`` or ``digits-dit``);
+    ``bars`` (a PhaseBars) draws every phase's progress."""
     from .digits import metrics as M
     from .threads import apply as apply_threads
 
-    den, clf = M.load_default_model(), M.load_classifier()
+    den, clf = M.load_default_model(name=model), M.load_classifier()
     apply_threads(den)
     rows = []
     for d in digits:
@@ -299,6 +300,9 @@ def add_command(sub) -> None:
                         "after colons, e.g. spare:timestep_sampler=uniform:module_selection=random")
     p.add_argument("--forget", default="3", help="comma list of digits to forget (concept bench)")
     p.add_argument("--data-unlearning", action="store_true", help="run the pattern-model bench")
+    p.add_argument("--model", choices=EMBEDDED_NAMES, default="digits",
+                   help="embedded model of the concept bench: the SD-structured UNet (DDPM) or "
+                        "its flow-matching DiT twin")
     p.add_argument("--n", type=A.positive_int, default=20,
                    help="samples per digit (or unconditional samples x10)")
     p.add_argument("--steps", type=A.positive_int, default=100,
@@ -341,6 +345,9 @@ def check_bench_args(a: argparse.Namespace) -> None:
     allowed = DATA_METHODS if a.data_unlearning else CONCEPT_METHODS
     if a.methods is not None:
         _method_names(a.methods, allowed)
+    if a.data_unlearning and a.model != "digits":
+        raise ValueError("--data-unlearning runs on the digits pattern model (a UNet); leave "
+                         "--model at digits")
     a.seed_list = _parse_seeds(a.seeds)
     a.digits = A.digit_list(a.forget)
     if a.markdown and os.path.isdir(a.markdown):
@@ -360,7 +367,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         else:
             methods = parse_methods(a.methods or "spare", CONCEPT_METHODS)
             runs = [bench_concepts(methods, a.digits, n=a.n, steps=a.steps, seed=sd,
-                                   sample_steps=a.sample_steps, bars=bars, log=bars_print(bars))
+                                   sample_steps=a.sample_steps, bars=bars, log=bars_print(bars),
+                                   model=a.model)
                     for sd in a.seed_list]
     table = markdown_table(mean_over_seeds(runs))
     print()

@@ -29,7 +29,7 @@ def _add_unlearn(sub) -> None:
                     "write the adapter (--out), optionally a before/after grid (--grid) and the "
                     "pipeline with the adapter baked into its UNet (--merged-out).")
     p.add_argument("--model", required=True,
-                   help="pipeline folder written by pipe.save_pretrained() (read offline)")
+                   help="pipeline folder written by pipe.save_pretrained(): SD1.x, SD2.x, SDXL, SD3 or Flux (read offline)")
     p.add_argument("--method", choices=METHOD_NAMES, default="spare",
                    help=f"concept methods {', '.join(CONCEPT_METHODS)} take --concept; data "
                         f"methods {', '.join(DATA_METHODS)} take --forget-images/--keep-images")
@@ -162,21 +162,25 @@ def resolve_device(name: str) -> str:
 
 
 def _image_size(den, vae) -> int:
-    """Pixel size the UNet expects: its sample size, times the VAE's downscale if any."""
-    size = int(den.unet.config.sample_size)
+    """Pixel size the network expects: its latent size, times the VAE's downscale if any."""
+    size = int(den.latent_shape[1])
     if vae is not None:
         size *= 2 ** (len(vae.config.block_out_channels) - 1)
     return size
 
 
 def _vae_encoder(vae, device: str):
-    """``images [N, 3, H, W] in [-1, 1] -> latents [N, 4, H/8, W/8]`` (mean of the posterior,
-    times the VAE's scaling factor, as diffusers' training scripts do)."""
+    """``images [N, 3, H, W] in [-1, 1] -> latents [N, C, H/8, W/8]`` (mean of the posterior,
+    minus the VAE's shift factor (SD3, Flux), times its scaling factor, as diffusers' training
+    scripts do)."""
     import torch
+
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     def encode(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return vae.encode(x.to(device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+            mean = vae.encode(x.to(device, vae.dtype)).latent_dist.mean
+            return (mean - shift) * vae.config.scaling_factor
     return encode
 
 
@@ -192,7 +196,7 @@ def _run(a: argparse.Namespace, den, vae, clip, hp: dict, bars):
         return run_method(a.method, den, concept=a.concept, surrogate=a.surrogate,
                           preserve=a.preserve, num_samples=a.num_samples,
                           sample_steps=a.sample_steps, guidance=a.guidance, clip_x0=clip, **common)
-    channels = 3 if vae is not None else int(den.unet.config.in_channels)
+    channels = 3 if vae is not None else int(den.latent_shape[0])
     size = _image_size(den, vae)
     forget = load_image_folder(a.forget_images, channels=channels, size=size)
     keep = load_image_folder(a.keep_images, channels=channels, size=size) if a.keep_images else None
@@ -224,7 +228,7 @@ def _write_grid(a: argparse.Namespace, den, vae, clip, adapter, prompts, bars) -
 def cmd_unlearn(a: argparse.Namespace) -> int:
     import torch
 
-    from . import DiffusersDenoiser, save_adapter, to_comfy_lora, to_diffusers_lora
+    from . import load_denoiser, save_adapter, to_comfy_lora, to_diffusers_lora
     from .export import save_merged_pipeline
     from .files import atomic_save_safetensors
     from .progress import PhaseBars, quiet_libraries
@@ -233,7 +237,7 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
     quiet_libraries()
     hp = method_hparams(a)
     a.device = resolve_device(a.device)
-    den = DiffusersDenoiser.from_pretrained(a.model, dtype=getattr(torch, a.dtype), device=a.device)
+    den = load_denoiser(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     if a.device == "cpu":
         apply_threads(den)
     vae = None

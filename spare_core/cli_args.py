@@ -10,6 +10,8 @@ import re
 # the engine's method names (spare_core.methods.METHODS; tests/test_cli.py checks they agree)
 CONCEPT_METHODS = ("spare", "salun", "esd", "esd_u")
 DATA_METHODS = ("siss", "neggrad", "erasediff", "naive_deletion")
+EMBEDDED_NAMES = ("digits", "digits-dit")
+"""``--model`` of demo and bench (== spare_core.digits.metrics.EMBEDDED_MODELS, checked by tests)."""
 METHOD_NAMES = CONCEPT_METHODS + DATA_METHODS
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -135,7 +137,7 @@ def check_new_path(path: str | None, flag: str, overwrite: bool) -> None:
 
 def check_pipeline_folder(path: str) -> None:
     """ValueError/FileNotFoundError naming the problem unless ``path`` is a diffusers pipeline
-    folder (``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
+    folder (``unet/`` or ``transformer/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--model {path!r} does not exist; give the folder written by "
                                 "pipe.save_pretrained()")
@@ -143,10 +145,13 @@ def check_pipeline_folder(path: str) -> None:
         raise ValueError(f"--model {path!r} is a file; give the folder written by "
                          "pipe.save_pretrained() (single-file checkpoints: load them with "
                          "StableDiffusionPipeline.from_single_file and save_pretrained first)")
-    for sub in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        if not os.path.isdir(os.path.join(path, sub)):
+    has = lambda sub: os.path.isdir(os.path.join(path, sub))  # noqa: E731
+    net = "unet" if has("unet") else "transformer" if has("transformer") else None
+    for sub in (net or "unet", "text_encoder", "tokenizer", "scheduler"):
+        if not has(sub):
             raise FileNotFoundError(f"{path!r} is not a diffusers pipeline folder: no {sub}/ "
-                                    "inside. Save one with pipe.save_pretrained(folder).")
+                                    "inside (SD1.x/SD2.x/SDXL: unet/, SD3/Flux: transformer/). "
+                                    "Save one with pipe.save_pretrained(folder).")
 
 
 def check_image_folder(path: str | None, flag: str) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .denoiser import Denoiser, compute_dtype_of, device_of
 from .objectives import Batch, Part
-from .sampling import q_sample
+from .process import process_of
 from .timesteps import UniformSampler
 
 ImageSource = Union[Tensor, str, os.PathLike]
@@ -185,7 +185,7 @@ class DataTask:
             raise ValueError(f"unknown timestep sampler {timestep_sampler!r} for a data task; "
                              "use 'uniform'")
         self.timestep_sampler = "uniform"
-        self.sampler = UniformSampler(denoiser.alphas_cumprod.numel())
+        self.sampler = UniformSampler(process_of(denoiser).num_steps)
 
     def _encode(self, x: Tensor, what: str, progress) -> Tensor:
         outs, n, bs = [], x.shape[0], 16
@@ -211,25 +211,25 @@ class DataTask:
         sample and EraseDiff's uniform noise in ``extras``."""
         dev = device_of(denoiser)
         dtype = compute_dtype_of(denoiser)
-        ac = denoiser.alphas_cumprod
+        proc = process_of(denoiser)
         B = batch_size
         ia = torch.randint(0, self._forget.shape[0], (B,), generator=gen)
         t = self.sampler(B, gen)
         noise = torch.randn((B, *self._forget.shape[1:]), generator=gen)
         a0 = self._forget[ia]
-        a_t = q_sample(a0, t, noise, ac)
+        a_t = proc.q_sample(a0, t, noise)
 
         def part(x0: Tensor, x_t: Tensor, ctx_idx: Tensor) -> Part:
-            # x0 and the noise (regression targets) stay float32; the network's inputs take its dtype
+            # x0, noise and target stay float32; the network's inputs take its dtype
             return Part(x0.to(dev, torch.float32), noise.to(dev), t.to(dev), x_t.to(dev, dtype),
-                        self._ctx[ctx_idx].to(dev, dtype))
+                        self._ctx[ctx_idx].to(dev, dtype), proc.target(x0, noise).to(dev))
 
         forget = part(a0, a_t, self._fidx[ia])
         keep, extras = None, {"uniform_noise": torch.rand(noise.shape, generator=gen).to(dev)}
         if self._keep is not None:
             ix = torch.randint(0, self._keep.shape[0], (B,), generator=gen)
             x0 = self._keep[ix]
-            x_t = q_sample(x0, t, noise, ac)
+            x_t = proc.q_sample(x0, t, noise)
             keep = part(x0, x_t, self._kidx[ix])
             lam = float(self.mixture_lambda)
             from_a = torch.rand(B, generator=gen) < lam
@@ -237,4 +237,4 @@ class DataTask:
             extras.update(mixture_x_t=m.to(dev), mixture_from_forget=from_a.to(dev),
                           mixture_lambda=lam)
         uncond = self._uncond.to(dev, dtype)
-        return Batch(forget, keep, uncond.expand(B, -1, -1), uncond, ac.to(dev), extras)
+        return Batch(forget, keep, uncond.expand(B, -1, -1), uncond, proc, extras)

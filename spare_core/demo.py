@@ -22,6 +22,9 @@ def add_command(sub) -> None:
                                    "(offline, minutes on a CPU); print UA/RA/FD before and after "
                                    "and write OUT/grid.png and OUT/metrics.json.",
                        formatter_class=A.HelpFormatter)
+    p.add_argument("--model", choices=A.EMBEDDED_NAMES, default="digits",
+                   help="embedded model: the SD-structured UNet (DDPM) or its flow-matching DiT "
+                        "twin (an SD3 transformer, Euler sampler)")
     p.add_argument("--forget", type=A.digit, default=3, help="digit to forget (0..9)")
     p.add_argument("--surrogate", type=A.digit, default=None,
                    help="digit it becomes (default: the next digit)")
@@ -61,9 +64,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     quiet_libraries()
     sur = a.surrogate
     t_start = time.perf_counter()
-    den, clf = M.load_default_model(), M.load_classifier()
+    den, clf = M.load_default_model(name=a.model), M.load_classifier()
     threads = apply_threads(den)
-    print(f"forgetting '{prompt_for(a.forget)}' -> '{prompt_for(sur)}' on the embedded digits "
+    print(f"forgetting '{prompt_for(a.forget)}' -> '{prompt_for(sur)}' on the embedded {a.model} "
           f"model ({threads} CPU thread{'s' if threads > 1 else ''})", flush=True)
     with PhaseBars() as bars:
         before = digit_metrics(den, clf, a.forget, a.n, a.seed, a.sample_steps,
@@ -82,13 +85,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     for k in KEYS:
         print(f"{k:<12}{before[k]:>10.3f}{after[k]:>10.3f}")
     print(f"trainable parameters: {res.adapter.num_trainable()} "
-          f"({100 * res.adapter.num_trainable() / sum(p.numel() for p in den.unet.parameters()):.2f}% of the UNet), "
+          f"({100 * res.adapter.num_trainable() / sum(p.numel() for p in den.unet.parameters()):.2f}% of the network), "
           f"training {res.history['seconds']:.1f} s")
     k = min(6, a.n)
     cells = [[before["images"][d][:k], after["images"][d][:k]] for d in range(10)]
     grid, metrics_path = (os.path.join(a.out, f) for f in FILES)
     save_grid(cells, grid, [NAMES[d] for d in range(10)], ["before", "after"], cell_px=40)
-    metrics = {"forget": a.forget, "surrogate": sur, "steps": a.steps, "n_per_digit": a.n,
+    metrics = {"model": a.model, "forget": a.forget, "surrogate": sur, "steps": a.steps, "n_per_digit": a.n,
                "seed": a.seed, "before": {k: before[k] for k in KEYS},
                "after": {k: after[k] for k in KEYS},
                "per_class_acc_before": before["per_class_acc"],

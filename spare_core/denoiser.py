@@ -1,12 +1,15 @@
 """The Denoiser protocol: everything a method may know about a model.
 
-A method sees a model only through ``eps(x_t, t, context)``, the training schedule
-``alphas_cumprod``, ``encode(prompts)`` and ``compute_dtype`` (the dtype the network runs in,
-which may differ from the dtype its weights are stored in: fp8 storage computed in bf16), and,
-where a backend has them, ``predict`` (eps and x0 together) and
-``enable_gradient_checkpointing``. The trainable network is exposed as ``unet`` so that saliency
-and adapters can address its weights by module name. Backends: :class:`DiffusersDenoiser` (here)
-and the ComfyUI bridge (``nodes/comfy_bridge.py``).
+A method sees a model only through its prediction (:func:`prediction`: ``pred(x_t, t, context)``,
+or ``eps`` for noise-space backends), its forward process (``process``, see
+:mod:`spare_core.process`; a backend with only ``alphas_cumprod`` is VP), ``encode(prompts)``
+(a tensor or a :class:`~spare_core.conditioning.Context`: methods pass it through without
+looking inside) and ``compute_dtype`` (the dtype the network runs in, which may differ from the
+dtype its weights are stored in: fp8 storage computed in bf16), and, where a backend has them,
+``predict`` (eps and x0 together) and ``enable_gradient_checkpointing``. The trainable network is
+exposed as ``unet`` (a UNet or a DiT) so that saliency and adapters can address its weights by
+module name. Backends: :class:`DiffusersDenoiser` (here, SD1.x/SD2.x), the family modules in
+:mod:`spare_core.families` (SDXL, SD3, Flux) and the ComfyUI bridge (``nodes/comfy_bridge.py``).
 """
 from __future__ import annotations
 
@@ -16,15 +19,18 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from .process import process_of
+
 
 @runtime_checkable
 class Denoiser(Protocol):
     """Protocol every backend implements.
 
     Attributes:
-        unet: the trainable noise-prediction network (its weights are what methods edit).
-        alphas_cumprod: ``[T]`` float32 tensor, the training schedule's cumulative alpha-bar.
-        latent_shape: ``(C, H, W)`` of one latent the UNet denoises.
+        unet: the trainable network (its weights are what methods edit).
+        alphas_cumprod: ``[T]`` float32 tensor, the training schedule's cumulative alpha-bar (VP
+            backends; a backend with a ``process`` attribute may leave it out).
+        latent_shape: ``(C, H, W)`` of one latent the network denoises.
         compute_dtype: dtype of every input the backend feeds the network (latents, contexts);
             ``eps`` accepts any float dtype and casts. Objectives compute losses in float32.
     """
@@ -44,17 +50,27 @@ class Denoiser(Protocol):
         ...
 
 
+def prediction(denoiser: Denoiser, x_t: Tensor, t: Tensor, context) -> Tensor:
+    """The network's prediction ``[B, C, H, W]`` in its process's space (the noise for VP
+    backends, the velocity for flow ones) at step indices ``t`` ``[B]``: ``denoiser.pred`` where
+    the backend has it, else ``denoiser.eps``."""
+    pred = getattr(denoiser, "pred", None)
+    return pred(x_t, t, context) if pred is not None else denoiser.eps(x_t, t, context)
+
+
 def eps_and_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor,
-               context: Tensor) -> tuple[Tensor, Tensor | None]:
+               context) -> tuple[Tensor, Tensor | None]:
     """``(eps, x0)`` predictions ``[B, C, H, W]`` in float32, ``x0`` None when it is only the
     division ``(x_t - sqrt(1 - a) eps) / sqrt(a)`` (eps-prediction models; see
     :func:`x0_from_eps`). A backend's optional ``predict`` gives x0 division-free from a
-    v-prediction, so a zero-terminal-SNR schedule (alpha-bar 0 at the last step) stays finite."""
+    v-prediction, and a velocity gives it as ``x_t - sigma v``, so a zero-terminal-SNR schedule
+    (alpha-bar 0 at the last step) and a flow's pure-noise end stay finite."""
     predict = getattr(denoiser, "predict", None)
-    if predict is None:
-        return denoiser.eps(x_t, t, context).float(), None
-    eps, x0 = predict(x_t, t, context)
-    return eps.float(), None if x0 is None else x0.float()
+    if predict is not None:
+        eps, x0 = predict(x_t, t, context)
+        return eps.float(), None if x0 is None else x0.float()
+    p = prediction(denoiser, x_t, t, context).float()
+    return process_of(denoiser).eps_and_x0(p, x_t.float(), t)
 
 
 def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
@@ -128,8 +144,9 @@ class DiffusersDenoiser:
     works with an fp32 text encoder, and a UNet stored in fp8 (diffusers' layerwise casting)
     runs with ``compute_dtype=torch.bfloat16``."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, tokenizer, scheduler,
-                 compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, tokenizer, scheduler,
+                 compute_dtype: torch.dtype | None = None,
+                 allow_added_conditioning: bool = False) -> None:
         if not hasattr(scheduler, "alphas_cumprod"):
             raise ValueError(
                 f"scheduler {type(scheduler).__name__} has no alphas_cumprod; pass a DDPM-style "
@@ -145,14 +162,16 @@ class DiffusersDenoiser:
                              "use an epsilon or v_prediction model")
         cfg = unet.config
         extra = getattr(cfg, "addition_embed_type", None)
-        if extra is not None or getattr(cfg, "class_embed_type", None) is not None:
+        if not allow_added_conditioning and (
+                extra is not None or getattr(cfg, "class_embed_type", None) is not None):
             raise ValueError(f"this UNet needs extra conditioning (addition_embed_type={extra!r}: "
-                             "SDXL-style pooled text and size ids), which the engine does not feed "
-                             "yet; supported: SD1.x/SD2.x UNets (eps or v-prediction) conditioned "
-                             "on text only")
+                             "SDXL-style pooled text and size ids); load it with "
+                             "spare_core.load_denoiser(folder) or "
+                             "spare_core.denoiser_from_pipeline(pipe), which pick SDXLDenoiser")
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         self.latent_shape = (int(cfg.in_channels), int(size), int(size))
-        self.text_encoder.requires_grad_(False)
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(False)
         storage = next(unet.parameters()).dtype
         self.compute_dtype = check_compute_dtype(compute_dtype or storage, storage)
 

@@ -7,6 +7,10 @@ ESD (Gandikota et al., ICCV 2023) trains one of two parameter sets (their ``trai
 - ESD-u (``noxattn``): everything except cross-attention, the output layer (``out.`` in CompVis,
   ``conv_out`` in diffusers) and the time embedding (``time_embed`` / ``time_embedding``).
 
+On a DiT (SD3, Flux), which has no separate cross-attention, ESD-x takes the text stream's
+attention projections of the joint blocks (where the prompt enters attention) and ESD-u the rest
+but the input/output layers and the time/text embedders (:mod:`spare_core.families.dit`).
+
 The engine adapts Linear/Conv2d weights only (biases and norms stay frozen), so "full
 fine-tuning" of a module set is :func:`~spare_core.adapter.init_masked_full` with all-ones
 masks (every element of those weights is trainable; nothing else moves), or LoRA on the same
@@ -20,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import UnlearnAdapter, init_masked_full, init_sparse_lora
-from .families.unet import (adaptable_modules, is_cross_attention, is_output_layer,
-                            is_time_embedding)
+from .families import (adaptable_modules, is_cross_attention, is_output_layer,
+                       is_time_embedding)
 
 ESD_VARIANTS = ("x", "u")
 
@@ -40,7 +44,8 @@ def esd_modules(unet: nn.Module, variant: str = "x") -> list[str]:
                if not (is_cross_attention(n) or is_output_layer(n) or is_time_embedding(n))]
     if not out:
         raise ValueError(f"this UNet has no modules for ESD-{variant}"
-                         + (" (no cross-attention 'attn2' layers)" if variant == "x" else ""))
+                         + (" (no cross-attention 'attn2' layers, no text-stream attention)"
+                            if variant == "x" else ""))
     return out
 
 

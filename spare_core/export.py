@@ -19,12 +19,27 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import LoRADelta, UnlearnAdapter
-from .families.unet import adaptable_modules
+from .families import adaptable_modules
 
-# top-level module names of the CompVis/LDM UNet (ComfyUI's, A1111's); diffusers names its parts
-# down_blocks / mid_block / up_blocks / conv_in / time_embedding / ...
+# top-level module names of the CompVis/LDM UNet (ComfyUI's, A1111's) and of ComfyUI's own SD3 /
+# Flux DiTs; diffusers names its parts down_blocks / mid_block / up_blocks / conv_in /
+# time_embedding / ... and transformer_blocks / single_transformer_blocks / x_embedder / ...
 COMPVIS_PREFIXES = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb",
-                    "out", "diffusion_model")
+                    "out", "diffusion_model", "double_blocks", "single_blocks", "joint_blocks",
+                    "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer",
+                    "t_embedder", "y_embedder")
+DIFFUSERS_DIT_PREFIXES = ("transformer_blocks", "single_transformer_blocks", "pos_embed",
+                          "x_embedder", "context_embedder", "time_text_embed", "norm_out",
+                          "proj_out")
+
+
+def is_diffusers_transformer(names) -> bool:
+    """True when module names are a diffusers transformer's (SD3, Flux, digits-dit): their
+    LoRA keys are ``transformer.*`` (diffusers, ComfyUI) / ``lora_transformer_*`` (kohya-style,
+    which ComfyUI reads for SD3 and Flux). ``context_embedder`` and ``x_embedder`` are also
+    ComfyUI SD3 names: beside ComfyUI's own block names they are ComfyUI's."""
+    heads = {n.split(".", 1)[0] for n in names}
+    return bool(heads & set(DIFFUSERS_DIT_PREFIXES)) and not heads & set(COMPVIS_PREFIXES)
 
 
 def check_diffusers_names(adapter: UnlearnAdapter) -> None:
@@ -43,8 +58,13 @@ def _is_dense_lora(d) -> bool:
     return isinstance(d, LoRADelta) and d.mask is None
 
 
-def to_comfy_lora(adapter: UnlearnAdapter, prefix: str = "lora_unet_") -> dict[str, Tensor]:
-    """State dict for ComfyUI's LoraLoader (strength of the adapter folded in)."""
+def to_comfy_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dict[str, Tensor]:
+    """State dict for ComfyUI's LoraLoader (strength of the adapter folded in). Key prefix by
+    family: ``lora_unet_`` for UNets (diffusers or CompVis names: ComfyUI maps both, SD1.x to
+    SDXL) and for ComfyUI-named DiTs; ``lora_transformer_`` for diffusers-named DiTs (ComfyUI's
+    SD3 and Flux key maps)."""
+    if prefix is None:
+        prefix = "lora_transformer_" if is_diffusers_transformer(adapter.names) else "lora_unet_"
     out: dict[str, Tensor] = {}
     s = float(adapter.strength)
     for n in adapter.names:
@@ -65,13 +85,17 @@ def to_comfy_lora(adapter: UnlearnAdapter, prefix: str = "lora_unet_") -> dict[s
     return out
 
 
-def to_diffusers_lora(adapter: UnlearnAdapter, prefix: str = "unet.") -> dict[str, Tensor]:
-    """PEFT-style state dict for ``pipe.load_lora_weights`` / ``unet.load_lora_adapter``.
+def to_diffusers_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dict[str, Tensor]:
+    """PEFT-style state dict for ``pipe.load_lora_weights`` / ``load_lora_adapter``: keys
+    ``unet.*`` for UNets, ``transformer.*`` for DiTs (chosen from the names unless ``prefix``).
 
-    Module names must be diffusers UNet names (adapters trained on the diffusers backend are);
-    an adapter trained through ComfyUI (CompVis names) raises ValueError naming the fix.
+    Module names must be diffusers names (adapters trained on the diffusers backend are); an
+    adapter trained through ComfyUI (CompVis / ComfyUI DiT names) raises ValueError naming the
+    fix.
     """
     check_diffusers_names(adapter)
+    if prefix is None:
+        prefix = "transformer." if is_diffusers_transformer(adapter.names) else "unet."
     out: dict[str, Tensor] = {}
     s = float(adapter.strength)
     for n in adapter.names:
@@ -117,14 +141,21 @@ def merge_into_unet(unet: nn.Module, adapter: UnlearnAdapter) -> None:
 def save_merged_pipeline(model_dir: str, adapter: UnlearnAdapter, out_dir: str,
                          overwrite: bool = False) -> None:
     """Write ``out_dir``: the diffusers pipeline folder ``model_dir`` with the adapter baked into
-    its UNet weights (``unet/`` re-saved as safetensors in its stored dtype; every other file
-    copied). Written next to ``out_dir`` and renamed into place, so an interrupted run leaves no
-    half folder; an existing ``out_dir`` is refused unless ``overwrite``."""
-    from diffusers import UNet2DConditionModel
+    its network's weights (``unet/`` or ``transformer/`` re-saved as safetensors in its stored
+    dtype; every other file copied). Written next to ``out_dir`` and renamed into place, so an
+    interrupted run leaves no half folder; an existing ``out_dir`` is refused unless
+    ``overwrite``."""
+    import json
 
-    if not os.path.isdir(os.path.join(model_dir, "unet")):
-        raise FileNotFoundError(f"{model_dir!r} is not a diffusers pipeline folder: no unet/ "
-                                "inside. Save one with pipe.save_pretrained(folder).")
+    import diffusers
+
+    sub = next((s for s in ("unet", "transformer") if os.path.isdir(os.path.join(model_dir, s))),
+               None)
+    if sub is None:
+        raise FileNotFoundError(f"{model_dir!r} is not a diffusers pipeline folder: no unet/ or "
+                                "transformer/ inside. Save one with pipe.save_pretrained(folder).")
+    with open(os.path.join(model_dir, sub, "config.json")) as f:
+        model_cls = getattr(diffusers, json.load(f)["_class_name"])
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} exists; choose another folder or pass overwrite=True "
@@ -134,13 +165,13 @@ def save_merged_pipeline(model_dir: str, adapter: UnlearnAdapter, out_dir: str,
     tmp = os.path.join(parent, f".tmp-{os.path.basename(out_dir)}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        shutil.copytree(model_dir, tmp, ignore=lambda d, names: ["unet"]
+        shutil.copytree(model_dir, tmp, ignore=lambda d, names: [sub]
                         if os.path.samefile(d, model_dir) else [])
-        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet",
-                                                    torch_dtype=_stored_dtype(model_dir),
-                                                    use_safetensors=True)
-        merge_into_unet(unet, adapter)
-        unet.save_pretrained(os.path.join(tmp, "unet"), safe_serialization=True)
+        net = model_cls.from_pretrained(model_dir, subfolder=sub,
+                                        torch_dtype=_stored_dtype(model_dir, sub),
+                                        use_safetensors=True)
+        merge_into_unet(net, adapter)
+        net.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
         old = None
         if os.path.exists(out_dir):
             old = f"{tmp}-old"
@@ -153,11 +184,11 @@ def save_merged_pipeline(model_dir: str, adapter: UnlearnAdapter, out_dir: str,
         raise
 
 
-def _stored_dtype(model_dir: str) -> torch.dtype:
-    """dtype of the first floating tensor in ``model_dir/unet``'s safetensors (float32 if none)."""
+def _stored_dtype(model_dir: str, sub: str = "unet") -> torch.dtype:
+    """dtype of the first floating tensor in ``model_dir/sub``'s safetensors (float32 if none)."""
     from safetensors import safe_open
 
-    folder = os.path.join(model_dir, "unet")
+    folder = os.path.join(model_dir, sub)
     names = sorted((f for f in os.listdir(folder) if f.endswith(".safetensors")),
                    key=lambda f: (f != "diffusion_pytorch_model.safetensors", f))  # non-variant 1st
     if not names:

@@ -23,13 +23,15 @@ def to_uint8_images(images: Tensor) -> np.ndarray:
 
 
 def decode_latents(latents: Tensor, vae=None) -> Tensor:
-    """Pixels ``[N, 3, H*f, W*f]`` in [-1, 1] via a diffusers VAE, or the latents themselves when
-    the model is pixel-space (no VAE, e.g. the embedded digits model)."""
+    """Pixels ``[N, 3, H*f, W*f]`` in [-1, 1] via a diffusers VAE (undoing its scaling and, for
+    SD3 / Flux VAEs, its shift factor), or the latents themselves when the model is pixel-space
+    (no VAE, e.g. the embedded digits models)."""
     if vae is None:
         return latents
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
         z = latents.to(next(vae.parameters()).device, next(vae.parameters()).dtype)
-        return vae.decode(z / vae.config.scaling_factor).sample.float().cpu()
+        return vae.decode(z / vae.config.scaling_factor + shift).sample.float().cpu()
 
 
 def save_grid(cells: Sequence[Sequence[Tensor]], path: str, row_labels: Sequence[str] = (),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .adapter import ATTACH_MODES, UnlearnAdapter
-from .denoiser import (Denoiser, check_checkpointing, compute_dtype_of, device_of,
+from .denoiser import (Denoiser, check_checkpointing, compute_dtype_of, device_of, prediction,
                        gradient_checkpointing)
 from .objectives import Objective, make_objective
 from .saliency import Saliency
@@ -136,12 +136,12 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     skipped = consecutive_skips = 0
 
     def student(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        return denoiser.eps(x, t, c)
+        return prediction(denoiser, x, t, c)
 
     @torch.no_grad()
     def teacher(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
         with adapter.disabled():
-            return denoiser.eps(x, t, c)
+            return prediction(denoiser, x, t, c)
 
     losses: list[float] = []
     terms: list[dict[str, float]] = []

@@ -1,7 +1,11 @@
-"""Unlearning objectives: each is a function of (student eps, frozen-teacher eps, batch).
+"""Unlearning objectives: each is a function of (student, frozen teacher, batch).
 
-``student(x_t, t, ctx)`` runs the UNet with the adapter on (gradients flow into the adapter);
-``teacher(x_t, t, ctx)`` runs the same UNet with the adapter off, without gradients. Objectives
+``student(x_t, t, ctx)`` runs the network with the adapter on (gradients flow into the adapter);
+``teacher(x_t, t, ctx)`` runs the same network with the adapter off, without gradients. Both
+return the network's prediction in its forward process's space (noise for VP models, velocity
+for flow models: :mod:`spare_core.process`). Objectives that match two predictions are the same
+in either space; a ground-truth target is the part's ``target`` (the family's own training
+target) and noising goes through ``batch.process``, so no objective knows the family. Objectives
 batch their student and teacher calls so one training step costs one student and one teacher
 forward. An objective may also offer ``parts(student, teacher, batch)``: the same loss as a
 sequence of terms whose sum is the loss, which the loop back-propagates one at a time (a lower
@@ -16,19 +20,28 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import Tensor
 
+from .process import ForwardProcess
+
 EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
 class Part:
     """One side of a batch: clean latents ``x0`` ``[B, C, H, W]``, ``noise`` (same shape),
-    timesteps ``t`` ``[B]``, noisy ``x_t`` and text context ``ctx`` ``[B, L, D]``."""
+    step indices ``t`` ``[B]``, noisy ``x_t``, context ``ctx`` (``[B, L, D]`` or a
+    :class:`~spare_core.conditioning.Context`) and the training ``target`` of a prediction at
+    ``x_t`` (the noise for VP models, ``noise - x0`` for flow; defaults to ``noise``)."""
 
     x0: Tensor
     noise: Tensor
     t: Tensor
     x_t: Tensor
     ctx: Tensor
+    target: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.target is None:
+            self.target = self.noise
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -44,7 +57,8 @@ class Batch:
         preserve: latents of what must be kept (preserved prompts or the keep set), or None.
         surrogate_ctx: ``[B_forget, L, D]`` context of the surrogate prompt.
         uncond_ctx: ``[1, L, D]`` context of the empty prompt.
-        alphas_cumprod: ``[T]`` training schedule.
+        process: the forward process (:class:`~spare_core.process.ForwardProcess`; a ``[T]``
+            alpha-bar tensor is taken as a VP process).
         extras: objective-specific tensors a batch builder adds (e.g. SISS's mixture weights).
         loss_scale: factor the loop multiplies the loss by before backward (fp16 loss scaling);
             objectives that take gradients themselves scale by it too, then divide it out.
@@ -54,9 +68,13 @@ class Batch:
     preserve: Part | None
     surrogate_ctx: Tensor
     uncond_ctx: Tensor
-    alphas_cumprod: Tensor
+    process: ForwardProcess
     extras: dict | None = None
     loss_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.process, Tensor):
+            self.process = ForwardProcess.vp(self.process)
 
 
 class Objective(Protocol):
@@ -132,10 +150,9 @@ def _need_keep(batch: Batch, who: str) -> Part:
     return batch.preserve
 
 
-def _abar(batch: Batch, t: Tensor, like: Tensor) -> Tensor:
-    """``alpha_bar_t`` as ``[B, 1, ..., 1]`` in float64 on ``like``'s device."""
-    a = batch.alphas_cumprod.to(like.device, torch.float64)[t.to(like.device)]
-    return a.view(-1, *([1] * (like.dim() - 1)))
+def _coeffs64(batch: Batch, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(alpha_t, sigma_t)`` as ``[B, 1, ..., 1]`` in float64 on ``like``'s device."""
+    return batch.process.coeffs(t, like.double())
 
 
 def trainable_leaves(*roots: Tensor) -> list[Tensor]:
@@ -258,7 +275,7 @@ class SalUnRL:
         lf = mse(s_f, target)
         if s_p is None:
             return lf, {"forget": _f(lf)}
-        lr = mse(s_p, p.noise)
+        lr = mse(s_p, p.target)
         return lf + self.alpha * lr, {"forget": _f(lf), "retain": _f(lr)}
 
 
@@ -315,25 +332,26 @@ class ESD:
 # Data unlearning: SISS, NegGrad, EraseDiff, naive deletion
 # ---------------------------------------------------------------------------------------------
 
-def siss_log_weights(m_t: Tensor, x0: Tensor, a0: Tensor, alpha_bar: Tensor,
+def siss_log_weights(m_t: Tensor, x0: Tensor, a0: Tensor, alpha: Tensor, sigma: Tensor,
                      lam: float) -> tuple[Tensor, Tensor]:
     """Log importance weights of SISS, per sample, float64.
 
-    ``q(m|x) = N(m; sqrt(ab) x, (1 - ab) I)``, ``q_lam(m) = (1 - lam) q(m|x) + lam q(m|a)``;
+    ``q(m|x) = N(m; alpha x, sigma^2 I)`` (VP: ``alpha = sqrt(ab)``, ``sigma = sqrt(1 - ab)``;
+    flow: ``1 - s``, ``s``), ``q_lam(m) = (1 - lam) q(m|x) + lam q(m|a)``;
     returns ``log q(m|x)/q_lam(m)`` and ``log q(m|a)/q_lam(m)`` (``[B]`` each). The Gaussians'
     normalising constants are equal and cancel; the mixture is a log-sum-exp, so nothing
     overflows however far apart ``x`` and ``a`` are.
 
     Args:
-        m_t, x0, a0: ``[B, ...]``; alpha_bar: ``[B]`` or broadcastable ``[B, 1, ..]``.
+        m_t, x0, a0: ``[B, ...]``; alpha, sigma: ``[B]`` or broadcastable ``[B, 1, ..]``.
     """
     if not 0.0 < lam < 1.0:
         raise ValueError(f"SISS mixture lambda must be in (0, 1), got {lam}")
     m, x, a = m_t.double(), x0.double(), a0.double()
-    ab = alpha_bar.double().reshape(-1, *([1] * (m.dim() - 1)))
-    var = (1 - ab).flatten()
-    lq_x = -((m - ab.sqrt() * x) ** 2).flatten(1).sum(1) / (2 * var)
-    lq_a = -((m - ab.sqrt() * a) ** 2).flatten(1).sum(1) / (2 * var)
+    al = alpha.double().reshape(-1, *([1] * (m.dim() - 1)))
+    var = (sigma.double().flatten()) ** 2
+    lq_x = -((m - al * x) ** 2).flatten(1).sum(1) / (2 * var)
+    lq_a = -((m - al * a) ** 2).flatten(1).sum(1) / (2 * var)
     lq_mix = torch.logsumexp(torch.stack([lq_x + math.log(1 - lam), lq_a + math.log(lam)]), dim=0)
     return lq_x - lq_mix, lq_a - lq_mix
 
@@ -343,9 +361,10 @@ class SISS:
 
     ``m_t ~ q_lam = (1 - lam) q(m_t|x) + lam q(m_t|a)``, x from the keep set X, a from the forget
     set A (a pair shares its noise and t; the batch builder draws the mixture: ``DataTask``).
-    With ``eps_x = (m_t - sqrt(ab) x) / sqrt(1 - ab)`` and ``eps_a`` likewise,
+    With ``eps_x = (m_t - alpha x) / sigma``, ``y_x`` the training target of ``(x, eps_x)`` (the
+    noise ``eps_x`` itself for VP models, ``eps_x - x`` for flow) and ``y_a`` likewise,
 
-    ``L_x = mean_i w_x,i ||s(m_t,i) - eps_x,i||^2``,  ``L_a = mean_i w_a,i ||s(m_t,i) - eps_a,i||^2``,
+    ``L_x = mean_i w_x,i ||s(m_t,i) - y_x,i||^2``,  ``L_a = mean_i w_a,i ||s(m_t,i) - y_a,i||^2``,
     ``w_x = q(m_t|x) / q_lam(m_t)``, ``w_a = q(m_t|a) / q_lam(m_t)`` (closed form, log space:
     :func:`siss_log_weights`); squared norms are means over elements (the repo sums them, a
     constant factor absorbed by the normalisation below).
@@ -389,19 +408,20 @@ class SISS:
         if not torch.equal(k.t, f.t):
             raise ValueError("siss pairs a keep and a forget sample at the same timestep")
         m, lam = ex["mixture_x_t"], float(ex["mixture_lambda"])
-        ab = _abar(batch, k.t, m)
-        log_wx, log_wa = siss_log_weights(m, k.x0, f.x0, ab, lam)
+        al, sg = _coeffs64(batch, k.t, m)
+        log_wx, log_wa = siss_log_weights(m, k.x0, f.x0, al, sg, lam)
         w_x, w_a = log_wx.exp().float(), log_wa.exp().float()
         md = m.double()
-        eps_x = ((md - ab.sqrt() * k.x0.double()) / (1 - ab).sqrt()).float()
-        eps_a = ((md - ab.sqrt() * f.x0.double()) / (1 - ab).sqrt()).float()
+        eps_x = ((md - al * k.x0.double()) / sg).float()
+        eps_a = ((md - al * f.x0.double()) / sg).float()
+        y_x, y_a = batch.process.target(k.x0, eps_x), batch.process.target(f.x0, eps_a)
         if _same_ctx(k.ctx, f.ctx):
             s_x = s_a = student(m, k.t, k.ctx)
         else:
             s = student(_cat(m, m), _cat(k.t, f.t), _cat(k.ctx, f.ctx))
             s_x, s_a = s.chunk(2)
-        l_x = (w_x * per_sample_mse(s_x, eps_x)).mean()
-        l_a = (w_a * per_sample_mse(s_a, eps_a)).mean()
+        l_x = (w_x * per_sample_mse(s_x, y_x)).mean()
+        l_a = (w_a * per_sample_mse(s_a, y_a)).mean()
         logs = {"keep": _f(l_x), "forget": _f(l_a), "w_keep": float(w_x.mean()),
                 "w_forget": float(w_a.mean())}
         return l_x, l_a, logs
@@ -425,7 +445,7 @@ class SISS:
 
 class NegGrad:
     """NegGrad: gradient ascent on the forget set's denoising loss,
-    ``L = -scale * ||s(a_t, t, c_a) - noise||^2`` (``scale`` = the SISS code's ``superfactor``,
+    ``L = -scale * ||s(a_t, t, c_a) - target||^2`` (``scale`` = the SISS code's ``superfactor``,
     default 1). Unbounded below: rely on the step budget and the loop's gradient clip."""
 
     name = "neggrad"
@@ -437,28 +457,29 @@ class NegGrad:
 
     def __call__(self, student: EpsFn, teacher: EpsFn, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         f = batch.forget
-        la = mse(student(f.x_t, f.t, f.ctx), f.noise)
+        la = mse(student(f.x_t, f.t, f.ctx), f.target)
         return -self.scale * la, {"forget": _f(la)}
 
 
 class NaiveDeletion:
-    """Naive deletion: fine-tune on the keep set only, ``L = ||s(x_t, t, c_x) - noise||^2``."""
+    """Naive deletion: fine-tune on the keep set only, ``L = ||s(x_t, t, c_x) - target||^2``."""
 
     name = "naive_deletion"
 
     def __call__(self, student: EpsFn, teacher: EpsFn, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         k = _need_keep(batch, "naive_deletion")
-        lx = mse(student(k.x_t, k.t, k.ctx), k.noise)
+        lx = mse(student(k.x_t, k.t, k.ctx), k.target)
         return lx, {"keep": _f(lx)}
 
 
 class EraseDiff:
     """EraseDiff (Wu et al., 2024, "Erasing Undesirable Influence in Diffusion Models"), first-order.
 
-    Keep term ``L_r = ||s(x_t, t, c_x) - noise||^2``. Forget term: the forget image is noised with
+    Keep term ``L_r = ||s(x_t, t, c_x) - target||^2``. Forget term: the forget image is noised with
     uniform noise ``u ~ U[0, 1)`` and the model is trained to predict that ``u``:
-    ``L_f = ||s(sqrt(ab) a + sqrt(1 - ab) u, t, c_a) - u||^2`` (the authors' DDPM code; ``u`` comes
-    from ``batch.extras['uniform_noise']``, drawn by ``DataTask``).
+    ``L_f = ||s(alpha a + sigma u, t, c_a) - y(a, u)||^2`` with ``y`` the family's target (``u``
+    for VP, as the authors' DDPM code; ``u - a`` for flow); ``u`` comes from
+    ``batch.extras['uniform_noise']``, drawn by ``DataTask``.
 
     The paper's bi-level problem ``min L_r s.t. theta in argmin L_f`` is solved with BOME:
     ``L = L_r + lam * (L_f(theta) - L_f(theta_K))`` where ``theta_K`` comes from K inner descent
@@ -484,11 +505,11 @@ class EraseDiff:
         if u is None:
             raise ValueError("erasediff needs batch.extras['uniform_noise'] (uniform noise for the "
                              "forget set): use spare_core.data_task.DataTask")
-        ab = _abar(batch, f.t, f.x0)
-        a_u = (ab.sqrt() * f.x0.double() + (1 - ab).sqrt() * u.double()).to(f.x0.dtype)
+        al, sg = _coeffs64(batch, f.t, f.x0)
+        a_u = (al * f.x0.double() + sg * u.double()).to(f.x0.dtype)
         nk = len(k)
         s = student(_cat(k.x_t, a_u), _cat(k.t, f.t), _cat(k.ctx, f.ctx))
-        l_r, l_f = mse(s[:nk], k.noise), mse(s[nk:], u)
+        l_r, l_f = mse(s[:nk], k.target), mse(s[nk:], batch.process.target(f.x0, u))
         logs = {"keep": _f(l_r), "forget": _f(l_f)}
         if not self.dynamic:
             logs["lambda"] = self.lam

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from .denoiser import (TRAIN_DTYPES, Denoiser, check_checkpointing, compute_dtype_of, device_of,
-                       gradient_checkpointing as checkpointing)
+                       gradient_checkpointing as checkpointing, prediction)
 from .families.unet import adaptable_modules
-from .sampling import q_sample
+from .process import process_of
 
 def check_gradient_storage(unet: nn.Module, modules: Sequence[str] | None = None) -> None:
     """ValueError, naming the fix, unless the weights of ``modules`` (default: every Linear/Conv2d)
@@ -228,7 +228,7 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
     dtype = compute_dtype_of(denoiser)
     n = latents.shape[0]
     gen = torch.Generator().manual_seed(seed)
-    T = denoiser.alphas_cumprod.numel()
+    T = process_of(denoiser).num_steps
     if timesteps is None:
         timesteps = torch.randint(0, T, (n,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
@@ -297,6 +297,7 @@ def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_siz
 
     handles = [w.register_post_accumulate_grad_hook(take(k)) for k, w in weights.items()]
     n = latents.shape[0]
+    proc = process_of(denoiser)
     try:
         for lo in range(0, n, batch_size):
             if should_stop is not None and should_stop():
@@ -304,11 +305,13 @@ def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_siz
             x0 = latents[lo:lo + batch_size]
             t = timesteps[lo:lo + batch_size]
             eps = noise[lo:lo + batch_size].float()
-            x_t = q_sample(x0.float(), t, eps, denoiser.alphas_cumprod).to(dev, dtype)
+            x_t = proc.q_sample(x0.float(), t, eps).to(dev, dtype)
+            target = proc.target(x0.float(), eps).to(dev)  # the family's own training target
             with torch.enable_grad():
-                pred = denoiser.eps(x_t, t.to(dev), context.expand(x0.shape[0], -1, -1).to(dev))
+                pred = prediction(denoiser, x_t, t.to(dev),
+                                  context.expand(x0.shape[0], -1, -1).to(dev))
                 # sum over the batch of per-sample MSE: gradients add over samples as in SalUn
-                loss = ((pred.float() - eps.to(dev)) ** 2).mean(dim=(1, 2, 3)).sum()
+                loss = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).sum()
                 if not torch.isfinite(loss):
                     raise SaliencyError(f"the denoising loss became {float(loss)} on the concept's "
                                         "latents: the model's outputs are not finite in "

@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from .adapter import UnlearnAdapter, init_sparse_lora
-from .families.unet import IO_CONVS, adaptable_modules
+from .families import IO_LAYERS, adaptable_modules
+
+IO_CONVS = IO_LAYERS  # the name the API has used since the UNet-only days
 from .saliency import Saliency
 
 

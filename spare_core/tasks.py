@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .denoiser import Denoiser, compute_dtype_of, device_of
 from .objectives import Batch, Part
-from .sampling import q_sample, sample
+from .process import ForwardProcess, process_of
+from .sampling import sample
 from .timesteps import make_timestep_sampler
 
 
@@ -34,13 +35,19 @@ def _same_prompt(a: str, b: str) -> bool:
     return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
 
 
-def _part(x0: Tensor, ctx: Tensor, t: Tensor, gen: torch.Generator, ac: Tensor,
+def make_part(x0: Tensor, ctx, t: Tensor, noise: Tensor, proc: ForwardProcess,
+              dev: torch.device, dtype: torch.dtype) -> Part:
+    """A :class:`Part` of clean ``x0`` noised to step indices ``t`` with ``noise`` (CPU inputs).
+    x0, the noise and the target stay float32; the network's inputs take its dtype."""
+    x0 = x0.float()
+    x_t = proc.q_sample(x0, t, noise)
+    return Part(x0.to(dev), noise.to(dev), t.to(dev), x_t.to(dev, dtype), ctx.to(dev, dtype),
+                proc.target(x0, noise).to(dev))
+
+
+def _part(x0: Tensor, ctx, t: Tensor, gen: torch.Generator, proc: ForwardProcess,
           dev: torch.device, dtype: torch.dtype) -> Part:
-    noise = torch.randn(x0.shape, generator=gen)
-    x_t = q_sample(x0.float(), t, noise, ac)
-    # x0 and the noise (regression targets) stay float32; the network's inputs take its dtype
-    return Part(x0.to(dev, torch.float32), noise.to(dev), t.to(dev), x_t.to(dev, dtype),
-                ctx.to(dev, dtype))
+    return make_part(x0, ctx, t, torch.randn(x0.shape, generator=gen), proc, dev, dtype)
 
 
 @dataclass
@@ -108,16 +115,17 @@ class ConceptTask:
         """Draw ``batch_size`` concept latents and as many preserved ones (random prompts)."""
         dev = device_of(denoiser)
         dtype = compute_dtype_of(denoiser)
-        ac = denoiser.alphas_cumprod
+        proc = process_of(denoiser)
         idx = torch.randint(0, self.concept_latents.shape[0], (batch_size,), generator=gen)
         t = self.sampler(batch_size, gen)
-        forget = _part(self.concept_latents[idx], self._ctx.expand(batch_size, -1, -1), t, gen, ac, dev, dtype)
+        forget = _part(self.concept_latents[idx], self._ctx.expand(batch_size, -1, -1), t, gen, proc,
+                       dev, dtype)
         preserve = None
         if self.preserve:
             which = torch.randint(0, len(self.preserve), (batch_size,), generator=gen).tolist()
             x0 = torch.stack([self.preserve_latents[w][int(torch.randint(
                 0, self.preserve_latents[w].shape[0], (1,), generator=gen))] for w in which])
             tp = self.sampler(batch_size, gen)
-            preserve = _part(x0, self._pctx[which], tp, gen, ac, dev, dtype)
+            preserve = _part(x0, self._pctx[which], tp, gen, proc, dev, dtype)
         return Batch(forget, preserve, self._sur.expand(batch_size, -1, -1).to(dev, dtype),
-                     self._uncond.to(dev, dtype), ac.to(dev))
+                     self._uncond.to(dev, dtype), proc)

@@ -2,8 +2,12 @@
 
 - ``uniform``: t ~ U{0..T-1}.
 - ``concept`` (SPARE): p(t) proportional to how much the concept changes the model's prediction at
-  t, measured on the model itself as ``g(t) = E ||eps(x_t, t, c_concept) - eps(x_t, t, c_surrogate)||^2``
+  t, measured on the model itself as ``g(t) = E ||f(x_t, t, c_concept) - f(x_t, t, c_surrogate)||^2``
   on a grid of timesteps, mixed with a uniform floor so no timestep has zero probability.
+
+``t`` is a step index of the model's forward process (:mod:`spare_core.process`): DDPM timesteps
+for VP models, positions on the (shifted) sigma grid for flow models, so both samplers cover the
+family's own range; ``f`` is the prediction in the process's space.
 """
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
-from .denoiser import Denoiser, compute_dtype_of, device_of
-from .sampling import q_sample
+from .denoiser import Denoiser, compute_dtype_of, device_of, prediction
+from .process import process_of
 
 
 GAP_BINS = 10
@@ -79,7 +83,8 @@ def concept_gaps(denoiser: Denoiser, latents: Tensor, concept_ctx: Tensor, surro
     """``g`` ``[bins]``: mean squared gap between concept- and surrogate-conditioned predictions on
     ``latents`` ``[N, C, H, W]`` noised to the middle timestep of each bin (``batch_size``
     latents, i.e. twice as many UNet inputs, per forward)."""
-    T = denoiser.alphas_cumprod.numel()
+    proc = process_of(denoiser)
+    T = proc.num_steps
     dev = device_of(denoiser)
     dtype = compute_dtype_of(denoiser)
     gen = torch.Generator().manual_seed(seed)
@@ -94,10 +99,10 @@ def concept_gaps(denoiser: Denoiser, latents: Tensor, concept_ctx: Tensor, surro
             x0, eps = latents[lo:lo + batch_size].float(), noise[lo:lo + batch_size]
             m = x0.shape[0]
             t = torch.full((m,), t_mid, dtype=torch.long)
-            x_t = q_sample(x0, t, eps, denoiser.alphas_cumprod).to(dev, dtype)
+            x_t = proc.q_sample(x0, t, eps).to(dev, dtype)
             tt = t.to(dev)
             ctx = torch.cat([concept_ctx.expand(m, -1, -1), surrogate_ctx.expand(m, -1, -1)]).to(dev)
-            e = denoiser.eps(torch.cat([x_t, x_t]), torch.cat([tt, tt]), ctx).float()
+            e = prediction(denoiser, torch.cat([x_t, x_t]), torch.cat([tt, tt]), ctx).float()
             e_c, e_s = e.chunk(2)
             total += ((e_c - e_s) ** 2).sum().double().cpu()
         gaps.append(total / latents[:1].numel() / n)
@@ -112,7 +117,7 @@ def make_timestep_sampler(name: str, denoiser: Denoiser, latents: Tensor | None 
                           callback: Callable[[int, int], None] | None = None,
                           batch_size: int = 256):
     """Build the sampler called ``name`` (``'uniform'`` or ``'concept'``)."""
-    T = denoiser.alphas_cumprod.numel()
+    T = process_of(denoiser).num_steps
     if name == "uniform":
         return UniformSampler(T)
     if name == "concept":

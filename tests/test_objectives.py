@@ -169,7 +169,8 @@ def test_siss_weights_match_gaussian_densities(lam):
     batch = _siss_batch(lam)
     k, f = batch.preserve, batch.forget
     w_x, w_a, *_ = _siss_by_hand(batch, Fake(), lam)
-    lw_x, lw_a = siss_log_weights(batch.extras["mixture_x_t"], k.x0, f.x0, AC[k.t], lam)
+    lw_x, lw_a = siss_log_weights(batch.extras["mixture_x_t"], k.x0, f.x0, AC[k.t].double().sqrt(),
+                                  (1 - AC[k.t].double()).sqrt(), lam)
     assert torch.allclose(lw_x.exp(), w_x, rtol=1e-9)
     assert torch.allclose(lw_a.exp(), w_a, rtol=1e-9)
     # the mixture identity (1 - lam) w_x + lam w_a = 1 holds for every sample
@@ -183,12 +184,12 @@ def test_siss_weights_stay_finite_far_apart():
     a = torch.full((2, 1, 4, 4), 100.0)
     ab = torch.tensor([0.99, 0.99])
     m = torch.stack([x[0] * 0.99 ** 0.5, a[1] * 0.99 ** 0.5])
-    lw_x, lw_a = siss_log_weights(m, x, a, ab, 0.5)
+    lw_x, lw_a = siss_log_weights(m, x, a, ab.sqrt(), (1 - ab).sqrt(), 0.5)
     w_x, w_a = lw_x.exp(), lw_a.exp()
     assert torch.isfinite(w_x).all() and torch.isfinite(w_a).all()
     assert w_x.tolist() == pytest.approx([2.0, 0.0]) and w_a.tolist() == pytest.approx([0.0, 2.0])
     with pytest.raises(ValueError, match="lambda"):
-        siss_log_weights(m, x, a, ab, 1.0)
+        siss_log_weights(m, x, a, ab.sqrt(), (1 - ab).sqrt(), 1.0)
 
 
 def test_siss_plain_loss_equals_formula():

@@ -320,7 +320,10 @@ def test_zero_terminal_snr_v_prediction_samples_finite_latents():
         assert not torch.isfinite(x0_from_eps(x[:1], eps[:1], a[:1])).all()  # the old path
 
 
-def test_sdxl_unet_is_refused_up_front():
+def test_sdxl_unet_is_sent_to_its_family_backend():
+    """DiffusersDenoiser (SD1.x/SD2.x) refuses an SDXL UNet before any prediction, naming the
+    loaders that pick SDXLDenoiser (before the family existed, the first call failed inside
+    diffusers with a TypeError)."""
     from diffusers import UNet2DConditionModel
 
     base = tiny_denoiser()
@@ -328,5 +331,6 @@ def test_sdxl_unet_is_refused_up_front():
     unet = UNet2DConditionModel(**{**cfg, "addition_embed_type": "text_time",
                                    "addition_time_embed_dim": 8,
                                    "projection_class_embeddings_input_dim": 80})
-    with pytest.raises(ValueError, match="addition_embed_type='text_time'.*SD1.x/SD2.x"):
+    with pytest.raises(ValueError, match="addition_embed_type='text_time'.*load_denoiser.*"
+                                         "denoiser_from_pipeline.*SDXLDenoiser"):
         DiffusersDenoiser(unet, base.text_encoder, base.tokenizer, base.scheduler)

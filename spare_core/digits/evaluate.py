@@ -1,8 +1,11 @@
-"""Measure a digits model with the bench sampler: per-class classifier accuracy, per-class FD and
-sampling time at several step counts, and (``--pattern``) the pattern rate of unconditional
-samples.
+"""Measure an embedded digits model with the bench sampler: per-class classifier accuracy,
+per-class FD and sampling time at several step counts, and (``--uncond``) the pattern rate of
+unconditional samples. The sampler is the model's own (:func:`default_sampler`: ancestral DDPM for
+the UNet, the deterministic Euler flow step for digits-dit).
 
     python -m spare_core.digits.evaluate --model spare_core/assets/digits --steps 50 100 200
+    python -m spare_core.digits.evaluate --model spare_core/assets/digits_dit --steps 10 25 50 \
+        --json spare_core/assets/digits_dit/eval.json
 """
 from __future__ import annotations
 
@@ -14,18 +17,19 @@ import torch
 
 from .classifier import load_classifier_file
 from .data import pattern_image
-from .metrics import (CLASSIFIER, PATTERN_RADIUS, classify, fd_per_class, generate_digits,
-                      generate_unconditional, pattern_rate, per_class_accuracy)
+from .metrics import (CLASSIFIER, PATTERN_RADIUS, classify, default_sampler, fd_per_class,
+                      generate_digits, generate_unconditional, pattern_rate, per_class_accuracy)
 
 
 def evaluate(model: str, steps: list[int], n_per_digit: int = 20, seed: int = 0,
              classifier: str = CLASSIFIER, n_uncond: int = 0, guidance: float = 3.0) -> dict:
     """Returns ``{"steps": {s: {"acc": {d: a}, "fd": {d: f}, "seconds": t}}, "pattern": ...}``."""
-    from ..denoiser import DiffusersDenoiser
+    from ..families import load_denoiser
 
-    den = DiffusersDenoiser.from_pretrained(model)
+    den = load_denoiser(model)
     clf = load_classifier_file(classifier)
-    out: dict = {"model": model, "n_per_digit": n_per_digit, "seed": seed,
+    out: dict = {"model": model, "sampler": default_sampler(den), "guidance": guidance,
+                 "n_per_digit": n_per_digit, "seed": seed,
                  "threads": torch.get_num_threads(), "steps": {}}
     for s in steps:
         t0 = time.time()

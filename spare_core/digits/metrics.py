@@ -15,6 +15,10 @@ from .data import load_digit_images, prompt_for
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 DEFAULT_MODEL = os.path.join(ASSETS, "digits")
 PATTERN_MODEL = os.path.join(ASSETS, "digits_pattern")
+DIT_MODEL = os.path.join(ASSETS, "digits_dit")
+EMBEDDED_MODELS = {"digits": DEFAULT_MODEL, "digits-dit": DIT_MODEL}
+"""``--model`` names of the embedded concept models: the SD-structured UNet (DDPM) and its
+flow-matching twin (an SD3 transformer with the same text encoder), trained on the same data."""
 CLASSIFIER = os.path.join(ASSETS, "digit_classifier.safetensors")
 
 SAMPLE_STEPS = 50       # ancestral DDPM steps of the bench sampler (measured: 10/10 classes at 10-200)
@@ -24,11 +28,22 @@ PATTERN_RADIUS = 2.0    # L2 in [-1, 1] pixel units over 64 pixels (RMS error 0.
 
 # ---- loaders -------------------------------------------------------------------------------
 
-def load_default_model(device: str | torch.device = "cpu"):
-    """The committed digits model as a ``DiffusersDenoiser`` (offline)."""
-    from ..denoiser import DiffusersDenoiser
+def load_default_model(device: str | torch.device = "cpu", name: str = "digits"):
+    """A committed embedded model by ``--model`` name (:data:`EMBEDDED_MODELS`), offline:
+    ``digits`` as a ``DiffusersDenoiser``, ``digits-dit`` as an ``SD3Denoiser``."""
+    from ..families import load_denoiser
 
-    return DiffusersDenoiser.from_pretrained(DEFAULT_MODEL, device=device)
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; choose from {sorted(EMBEDDED_MODELS)}")
+    return load_denoiser(EMBEDDED_MODELS[name], device=device)
+
+
+def default_sampler(denoiser) -> str:
+    """The bench's sampler for a model: ancestral DDPM for VP models (as the digits rows always
+    used), deterministic DDIM, i.e. the Euler flow sampler, for flow models."""
+    from ..process import process_of
+
+    return "ddpm" if process_of(denoiser).is_vp else "ddim"
 
 
 def load_pattern_model(device: str | torch.device = "cpu"):
@@ -49,18 +64,20 @@ def load_classifier():
 
 def generate_digits(denoiser, digits: Sequence[int], n_per_digit: int, seed: int = 0, *,
                     steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE,
-                    method: str = "ddpm",
+                    method: str | None = None,
                     callback: Callable[[int, int], None] | None = None) -> dict[int, Tensor]:
     """Sample ``n_per_digit`` images per digit from its prompt, in one batched call (the noise is
     fixed by ``seed``, ``digits`` and ``n_per_digit``, so before/after comparisons are paired).
-    ``callback(i, n)`` reports sampler steps (as :func:`spare_core.sampling.sample`).
+    ``callback(i, n)`` reports sampler steps (as :func:`spare_core.sampling.sample`);
+    ``method`` None takes the model's :func:`default_sampler`.
 
     Returns ``{digit: images [n_per_digit, 1, 8, 8] in [-1, 1]}``."""
     from ..sampling import sample
 
     digits = [int(d) for d in digits]
     prompts = [prompt_for(d) for d in digits for _ in range(n_per_digit)]
-    x = sample(denoiser, prompts, steps=steps, guidance=guidance, method=method,
+    x = sample(denoiser, prompts, steps=steps, guidance=guidance,
+               method=method or default_sampler(denoiser),
                generator=torch.Generator().manual_seed(seed), clip_x0=1.0,
                callback=callback).clamp(-1, 1)
     return {d: x[i * n_per_digit:(i + 1) * n_per_digit] for i, d in enumerate(digits)}

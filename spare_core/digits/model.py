@@ -58,19 +58,22 @@ def build_scheduler(cfg: ModelConfig):
 
 
 def save_pipeline_folder(folder: str, unet, text_encoder, tokenizer, scheduler,
-                         note: dict) -> None:
-    """Write the four diffusers subfolders (safetensors) plus ``README.md`` and ``training.json``."""
+                         note: dict, network_subfolder: str = "unet",
+                         readme=None) -> None:
+    """Write the four diffusers subfolders (safetensors; the network under
+    ``network_subfolder``: ``unet`` or ``transformer``) plus ``README.md`` (``readme(folder,
+    note)``, default :func:`write_readme`) and ``training.json``."""
     from .tokenizer import write_tokenizer_files
 
     os.makedirs(folder, exist_ok=True)
-    unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+    unet.save_pretrained(os.path.join(folder, network_subfolder), safe_serialization=True)
     text_encoder.save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     write_tokenizer_files(os.path.join(folder, "tokenizer"))  # for slow tokenizers too
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "training.json"), "w") as f:
         json.dump(note, f, indent=1, default=str)
-    write_readme(folder, note)
+    (readme or write_readme)(folder, note)
 
 
 def write_readme(folder: str, note: dict) -> None:

@@ -1,9 +1,104 @@
 """Model families: what differs between the networks the engine edits, one module per family.
 
 Each family module answers, for its networks, the questions the methods must not answer
-themselves: which modules an adapter may address (:func:`adaptable_modules`), which are never
-adapted by SPARE (input/output layers), and which make up ESD's module sets. Today's family is
-:mod:`.unet` (SD1.x / SD2.x UNets in diffusers and in CompVis / ComfyUI naming); the next ones
-(SDXL, SD3, Flux) add their conditioning, forward process and training target here, so adding a
-family touches one file and the methods none.
+themselves: how prompts become conditioning, the forward process and training target, which
+modules an adapter may address and which are input/output layers, and ESD's module sets.
+
+- :mod:`.unet`: SD1.x / SD2.x UNets (diffusers and CompVis / ComfyUI names); the backend is
+  :class:`spare_core.denoiser.DiffusersDenoiser`.
+- :mod:`.sdxl`: SDXL-family UNets (two text encoders, pooled text, size ids).
+- :mod:`.sd3`: SD3 / SD3.5 MMDiT (rectified flow) and the embedded digits-dit.
+- :mod:`.flux`: Flux.1 (rectified flow, packed latents, distilled guidance).
+- :mod:`.dit` names the DiT layers; :mod:`.flow` is what the flow families share.
+
+The name rules below are the union over families (their module names do not collide), so a
+method asks one question whatever the network.
 """
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from . import dit, unet
+
+IO_LAYERS = tuple(unet.IO_CONVS) + dit.INPUT_LAYERS + dit.OUTPUT_LAYERS
+"""Input and output layers of every family: every denoising gradient passes through them, so
+they rank high for any concept, and SPARE never adapts them."""
+
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
+                       "StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def adaptable_modules(net: nn.Module) -> dict[str, nn.Module]:
+    """Linear and Conv2d modules of ``net`` by qualified name (every family)."""
+    return unet.adaptable_modules(net)
+
+
+def is_cross_attention(name: str) -> bool:
+    """Where text enters the network: a UNet's ``attn2``, a DiT's text-stream attention."""
+    return unet.is_cross_attention(name) or dit.is_text_attention(name)
+
+
+def is_output_layer(name: str) -> bool:
+    return dit.is_output_layer(name) if dit.is_dit_name(name) else unet.is_output_layer(name)
+
+
+def is_time_embedding(name: str) -> bool:
+    return dit.is_time_embedding(name) if dit.is_dit_name(name) else unet.is_time_embedding(name)
+
+
+def denoiser_from_pipeline(pipe, **kwargs):
+    """The engine's backend for a loaded diffusers pipeline (components are not copied):
+    SD1.x/SD2.x, SDXL, SD3 or Flux; any other pipeline raises ValueError listing these.
+    ``kwargs`` go to the family's ``from_pipeline`` (Flux: ``height``, ``width``, ``guidance``)."""
+    name = type(pipe).__name__
+    if name == "StableDiffusionXLPipeline":
+        from .sdxl import SDXLDenoiser
+        return SDXLDenoiser.from_pipeline(pipe, **kwargs)
+    if name == "StableDiffusion3Pipeline":
+        from .sd3 import SD3Denoiser
+        return SD3Denoiser.from_pipeline(pipe, **kwargs)
+    if name == "FluxPipeline":
+        from .flux import FluxDenoiser
+        return FluxDenoiser.from_pipeline(pipe, **kwargs)
+    if name == "StableDiffusionPipeline":
+        from ..denoiser import DiffusersDenoiser
+        return DiffusersDenoiser.from_pipeline(pipe)
+    raise ValueError(f"{name} is not a supported pipeline; supported: "
+                     f"{', '.join(SUPPORTED_PIPELINES)}")
+
+
+def load_denoiser(folder: str, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", **kwargs):
+    """Load a diffusers pipeline folder offline and wrap it (:func:`denoiser_from_pipeline`).
+    The VAE and safety checker are not loaded (the engine works on latents). A folder without
+    ``model_index.json`` is read as the embedded models' layout: ``unet/`` (SD UNet) or
+    ``transformer/`` (digits-dit: SD3 transformer with one CLIP)."""
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        if os.path.isdir(os.path.join(folder, "transformer")):
+            from .sd3 import load_single_clip_folder
+            return load_single_clip_folder(folder, dtype, device)
+        from ..denoiser import DiffusersDenoiser
+        return DiffusersDenoiser.from_pretrained(folder, dtype, device)
+    with open(index) as f:
+        cls_name = json.load(f).get("_class_name", "")
+    if cls_name not in SUPPORTED_PIPELINES:
+        raise ValueError(f"{folder!r} holds a {cls_name or 'unknown'} pipeline; supported: "
+                         f"{', '.join(SUPPORTED_PIPELINES)}")
+    import diffusers
+
+    with open(index) as f:
+        parts = json.load(f)
+    # not needed on latents (VAE, safety checker, image encoders), or saved as absent (an SD3
+    # folder without T5): passed as None so the pipeline loads without them
+    skip = {k: None for k, v in parts.items() if not k.startswith("_") and (
+        k in ("vae", "safety_checker", "feature_extractor", "image_encoder")
+        or (isinstance(v, list) and v[0] is None))}
+    pipe = getattr(diffusers, cls_name).from_pretrained(folder, dtype=dtype,
+                                                        use_safetensors=True, **skip)
+    pipe.to(device)
+    return denoiser_from_pipeline(pipe, **kwargs)
