@@ -3,12 +3,17 @@
 Every ComfyUI import happens inside a function, so the pack (and spare_core) imports without a
 ComfyUI on the path; node modules call only what is defined here. What each piece uses:
 
-- MODEL (``comfy.model_patcher.ModelPatcher``): ``.model.diffusion_model`` (the UNet whose
-  Linear/Conv2d weights the engine edits), ``.model.model_type``, ``.model.latent_format``,
-  ``.model.get_dtype()`` / ``.model.manual_cast_dtype``, ``.get_model_object("model_sampling")``
-  (``.sigmas`` of ModelSamplingDiscrete), ``.backup`` (original weights while another clone's
-  patches are in the shared module), ``.clone()``, ``.add_patches()`` with ``("diff", (delta,))``.
-- CLIP (``comfy.sd.CLIP``): ``.tokenize(text)``, ``.encode_from_tokens(tokens)`` (as CLIPTextEncode).
+- MODEL (``comfy.model_patcher.ModelPatcher``): ``.model`` (its class name, ``BaseModel`` /
+  ``SDXL`` / ``SDXLRefiner`` / ``SD3`` / ``Flux``, says the family), ``.model.diffusion_model``
+  (the UNet or DiT whose Linear/Conv2d weights the engine edits), ``.model.model_type``,
+  ``.model.latent_format``, ``.model.get_dtype()`` / ``.model.manual_cast_dtype``,
+  ``.model.encode_adm(...)`` (SDXL's pooled text + size vector), ``.get_model_object(
+  "model_sampling")`` (``.sigmas`` of ModelSamplingDiscrete, or of ModelSamplingDiscreteFlow /
+  ModelSamplingFlux with ``.timestep(sigma)``), ``.backup`` (original weights while another
+  clone's patches are in the shared module), ``.clone()``, ``.add_patches()`` with
+  ``("diff", (delta,))``.
+- CLIP (``comfy.sd.CLIP``): ``.tokenize(text)``, ``.encode_from_tokens(tokens,
+  return_pooled=True)`` (as CLIPTextEncode: the sequence and the pooled vector).
 - ``comfy.model_management``: ``load_models_gpu([model], force_full_load=True)`` (as TrainLoraNode),
   ``throw_exception_if_processing_interrupted()`` (the interrupt button),
   ``get_free_memory(device)`` (to refuse a full-weight run that cannot fit, before any work).
@@ -27,13 +32,33 @@ from typing import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from spare_core.conditioning import Context
 from spare_core.denoiser import TRAIN_DTYPES, v_to_eps_and_x0
 from spare_core.families.unet import adaptable_modules
+from spare_core.process import ForwardProcess
 
 NATIVE_SUFFIX = ".spare.safetensors"
 """Adapters in spare_core's native format sit next to their ComfyUI LoRA with this suffix."""
 
 SUPPORTED_MODEL_TYPES = ("EPS", "V_PREDICTION")
+"""Prediction types of the VP families (SD1.x/SD2.x, SDXL) over ModelSamplingDiscrete."""
+
+SUPPORTED = "SD1.x, SD2.x, SDXL, SD3 and Flux"
+
+FAMILIES = {
+    # ComfyUI model class (comfy/model_base.py) -> (family, model types it may have)
+    "BaseModel": ("sd", SUPPORTED_MODEL_TYPES),
+    "SDXL": ("sdxl", SUPPORTED_MODEL_TYPES),
+    "SDXLRefiner": ("sdxl", SUPPORTED_MODEL_TYPES),
+    "SD3": ("sd3", ("FLOW",)),
+    "Flux": ("flux", ("FLUX", "FLOW")),  # dev: FLUX (ModelSamplingFlux); schnell: FLOW
+}
+"""Families the bridge drives; every other MODEL class is refused naming these."""
+
+FLOW_FAMILIES = ("sd3", "flux")
+
+FLUX_GUIDANCE = 3.5
+"""Flux's distilled-guidance value when none is given (the FluxGuidance node's default)."""
 
 
 # ---------------------------------------------------------------- host calls
@@ -82,24 +107,47 @@ def diffusion_model(model) -> nn.Module:
     return model.model.diffusion_model
 
 
-def check_supported(model) -> None:
-    """ValueError unless MODEL is an eps/v-prediction UNet with text cross-attention only,
-    computed in a dtype the engine trains in."""
+def model_family(model) -> str:
+    """``"sd"`` (SD1.x/SD2.x), ``"sdxl"``, ``"sd3"`` or ``"flux"`` from the MODEL's ComfyUI class
+    and prediction type; ValueError naming the supported families for any other MODEL."""
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "diffusion_model"):
         raise ValueError("the MODEL input is not a ComfyUI diffusion model; connect the MODEL "
                          "output of a checkpoint loader")
+    cls = type(base).__name__
     kind = getattr(getattr(base, "model_type", None), "name", str(getattr(base, "model_type", "?")))
-    if kind not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"this MODEL predicts {kind}; the SPARE nodes support eps and v-prediction "
-                         "UNets (SD1.x, SD2.x): load one of those checkpoints")
-    if getattr(base.diffusion_model, "num_classes", None) is not None:
-        raise ValueError("this MODEL needs pooled/size conditioning (SDXL-style); the SPARE nodes "
-                         "support SD1.x/SD2.x UNets with text cross-attention only")
+    if cls not in FAMILIES:
+        raise ValueError(f"this MODEL is a {cls} model ({kind}); the SPARE nodes support "
+                         f"{SUPPORTED}: load one of those checkpoints")
+    family, kinds = FAMILIES[cls]
+    if kind not in kinds:
+        what = {"sd": "SD1.x/SD2.x UNets with eps and v-prediction",
+                "sdxl": "SDXL with eps and v-prediction (not EDM: Playground v2.5, CosXL)",
+                "sd3": "SD3 as rectified flow", "flux": "Flux as rectified flow"}[family]
+        raise ValueError(f"this {cls} MODEL predicts {kind}; the SPARE nodes support {what} "
+                         f"({SUPPORTED}): load one of those checkpoints")
+    if family == "sd" and getattr(base.diffusion_model, "num_classes", None) is not None:
+        raise ValueError("this MODEL needs class/ADM conditioning that SD1.x/SD2.x UNets do not "
+                         f"have; the SPARE nodes support {SUPPORTED}")
+    return family
+
+
+def check_supported(model) -> None:
+    """ValueError unless MODEL is one of the supported families (:func:`model_family`) over the
+    sampling it was trained with, computed in a dtype the engine trains in."""
+    family = model_family(model)
     sampling = model.get_model_object("model_sampling")
-    if getattr(sampling, "sigmas", None) is None:
+    sigmas = getattr(sampling, "sigmas", None)
+    if sigmas is None:
         raise ValueError(f"{type(sampling).__name__} has no discrete sigmas; the SPARE nodes need "
-                         "a discrete DDPM-trained model (SD1.x, SD2.x)")
+                         f"the model's own discrete schedule ({SUPPORTED})")
+    if family in FLOW_FAMILIES:
+        s = sigmas.detach().float().cpu()
+        if (not hasattr(sampling, "timestep") or s.dim() != 1 or float(s[0]) <= 0
+                or float(s[-1]) > 1 + 1e-6 or not bool((s[1:] >= s[:-1]).all())):
+            raise ValueError(f"{type(sampling).__name__} is not a rectified-flow schedule "
+                             "(ascending sigmas in (0, 1]); remove the sampling patch (e.g. a "
+                             "ModelSampling node) feeding this MODEL")
     compute_dtype(model)
 
 
@@ -111,6 +159,15 @@ def check_inputs(model, clip, width: int, height: int) -> None:
                          "loader (this checkpoint has no text encoder)")
     if width % 8 or height % 8 or width < 8 or height < 8:
         raise ValueError(f"width and height must be positive multiples of 8, got {width}x{height}")
+
+
+def flow_process(model) -> ForwardProcess:
+    """The rectified flow of an SD3/Flux MODEL: ``x_t = (1 - s) x0 + s noise`` over its
+    sampling's ascending ``sigmas`` (ModelSamplingDiscreteFlow / ModelSamplingFlux, shift
+    included), the network fed ``timestep(s)`` (``1000 s`` for SD3, ``s`` for Flux)."""
+    sampling = model.get_model_object("model_sampling")
+    sigmas = sampling.sigmas.detach().float().cpu()
+    return ForwardProcess.flow(sigmas, model_t=sampling.timestep(sigmas).detach().float().cpu())
 
 
 def alphas_cumprod(model) -> Tensor:
@@ -154,8 +211,9 @@ def highest_children_with_forward(module: nn.Module) -> list[nn.Module]:
 
 
 def set_gradient_checkpointing(unet: nn.Module, enabled: bool) -> None:
-    """Wrap (or unwrap) the forward of each of the UNet's outermost blocks in
-    ``torch.utils.checkpoint`` (non-reentrant), as TrainLoraNode does; idempotent."""
+    """Wrap (or unwrap) the forward of each of the network's outermost blocks in
+    ``torch.utils.checkpoint`` (non-reentrant), as TrainLoraNode does, each block running on
+    copies of its tensor inputs (:func:`_fresh`); idempotent."""
     import torch.utils.checkpoint as ckpt
 
     for m in highest_children_with_forward(unet):
@@ -166,13 +224,21 @@ def set_gradient_checkpointing(unet: nn.Module, enabled: bool) -> None:
             def forward(*args, _f=original, **kwargs):
                 if not torch.is_grad_enabled():  # teacher / sampling: nothing to save
                     return _f(*args, **kwargs)
-                return ckpt.checkpoint(lambda a, k: _f(*a, **k), args, kwargs, use_reentrant=False)
+                return ckpt.checkpoint(lambda a, k: _f(*_fresh(a), **dict(zip(k, _fresh(k.values())))),
+                                       args, kwargs, use_reentrant=False)
 
             m._spare_forward = original
             m.forward = forward
         elif not enabled and wrapped:
             del m.forward  # back to the class's forward
             del m._spare_forward
+
+
+def _fresh(values) -> list:
+    """Copies of the tensors among ``values``: some blocks update an input in place (ComfyUI's
+    Flux DoubleStreamBlock: ``txt += ...``), which would change the inputs checkpointing keeps for
+    the recomputation, and whether they need gradients, so the recomputed graph would differ."""
+    return [v.clone() if isinstance(v, Tensor) else v for v in values]
 
 
 def load_for_compute(model) -> nn.Module:
@@ -236,30 +302,53 @@ def patched_clone(model, deltas: Mapping[str, Tensor], strength: float):
 
 
 class ComfyDenoiser:
-    """spare_core's Denoiser over a ComfyUI MODEL + CLIP (SD1.x/SD2.x UNets).
+    """spare_core's Denoiser over a ComfyUI MODEL + CLIP: SD1.x/SD2.x, SDXL, SD3 and Flux.
 
-    ``eps`` calls the UNet as ``BaseModel.apply_model`` does, but with the variance-preserving
-    input ``x_t`` and integer timesteps, so no sigma conversion is needed
-    (``x_VP = x_comfy / sqrt(1 + sigma^2)``, ``t`` is ModelSamplingDiscrete's timestep).
-    Context lengths: prompts over 77 tokens give longer contexts; like ComfyUI's
-    CONDCrossAttn.concat every context is repeated to a common length, which leaves
-    cross-attention unchanged. ``prompts`` names every prompt the run will encode.
-    Construct it (which encodes every prompt with CLIP) before :func:`load_for_compute`, so
-    ComfyUI never unloads part of the UNet to make room for CLIP after it was loaded for
-    compute; run it inside :func:`autograd_enabled`.
+    The network is called as ``BaseModel.apply_model`` calls it, on the engine's forward process
+    at integer step indices ``t``, so no sigma conversion is needed:
+
+    - SD1.x/SD2.x and SDXL (VP): the variance-preserving input ``x_t`` (``x_VP = x_comfy /
+      sqrt(1 + sigma^2)``) and ModelSamplingDiscrete's timestep ``t``; v-prediction is converted
+      to eps. ``encode`` gives the text sequence (a tensor); SDXL adds ``y``, the ADM vector
+      ``BaseModel.encode_adm`` makes from the pooled text and the image size (as the sampler
+      does for CLIPTextEncode's conditioning: size and target size = the latent's, crop 0),
+      in a :class:`~spare_core.conditioning.Context`.
+    - SD3 and Flux (rectified flow, :func:`flow_process`): ``x_t = (1 - s) x0 + s noise`` is
+      ComfyUI's own input for CONST models, the timestep fed is ``model_sampling.timestep(s)``,
+      and the raw output is the velocity ``noise - x0`` (ComfyUI's denoised is ``x - s * out``):
+      :meth:`pred`. Context extras: ``y`` (pooled text) and, for Flux, ``guidance`` (``guidance``,
+      the FluxGuidance value, 3.5 by default).
+
+    Context lengths: prompts over one chunk give longer sequences. For the UNets (SD, SDXL)
+    every sequence is repeated to a common length, as ComfyUI's CONDCrossAttn.concat does, which
+    leaves cross-attention unchanged. SD3/Flux attend jointly over text and image tokens, so
+    ComfyUI never batches conditionings of different lengths for them (CONDRegular); here they
+    are zero-padded to the longest, each sample carries its true length (extra ``tokens``) and
+    :meth:`pred` runs each length as its own batch, on the unpadded sequence.
+    ``prompts`` names every prompt the run will encode. Construct it (which encodes every prompt
+    with CLIP) before :func:`load_for_compute`, so ComfyUI never unloads part of the network to
+    make room for CLIP after it was loaded for compute; run it inside :func:`autograd_enabled`.
     """
 
-    def __init__(self, model, clip, width: int, height: int, prompts: Sequence[str] = ()) -> None:
+    def __init__(self, model, clip, width: int, height: int, prompts: Sequence[str] = (),
+                 guidance: float = FLUX_GUIDANCE) -> None:
         check_inputs(model, clip, width, height)
         self.model, self.clip = model, clip
+        self.family = model_family(model)
+        self.width, self.height = int(width), int(height)
+        self.guidance = float(guidance)
         self.unet = diffusion_model(model)
-        self.alphas_cumprod = alphas_cumprod(model)
         self.latent_shape = (int(model.model.latent_format.latent_channels), height // 8, width // 8)
         self.prediction = model.model.model_type.name
+        if self.family in FLOW_FAMILIES:
+            self.process = flow_process(model)
+        else:
+            self.alphas_cumprod = alphas_cumprod(model)
         self.dtype = self.compute_dtype = compute_dtype(model)
-        self._cache: dict[str, Tensor] = {}
+        self._cache: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
         lengths = [self._encode_one(p).shape[1] for p in {"", *prompts}]
-        self.context_length = math.lcm(*lengths)
+        self.context_length = (max(lengths) if self.family in FLOW_FAMILIES
+                               else math.lcm(*lengths))
 
     @property
     def device(self) -> torch.device:
@@ -269,42 +358,116 @@ class ComfyDenoiser:
         """Recompute each block's activations in backward (:func:`set_gradient_checkpointing`)."""
         set_gradient_checkpointing(self.unet, enabled)
 
-    def eps(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+    def eps(self, x_t: Tensor, t: Tensor, context) -> Tensor:
         return self.predict(x_t, t, context)[0]
 
-    def predict(self, x_t: Tensor, t: Tensor, context: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(eps, x0)``: x0 division-free for v-prediction (spare_core.denoiser.eps_and_x0),
-        None for eps models."""
+    def predict(self, x_t: Tensor, t: Tensor, context) -> tuple[Tensor, Tensor | None]:
+        """``(eps, x0)``: x0 division-free for v-prediction (spare_core.denoiser.eps_and_x0) and
+        for flow models (``x_t - s v``), None for eps models."""
         dev = self.device
         x = x_t.to(dev, self.dtype)
-        out = self.unet(x, t.to(dev).float(), context=context.to(dev, self.dtype),
-                        control=None, transformer_options={})
+        if self.family in FLOW_FAMILIES:
+            return self.process.eps_and_x0(self.pred(x_t, t, context), x, t)
+        if self.family == "sdxl":
+            c = context.to(dev, self.dtype)
+            out = self.unet(x, t.to(dev).float(), context=c.seq, y=c.field("y"),
+                            control=None, transformer_options={})
+        else:
+            out = self.unet(x, t.to(dev).float(), context=context.to(dev, self.dtype),
+                            control=None, transformer_options={})
         if self.prediction == "V_PREDICTION":
             return v_to_eps_and_x0(out, x, self.alphas_cumprod, t)
         return out, None
 
+    def pred(self, x_t: Tensor, t: Tensor, context) -> Tensor:
+        """The network's prediction in its process's space: the velocity for SD3/Flux (the raw
+        output, as ``BaseModel._apply_model`` gets it before ``calculate_denoised``), the noise
+        for the VP families."""
+        if self.family not in FLOW_FAMILIES:
+            return self.eps(x_t, t, context)
+        dev = self.device
+        x = x_t.to(dev, self.dtype)
+        mt = self.process.model_t[t.long().cpu()].to(dev)  # float32, as apply_model feeds it
+        c = context.to(dev, self.dtype)
+        tokens = c.field("tokens")
+        lengths = tokens.unique().tolist()
+        if len(lengths) == 1:
+            return self._flow_forward(x, mt, c, int(lengths[0]))
+        out = torch.empty_like(x)
+        for n in lengths:  # ComfyUI runs conditionings of different lengths as separate batches
+            idx = (tokens == n).nonzero().flatten()
+            out = out.index_put((idx,), self._flow_forward(x[idx], mt[idx], c[idx], int(n)))
+        return out
+
+    def _flow_forward(self, x: Tensor, mt: Tensor, c: Context, length: int) -> Tensor:
+        kwargs = {"guidance": c.field("guidance")} if self.family == "flux" else {}
+        return self.unet(x, mt, context=c.seq[:, :length], y=c.field("y"), control=None,
+                         transformer_options={}, **kwargs)
+
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str]) -> Tensor:
-        conds = [self._encode_one(p) for p in prompts]
-        for p, c in zip(prompts, conds):
-            if self.context_length % c.shape[1]:
+    def encode(self, prompts: Sequence[str]):
+        """SD1.x/SD2.x: the text sequences ``[B, L, D]``; SDXL, SD3, Flux: a Context with the
+        fields named in the class docstring."""
+        encoded = [self._encoded(p) for p in prompts]
+        flow = self.family in FLOW_FAMILIES
+        for p, (seq, _) in zip(prompts, encoded):
+            n = seq.shape[1]
+            if (n > self.context_length) if flow else (self.context_length % n):
                 raise RuntimeError(f"prompt {p!r} was not announced to the denoiser; "
                                    "pass every prompt of the run as prompts=")
-        return torch.cat([c.repeat(1, self.context_length // c.shape[1], 1) for c in conds])
+        if flow:
+            L = self.context_length
+            seq = torch.cat([torch.nn.functional.pad(s, (0, 0, 0, L - s.shape[1]))
+                             for s, _ in encoded])
+        else:
+            seq = torch.cat([s.repeat(1, self.context_length // s.shape[1], 1) for s, _ in encoded])
+        if self.family == "sd":
+            return seq
+        extras = {k: torch.cat([e[k] for _, e in encoded]) for k in encoded[0][1]}
+        return Context(seq, extras)
 
     def _encode_one(self, prompt: str) -> Tensor:
+        """The text sequence ``[1, L, D]`` of one prompt, float32 on the CPU (cached with its
+        extras: :meth:`_encoded`)."""
+        return self._encoded(prompt)[0]
+
+    def _encoded(self, prompt: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(sequence [1, L, D], extras)`` of one prompt, float32 on the CPU (cached)."""
         if prompt not in self._cache:
             with torch.inference_mode(False), torch.no_grad():
-                cond = self.clip.encode_from_tokens(self.clip.tokenize(prompt))
-            if isinstance(cond, (tuple, list)):
-                cond = cond[0]
-            self._cache[prompt] = cond.detach().float().cpu()
+                tokens = self.clip.tokenize(prompt)
+                if self.family == "sd":
+                    cond, pooled = self.clip.encode_from_tokens(tokens), None
+                else:
+                    cond, pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+                if isinstance(cond, (tuple, list)):
+                    cond = cond[0]
+                extras = self._extras(cond, pooled)
+            self._cache[prompt] = (cond.detach().float().cpu(), extras)
         return self._cache[prompt]
+
+    def _extras(self, cond: Tensor, pooled: Tensor | None) -> dict[str, Tensor]:
+        if self.family == "sd":
+            return {}
+        if pooled is None:
+            raise ValueError("this CLIP gives no pooled output, which this MODEL needs; connect "
+                             "the CLIP of the same checkpoint (or the matching CLIP loader)")
+        pooled = pooled.detach().float().cpu()
+        if self.family == "sdxl":
+            w, h = self.width, self.height
+            adm = self.model.model.encode_adm(pooled_output=pooled, width=w, height=h,
+                                              crop_w=0, crop_h=0, target_width=w,
+                                              target_height=h)
+            return {"y": adm.detach().float().cpu()}
+        extras = {"y": pooled, "tokens": torch.tensor([cond.shape[1]])}
+        if self.family == "flux":
+            extras["guidance"] = torch.tensor([self.guidance])
+        return extras
 
 
 def encode_images(model, vae, images: Tensor) -> Tensor:
-    """IMAGE ``[B, H, W, C]`` in ``[0, 1]`` -> the latents the MODEL's UNet denoises,
-    ``[B, 4, H/8, W/8]`` float32 on the CPU: ``VAE.encode`` (as the VAEEncode node calls it, RGB
+    """IMAGE ``[B, H, W, C]`` in ``[0, 1]`` -> the latents the MODEL's network denoises,
+    ``[B, C, H/8, W/8]`` (C = 4, or 16 for SD3/Flux) float32 on the CPU: ``VAE.encode`` (as the VAEEncode node calls it, RGB
     only) then ``BaseModel.process_latent_in`` (the latent format's scaling, as samplers apply)."""
     if vae is None:
         raise ValueError("the VAE input is empty: connect the VAE output of the checkpoint loader")

@@ -27,7 +27,8 @@ class ComputeSaliency:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to analyse."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model to analyse: SD1.x, SD2.x, "
+                                               "SDXL, SD3 or Flux."}),
                 "clip": ("CLIP", {"tooltip": "Its text encoder."}),
                 "concept": ("STRING", {"default": "Van Gogh style", "multiline": False,
                                        "tooltip": "The concept to forget."}),
@@ -43,7 +44,8 @@ class ComputeSaliency:
                 "sample_steps": ("INT", {"default": 25, "min": 1, "max": 1000,
                                          "tooltip": "DDIM steps per generated concept image."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
-                                  "tooltip": "Classifier-free guidance of the generated images."}),
+                                  "tooltip": "Classifier-free guidance of the generated images "
+                                             "(Flux-dev: 1.0, its guidance is distilled)."}),
                 **MEMORY_INPUTS,
                 "element_scores": ("BOOLEAN", {
                     "default": False,

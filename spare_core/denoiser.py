@@ -217,10 +217,15 @@ class DiffusersDenoiser:
         """``(eps, x0)``, x0 division-free for v-prediction models and None for eps models
         (see :func:`eps_and_x0`)."""
         x = x_t.to(self.compute_dtype)
-        out = self.unet(x, t, encoder_hidden_states=context.to(x.device, self.compute_dtype)).sample
+        out = self._forward(x, t, context.to(x.device, self.compute_dtype))
         if self.prediction_type == "v_prediction":
             return v_to_eps_and_x0(out, x, self.alphas_cumprod, t)
         return out, None
+
+    def _forward(self, x: Tensor, t: Tensor, context) -> Tensor:
+        """The UNet's raw output for inputs already in the compute dtype (families with more
+        conditioning than the text sequence override this)."""
+        return self.unet(x, t, encoder_hidden_states=context).sample
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:

@@ -82,7 +82,9 @@ def load_pack(name: str | None = None):
 class ModelType(enum.Enum):
     EPS = 1
     V_PREDICTION = 2
+    V_PREDICTION_EDM = 3
     FLOW = 6
+    FLUX = 8
 
 
 class ComfyStyleUNet:
@@ -257,6 +259,361 @@ class CLIP:
         return (cond, out.pooler_output[:1]) if return_pooled else cond
 
 
+# ------------------------------------------------------------------ SDXL, SD3 and Flux MODELs
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """comfy/ldm/modules/diffusionmodules/util.py timestep_embedding: ``[cos, sin]``."""
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(max_period)) * torch.arange(half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None].to(t.device)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+ADM_EMBED = 8  # per size value (ComfyUI's SDXL: Timestep(256))
+
+
+class ComfyStyleSDXLUNet:
+    """Factory for a tiny SDXL-like UNet: diffusers UNet2DConditionModel whose class embedding
+    (``class_embed_type="projection"``) reads the ADM vector ``y`` [B, pooled + 6 * ADM_EMBED], as
+    ComfyUI's UNetModel with ``num_classes="sequential"`` reads it in ``label_emb``; called
+    ``forward(x, timesteps, context=, y=, control=, transformer_options=)``."""
+
+    @staticmethod
+    def build(seed: int = 0, pooled: int = 32) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        class _UNet(UNet2DConditionModel):
+            num_classes = "sequential"
+
+            def forward(self, x, timesteps=None, context=None, y=None, control=None,
+                        transformer_options=None, **kwargs):
+                assert y is not None, "SDXL's UNet needs y (the ADM vector)"
+                return super().forward(x, timesteps, encoder_hidden_states=context,
+                                       class_labels=y).sample
+
+        torch.manual_seed(seed)
+        return _UNet(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                     block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=8,
+                     use_linear_projection=True, class_embed_type="projection",
+                     projection_class_embeddings_input_dim=pooled + 6 * ADM_EMBED).eval()
+
+
+def _attention(q, k, v, heads: int) -> torch.Tensor:
+    b, n, d = q.shape
+    q, k, v = (z.reshape(b, -1, heads, d // heads).transpose(1, 2) for z in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, n, d)
+
+
+def _pos_embed(h: int, w: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin/cos position embedding ``[h*w, dim]`` (no parameters)."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.cat([timestep_embedding(ys.flatten(), dim // 2),
+                      timestep_embedding(xs.flatten(), dim // 2)], dim=-1)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class _QKV(nn.Module):
+    def __init__(self, hidden: int, proj: bool = True) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        if proj:
+            self.proj = nn.Linear(hidden, hidden)
+
+
+class _Lin(nn.Module):
+    """Flux's Modulation: ``.lin``."""
+
+    def __init__(self, hidden: int, n: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(hidden, n * hidden)
+
+    def forward(self, vec):
+        return self.lin(torch.nn.functional.silu(vec)).chunk(self.lin.out_features // vec.shape[-1], -1)
+
+
+class _MLPEmbedder(nn.Module):
+    def __init__(self, dim_in: int, hidden: int) -> None:
+        super().__init__()
+        self.in_layer, self.out_layer = nn.Linear(dim_in, hidden), nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(torch.nn.functional.silu(self.in_layer(x)))
+
+
+class _DoubleBlock(nn.Module):
+    """comfy/ldm/flux/layers.py DoubleStreamBlock's layout (img_/txt_ mod, attn, mlp)."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        for s in ("img", "txt"):
+            setattr(self, f"{s}_mod", _Lin(hidden, 6))
+            setattr(self, f"{s}_attn", _QKV(hidden))
+            setattr(self, f"{s}_mlp", nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(),
+                                                    nn.Linear(2 * hidden, hidden)))
+
+    def forward(self, img, txt, vec):
+        ln = lambda z: torch.nn.functional.layer_norm(z, z.shape[-1:])  # noqa: E731
+        mi, mt = self.img_mod(vec), self.txt_mod(vec)
+        qi, ki, vi = self.img_attn.qkv(_modulate(ln(img), mi[0], mi[1])).chunk(3, -1)
+        qt, kt, vt = self.txt_attn.qkv(_modulate(ln(txt), mt[0], mt[1])).chunk(3, -1)
+        a = _attention(torch.cat([qt, qi], 1), torch.cat([kt, ki], 1), torch.cat([vt, vi], 1),
+                       self.heads)
+        at, ai = a[:, :txt.shape[1]], a[:, txt.shape[1]:]
+        img = img + mi[2][:, None] * self.img_attn.proj(ai)
+        img = img + mi[5][:, None] * self.img_mlp(_modulate(ln(img), mi[3], mi[4]))
+        txt = txt + mt[2][:, None] * self.txt_attn.proj(at)
+        txt = txt + mt[5][:, None] * self.txt_mlp(_modulate(ln(txt), mt[3], mt[4]))
+        return img, txt
+
+
+class _SingleBlock(nn.Module):
+    """SingleStreamBlock: fused ``linear1`` (qkv + mlp in), ``linear2``, ``modulation.lin``."""
+
+    def __init__(self, hidden: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.hidden = heads, hidden
+        self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * hidden)
+        self.linear2 = nn.Linear(hidden + 2 * hidden, hidden)
+        self.modulation = _Lin(hidden, 3)
+
+    def forward(self, x, vec):
+        shift, scale, gate = self.modulation(vec)
+        h = self.linear1(_modulate(torch.nn.functional.layer_norm(x, x.shape[-1:]), shift, scale))
+        qkv, mlp = h.split([3 * self.hidden, 2 * self.hidden], -1)
+        a = _attention(*qkv.chunk(3, -1), self.heads)
+        return x + gate[:, None] * self.linear2(torch.cat([a, torch.nn.functional.gelu(mlp)], -1))
+
+
+class _FinalLayer(nn.Module):
+    def __init__(self, hidden: int, out: int) -> None:
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, -1)
+        return self.linear(_modulate(torch.nn.functional.layer_norm(x, x.shape[-1:]), shift, scale))
+
+
+class ComfyStyleFlux(nn.Module):
+    """A tiny Flux with comfy/ldm/flux/model.py's module names (``img_in``, ``time_in``,
+    ``vector_in``, ``guidance_in``, ``txt_in``, ``double_blocks.N.{img,txt}_{mod.lin,attn.qkv,
+    attn.proj,mlp.0,mlp.2}``, ``single_blocks.N.{linear1,linear2,modulation.lin}``,
+    ``final_layer.{linear,adaLN_modulation.1}``) and its call ``forward(x, timestep, context,
+    y=, guidance=, control=, transformer_options=)``: 2x2 patches, timestep ``s`` in [0, 1]
+    embedded at ``1000 s``, guidance embedded likewise; fixed sin/cos positions instead of RoPE."""
+
+    def __init__(self, channels: int = 16, hidden: int = 32, context: int = 32, pooled: int = 32,
+                 heads: int = 2, depth: int = 1, depth_single: int = 1) -> None:
+        super().__init__()
+        self.patch_size, self.hidden, self.heads = 2, hidden, heads
+        self.img_in = nn.Linear(channels * 4, hidden)
+        self.time_in = _MLPEmbedder(16, hidden)
+        self.vector_in = _MLPEmbedder(pooled, hidden)
+        self.guidance_in = _MLPEmbedder(16, hidden)
+        self.txt_in = nn.Linear(context, hidden)
+        self.double_blocks = nn.ModuleList(_DoubleBlock(hidden, heads) for _ in range(depth))
+        self.single_blocks = nn.ModuleList(_SingleBlock(hidden, heads) for _ in range(depth_single))
+        self.final_layer = _FinalLayer(hidden, 4 * channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    def forward(self, x, timestep, context, y=None, guidance=None, control=None,
+                transformer_options={}, **kwargs):
+        assert y is not None, "Flux needs y (the pooled CLIP vector)"
+        b, c, h, w = x.shape
+        img = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * 4)
+        img = self.img_in(img) + _pos_embed(h // 2, w // 2, self.hidden).to(x)
+        vec = self.time_in(timestep_embedding(1000 * timestep, 16).to(x))
+        if guidance is not None:
+            vec = vec + self.guidance_in(timestep_embedding(1000 * guidance, 16).to(x))
+        vec = vec + self.vector_in(y)
+        txt = self.txt_in(context)
+        for block in self.double_blocks:
+            img, txt = block(img=img, txt=txt, vec=vec)
+        joint = torch.cat([txt, img], 1)
+        for block in self.single_blocks:
+            joint = block(joint, vec=vec)
+        out = self.final_layer(joint[:, txt.shape[1]:], vec)
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class _DismantledBlock(nn.Module):
+    """comfy/ldm/modules/diffusionmodules/mmdit.py DismantledBlock: ``attn.qkv``, ``attn.proj``,
+    ``mlp.fc1``, ``mlp.fc2``, ``adaLN_modulation.1``; ``pre_only`` (the last context block):
+    only ``attn.qkv`` and a 2-way modulation."""
+
+    def __init__(self, hidden: int, pre_only: bool = False) -> None:
+        super().__init__()
+        self.pre_only = pre_only
+        self.attn = _QKV(hidden, proj=not pre_only)
+        if not pre_only:
+            self.mlp = nn.Module()
+            self.mlp.fc1, self.mlp.fc2 = nn.Linear(hidden, 2 * hidden), nn.Linear(2 * hidden, hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, (2 if pre_only else 6) * hidden))
+
+    def pre(self, x, c):
+        m = self.adaLN_modulation(c).chunk(2 if self.pre_only else 6, -1)
+        return self.attn.qkv(_modulate(torch.nn.functional.layer_norm(x, x.shape[-1:]), m[0], m[1])), m
+
+    def post(self, x, a, m):
+        x = x + m[2][:, None] * self.attn.proj(a)
+        h = _modulate(torch.nn.functional.layer_norm(x, x.shape[-1:]), m[3], m[4])
+        return x + m[5][:, None] * self.mlp.fc2(torch.nn.functional.gelu(self.mlp.fc1(h)))
+
+
+class _JointBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, pre_only: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.context_block = _DismantledBlock(hidden, pre_only)
+        self.x_block = _DismantledBlock(hidden)
+
+    def forward(self, context, x, c):
+        qkv_c, mc = self.context_block.pre(context, c)
+        qkv_x, mx = self.x_block.pre(x, c)
+        q, k, v = torch.cat([qkv_c, qkv_x], 1).chunk(3, -1)
+        a = _attention(q, k, v, self.heads)
+        ac, ax = a[:, :context.shape[1]], a[:, context.shape[1]:]
+        context = None if self.context_block.pre_only else self.context_block.post(context, ac, mc)
+        return context, self.x_block.post(x, ax, mx)
+
+
+class ComfyStyleMMDiT(nn.Module):
+    """A tiny SD3 MMDiT with mmdit.py's module names (``x_embedder.proj`` (Conv2d 2x2 patches),
+    ``t_embedder.mlp.{0,2}``, ``y_embedder.mlp.{0,2}``, ``context_embedder``,
+    ``joint_blocks.N.{context_block,x_block}.*``, ``final_layer.*``) called as
+    OpenAISignatureMMDITWrapper: ``forward(x, timesteps, context=, y=, control=,
+    transformer_options=)`` with timesteps ``1000 s``."""
+
+    def __init__(self, channels: int = 16, hidden: int = 32, context: int = 32, pooled: int = 32,
+                 heads: int = 2, depth: int = 2) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(channels, hidden, 2, stride=2)
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(nn.Linear(16, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.y_embedder = nn.Module()
+        self.y_embedder.mlp = nn.Sequential(nn.Linear(pooled, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.context_embedder = nn.Linear(context, hidden)
+        self.joint_blocks = nn.ModuleList(_JointBlock(hidden, heads, pre_only=i == depth - 1)
+                                          for i in range(depth))
+        self.final_layer = _FinalLayer(hidden, 4 * channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.context_embedder.weight.dtype
+
+    def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={},
+                **kwargs):
+        assert y is not None, "SD3 needs y (the pooled CLIP vector)"
+        b, c, h, w = x.shape
+        img = self.x_embedder.proj(x).flatten(2).transpose(1, 2)
+        img = img + _pos_embed(h // 2, w // 2, self.hidden).to(x)
+        vec = self.t_embedder.mlp(timestep_embedding(timesteps, 16).to(x)) + self.y_embedder.mlp(y)
+        ctx = self.context_embedder(context)
+        for block in self.joint_blocks:
+            ctx, img = block(ctx, img, vec)
+        out = self.final_layer(img, vec)
+        return out.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class ModelSamplingDiscreteFlow(nn.Module):
+    """comfy/model_sampling.py: ``sigmas = shift t / (1 + (shift - 1) t)`` for t = i/T, i = 1..T;
+    ``timestep(sigma) = sigma * multiplier`` (SD3: shift 3, multiplier 1000)."""
+
+    def __init__(self, shift: float = 3.0, multiplier: float = 1000.0, timesteps: int = 1000) -> None:
+        super().__init__()
+        self.shift, self.multiplier = shift, multiplier
+        t = torch.arange(1, timesteps + 1, dtype=torch.float32) / timesteps
+        self.register_buffer("sigmas", shift * t / (1 + (shift - 1) * t))
+
+    def timestep(self, sigma):
+        return sigma * self.multiplier
+
+
+class ModelSamplingFlux(nn.Module):
+    """comfy/model_sampling.py ModelSamplingFlux: 10000 sigmas ``flux_time_shift(shift, 1, t)``
+    (``e^mu / (e^mu + (1/t - 1))``, mu = shift = 1.15), ``timestep(sigma) = sigma``."""
+
+    def __init__(self, shift: float = 1.15, timesteps: int = 10000) -> None:
+        super().__init__()
+        t = torch.arange(1, timesteps + 1, dtype=torch.float32) / timesteps
+        mu = torch.tensor(shift).exp()
+        self.register_buffer("sigmas", mu / (mu + (1 / t - 1)))
+
+    def timestep(self, sigma):
+        return sigma
+
+
+class SDXL(BaseModel):
+    """model_base.SDXL: ``encode_adm`` = pooled text + Timestep embeddings of (height, width,
+    crop_h, crop_w, target_height, target_width), here ADM_EMBED numbers each (ComfyUI: 256)."""
+
+    def __init__(self, unet: nn.Module, model_type: ModelType = ModelType.EPS) -> None:
+        super().__init__(unet, model_type)
+        self.adm_calls: list[dict] = []
+
+    def encode_adm(self, **kwargs):
+        self.adm_calls.append(dict(kwargs))
+        pooled = kwargs["pooled_output"]
+        width, height = kwargs.get("width", 768), kwargs.get("height", 768)
+        values = [height, width, kwargs.get("crop_h", 0), kwargs.get("crop_w", 0),
+                  kwargs.get("target_height", height), kwargs.get("target_width", width)]
+        flat = torch.cat([timestep_embedding(torch.Tensor([v]), ADM_EMBED) for v in values])
+        flat = flat.flatten().unsqueeze(0).repeat(pooled.shape[0], 1)
+        return torch.cat((pooled.to(flat.device), flat), dim=1)
+
+
+class SD3(BaseModel):
+    """model_base.SD3: an MMDiT over ModelSamplingDiscreteFlow (FLOW), 16-channel latents."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, ModelType.FLOW)
+        self.model_sampling = ModelSamplingDiscreteFlow(shift=3.0, multiplier=1000.0)
+        self.latent_format = SimpleNamespace(latent_channels=16)
+
+    def get_dtype(self) -> torch.dtype:
+        return self.diffusion_model.dtype
+
+
+class Flux(BaseModel):
+    """model_base.Flux: ModelSamplingFlux (FLUX), 16-channel latents (schnell: FLOW with
+    ModelSamplingDiscreteFlow, multiplier 1)."""
+
+    def __init__(self, net: nn.Module, model_type: ModelType = ModelType.FLUX) -> None:
+        super().__init__(net, model_type)
+        self.model_sampling = (ModelSamplingFlux() if model_type == ModelType.FLUX
+                               else ModelSamplingDiscreteFlow(shift=1.0, multiplier=1.0))
+        self.latent_format = SimpleNamespace(latent_channels=16)
+
+    def get_dtype(self) -> torch.dtype:
+        return self.diffusion_model.dtype
+
+
+def build_family_model(family: str, seed: int = 0, **kwargs) -> BaseModel:
+    """The BaseModel subclass ComfyUI's loader builds for ``family`` ("sdxl", "sd3", "flux",
+    "flux_schnell"), with a tiny network seeded by ``seed``."""
+    if family == "sdxl":
+        return SDXL(ComfyStyleSDXLUNet.build(seed), kwargs.get("model_type", ModelType.EPS))
+    torch.manual_seed(seed)
+    if family == "sd3":
+        return SD3(ComfyStyleMMDiT(**kwargs).eval())
+    if family in ("flux", "flux_schnell"):
+        net = ComfyStyleFlux(**kwargs).eval()
+        return Flux(net, ModelType.FLUX if family == "flux" else ModelType.FLOW)
+    raise ValueError(family)
+
+
 # ------------------------------------------------------------------ the host
 class InterruptProcessingException(Exception):
     pass
@@ -381,6 +738,22 @@ class Host:
             model = ModelPatcher(BaseModel(ComfyStyleUNet.build(seed, channels), model_type))
         return model, CLIP(seed)
 
+    def load_family(self, family: str, seed: int = 0, **kwargs):
+        """CheckpointLoaderSimple for an SDXL / SD3 / Flux checkpoint (see
+        :func:`build_family_model`): (MODEL, CLIP), built under inference mode."""
+        with torch.inference_mode():
+            model = ModelPatcher(build_family_model(family, seed, **kwargs))
+        return model, CLIP(seed)
+
+    @torch.inference_mode()
+    def forward(self, model: ModelPatcher, x: torch.Tensor, t: torch.Tensor, **conds):
+        """The raw network output a sampler step gets from this MODEL (its patches loaded
+        first): ``diffusion_model(x, t, control=None, transformer_options={}, **conds)``, conds
+        as the model's extra_conds give them (``context``, ``y``, ``guidance``)."""
+        self.load(model)
+        return model.model.diffusion_model(x, t.float(), control=None, transformer_options={},
+                                           **conds).clone()
+
     def run(self, node_cls, **inputs):
         """execution.py: check inputs against INPUT_TYPES, call FUNCTION under inference mode,
         return the output tuple (``result`` of a ui dict)."""
@@ -476,6 +849,25 @@ STOCK_NODES: dict[str, dict] = {
         "model": ["MODEL", {}], "clip": ["CLIP", {}], "vae": ["VAE", {}],
         "filename_prefix": ["STRING", {"default": "checkpoints/ComfyUI"}]}},
         "output": [], "output_node": True},
+    # the SDXL and Flux variants' loaders and Flux's guidance / 16-channel latent
+    "UNETLoader": {"input": {"required": {
+        "unet_name": [FILE_LIST, {}],
+        "weight_dtype": [["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"], {}]}},
+        "output": ["MODEL"]},
+    "DualCLIPLoader": {"input": {"required": {
+        "clip_name1": [FILE_LIST, {}], "clip_name2": [FILE_LIST, {}],
+        "type": [["sdxl", "sd3", "flux", "hunyuan_video", "hidream", "hunyuan_image"], {}]},
+        "optional": {"device": [["default", "cpu"], {"advanced": True}]}},
+        "output": ["CLIP"]},
+    "VAELoader": {"input": {"required": {"vae_name": [FILE_LIST, {}]}}, "output": ["VAE"]},
+    "FluxGuidance": {"input": {"required": {
+        "conditioning": ["CONDITIONING", {}],
+        "guidance": ["FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0}]}},
+        "output": ["CONDITIONING"]},
+    "EmptySD3LatentImage": {"input": {"required": {
+        "width": ["INT", {"default": 1024, "min": 16, "max": 16384}],
+        "height": ["INT", {"default": 1024, "min": 16, "max": 16384}],
+        "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}]}}, "output": ["LATENT"]},
     "SaveLatent": {"input": {"required": {"samples": ["LATENT", {}],
                                           "filename_prefix": ["STRING", {"default": "latents/ComfyUI"}]}},
                    "output": [], "output_node": True},

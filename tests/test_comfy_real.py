@@ -36,6 +36,7 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -181,6 +182,15 @@ def comfy(tmp_path_factory):
     subprocess.run([sys.executable, "-c", BUILD, ckpt], cwd=ROOT, env=env, check=True,
                    timeout=600, capture_output=True)
     print(f"\nbuilt {CKPT}: {os.path.getsize(ckpt) / 2**20:.0f} MiB in {time.time() - t:.0f}s")
+    with running_comfy(base) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_comfy(base: str):
+    """A ComfyUI server (this checkout's ``main.py``, CPU) on a free port over ``base`` (its
+    models, custom_nodes, output); yields a :class:`Comfy` once ``/object_info`` answers, and
+    stops the server after."""
     port, log = _free_port(), os.path.join(base, "comfyui.log")
     with open(log, "w") as out:
         proc = subprocess.Popen(

@@ -63,9 +63,26 @@ def test_demo_writes_grid_and_metrics(tmp_path, capsys):
 
 def test_cli_constants_match_the_digits_model():
     from spare_core import bench
+    from spare_core.cli_args import EMBEDDED_NAMES
     from spare_core.digits.data import NAMES
 
     assert bench.SAMPLE_STEPS == M.SAMPLE_STEPS and bench.NAMES == NAMES
+    assert EMBEDDED_NAMES == tuple(M.EMBEDDED_MODELS)
+
+
+def test_demo_and_bench_run_on_the_flow_twin(tmp_path, capsys):
+    """``--model digits-dit``: the same commands on the SD3-transformer twin (Euler sampler);
+    the data bench, which needs the pattern UNet, refuses it before loading anything."""
+    from spare_core.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", "digits-dit", "--out", str(out), "--n", "2", "--steps", "3",
+                 "--sample-steps", "10"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["model"] == "digits-dit" and m["before"]["RA"] >= 0.8
+    assert "embedded digits-dit model" in capsys.readouterr().out
+    assert main(["bench", "--model", "digits-dit", "--data-unlearning"]) == 2
+    assert "leave --model at digits" in capsys.readouterr().err
 
 
 def test_bench_prints_a_table(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""The shipped workflows agree with the node definitions (ours from the pack's mappings, stock
-ones from comfy_double.STOCK_NODES, which test_comfy_real checks against a real ComfyUI)."""
+"""The shipped workflows (SD1.5, SDXL, Flux; UI files and their API twins) agree with the node
+definitions (ours from the pack's mappings, stock ones from comfy_double.STOCK_NODES, which
+test_comfy_real checks against a real ComfyUI)."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,14 @@ import pytest
 from comfy_double import (BYPASSED, MUTED, REPO, Host, load_pack, object_info, readme_bake_entry,
                           ui_to_api, validate_api_prompt, validate_ui_workflow)
 
-UI = os.path.join(REPO, "workflows", "spare_erase_concept.json")
-API = os.path.join(REPO, "workflows", "api", "spare_erase_concept.api.json")
+WORKFLOWS = ("spare_erase_concept", "spare_erase_concept_sdxl", "spare_erase_concept_flux")
+LOADERS = {  # which stock nodes load the model, CLIP and VAE (node class, output slot)
+    "spare_erase_concept": {"model": ("CheckpointLoaderSimple", 0),
+                            "clip": ("CheckpointLoaderSimple", 1),
+                            "vae": ("CheckpointLoaderSimple", 2)},
+    "spare_erase_concept_flux": {"model": ("UNETLoader", 0), "clip": ("DualCLIPLoader", 0),
+                                 "vae": ("VAELoader", 0)}}
+LOADERS["spare_erase_concept_sdxl"] = LOADERS["spare_erase_concept"]
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +30,28 @@ def info(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="module", params=WORKFLOWS)
+def name(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def ui():
-    with open(UI) as f:
+def ui(name):
+    with open(os.path.join(REPO, "workflows", f"{name}.json")) as f:
         return json.load(f)
 
 
 @pytest.fixture(scope="module")
-def api():
-    with open(API) as f:
+def api(name):
+    with open(os.path.join(REPO, "workflows", "api", f"{name}.api.json")) as f:
         return json.load(f)
+
+
+def test_every_workflow_has_its_api_twin():
+    top = sorted(f[:-5] for f in os.listdir(os.path.join(REPO, "workflows")) if f.endswith(".json"))
+    assert top == sorted(WORKFLOWS)
+    for w in WORKFLOWS:
+        assert os.path.isfile(os.path.join(REPO, "workflows", "api", f"{w}.api.json")), w
 
 
 def test_api_workflow_matches_the_node_definitions(api, info):
@@ -107,17 +126,18 @@ def test_ui_layout_has_no_overlaps(ui):
         assert len(inside) == 1, (nid, "not inside exactly one group, below its title")
 
 
-def test_graph_shows_before_and_after_with_the_same_sampling(api):
+def test_graph_shows_before_and_after_with_the_same_sampling(api, name):
     by_type: dict[str, list[str]] = {}
     for nid, node in api.items():
         by_type.setdefault(node["class_type"], []).append(nid)
-    for needed in ("CheckpointLoaderSimple", "CLIPTextEncode", "ComputeSaliency", "SaliencyPreview",
+    loader = LOADERS[name]["model"][0]
+    for needed in (loader, "CLIPTextEncode", "ComputeSaliency", "SaliencyPreview",
                    "SparseLoRAInit", "SelfDistillUnlearn", "ApplyUnlearnAdapter",
                    "SaveUnlearnAdapter", "VAEDecode"):
         assert needed in by_type, needed
     samplers = [api[n]["inputs"] for n in by_type["KSampler"]]
     assert len(samplers) == 2 and len(by_type["SaveImage"]) == 2
-    before, after = sorted(samplers, key=lambda s: api[s["model"][0]]["class_type"] != "CheckpointLoaderSimple")
+    before, after = sorted(samplers, key=lambda s: api[s["model"][0]]["class_type"] != loader)
     assert api[after["model"][0]]["class_type"] == "ApplyUnlearnAdapter"
     same = {k: v for k, v in before.items() if k != "model"}
     assert same == {k: v for k, v in after.items() if k != "model"}
@@ -125,8 +145,16 @@ def test_graph_shows_before_and_after_with_the_same_sampling(api):
     assert api[trained["adapter"][0]]["class_type"] == "SparseLoRAInit"
     concept = api[by_type["ComputeSaliency"][0]]["inputs"]["concept"]
     assert trained["concept"] == ""  # typed once: SelfDistillUnlearn takes the saliency's concept
-    prompt = api[before["positive"][0]]["inputs"]["text"]
+    positive = api[before["positive"][0]]
+    if positive["class_type"] == "FluxGuidance":  # Flux: the prompt's guidance value
+        positive = api[positive["inputs"]["conditioning"][0]]
+    prompt = positive["inputs"]["text"]
     assert concept and concept.lower() in prompt.lower()  # the images show the concept
+    if name.endswith("flux"):  # Flux-dev: distilled guidance, so CFG 1 everywhere
+        assert before["cfg"] == 1.0 and trained["cfg"] == 1.0
+        assert api[by_type["ComputeSaliency"][0]]["inputs"]["cfg"] == 1.0
+    size = 512 if name == "spare_erase_concept" else 1024
+    assert trained["width"] == trained["height"] == size
 
 
 def test_node_defaults_are_valid(info):
@@ -169,7 +197,7 @@ def test_ui_validation_catches_mistakes(ui, info):
 BAKE = "Bake into a checkpoint"
 
 
-def test_bake_group_holds_a_bypassed_checkpoint_save_of_the_patched_model(ui):
+def test_bake_group_holds_a_bypassed_checkpoint_save_of_the_patched_model(ui, name):
     """The optional group: the stock CheckpointSave fed by Apply's MODEL and the loader's CLIP and
     VAE, bypassed so that queueing the workflow writes no multi-GB file."""
     group = [g for g in ui["groups"] if g["title"].startswith(BAKE)]
@@ -184,21 +212,29 @@ def test_bake_group_holds_a_bypassed_checkpoint_save_of_the_patched_model(ui):
     nodes = {n["id"]: n for n in ui["nodes"]}
     links = {link[0]: link for link in ui["links"]}
     fed = {i["name"]: (nodes[links[i["link"]][1]]["type"], links[i["link"]][2]) for i in save["inputs"]}
-    assert fed == {"model": ("ApplyUnlearnAdapter", 0), "clip": ("CheckpointLoaderSimple", 1),
-                   "vae": ("CheckpointLoaderSimple", 2)}
+    assert fed == {**LOADERS[name], "model": ("ApplyUnlearnAdapter", 0)}
 
 
-def test_bake_node_enabled_queues_the_readme_api_entry(ui, api, info):
+def test_bake_node_enabled_queues_the_readme_api_entry(ui, api, info, name):
     """The API twin is what the frontend queues with the node bypassed; enabled, the frontend
-    queues the twin plus exactly the entry workflows/README.md tells headless users to add."""
+    queues the twin plus exactly the entry workflows/README.md tells headless users to add
+    (for the Flux file, with its CLIP and VAE loaders' ids in place of the checkpoint's)."""
     assert "CheckpointSave" not in {v["class_type"] for v in api.values()}
     enabled = copy.deepcopy(ui)
     for n in enabled["nodes"]:
         if n["type"] == "CheckpointSave":
             n["mode"] = 0
     twin = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    assert ui_to_api(enabled, info) == {**twin, **readme_bake_entry()}
-    assert validate_api_prompt({**api, **readme_bake_entry()}, info) == []
+    entry = copy.deepcopy(readme_bake_entry())
+    (save,) = entry.values()
+    ids = {cls: k for k, v in api.items() for cls in [v["class_type"]]}
+    for inp in ("clip", "vae"):
+        cls, slot = LOADERS[name][inp]
+        save["inputs"][inp] = [ids[cls], slot]
+    save["inputs"]["filename_prefix"] = next(
+        n["widgets_values"][0] for n in ui["nodes"] if n["type"] == "CheckpointSave")
+    assert ui_to_api(enabled, info) == {**twin, **entry}
+    assert validate_api_prompt({**api, **entry}, info) == []
 
 
 def test_bypassed_and_muted_nodes_are_queued_as_the_frontend_does(ui, info):
@@ -208,7 +244,8 @@ def test_bypassed_and_muted_nodes_are_queued_as_the_frontend_does(ui, info):
     after = next(n for n in ui["nodes"] if n["type"] == "KSampler"
                  and any(i["name"] == "model" and fed_by.get(i.get("link")) == apply_id
                          for i in n["inputs"]))
-    loader = next(n["id"] for n in ui["nodes"] if n["type"] == "CheckpointLoaderSimple")
+    loader = next(n["id"] for n in ui["nodes"]
+                  if n["type"] in ("CheckpointLoaderSimple", "UNETLoader"))
     for mode, model in ((BYPASSED, [str(loader), 0]), (MUTED, None)):
         changed = copy.deepcopy(ui)
         next(n for n in changed["nodes"] if n["id"] == apply_id)["mode"] = mode

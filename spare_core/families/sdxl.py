@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..conditioning import Context
-from ..denoiser import DiffusersDenoiser, v_to_eps_and_x0
+from ..denoiser import DiffusersDenoiser
 
 
 class SDXLDenoiser(DiffusersDenoiser):
@@ -43,15 +43,10 @@ class SDXLDenoiser(DiffusersDenoiser):
         ctx.extras["time_ids"] = self.time_ids.to(ctx.device).expand(ctx.shape[0], -1).clone()
         return ctx
 
-    def predict(self, x_t: Tensor, t: Tensor, context: Context) -> tuple[Tensor, Tensor | None]:
-        x = x_t.to(self.compute_dtype)
-        c = context.to(x.device, self.compute_dtype)
-        out = self.unet(x, t, encoder_hidden_states=c.seq,
-                        added_cond_kwargs={"text_embeds": c.field("pooled"),
-                                           "time_ids": c.field("time_ids")}).sample
-        if self.prediction_type == "v_prediction":
-            return v_to_eps_and_x0(out, x, self.alphas_cumprod, t)
-        return out, None
+    def _forward(self, x: Tensor, t: Tensor, context: Context) -> Tensor:
+        return self.unet(x, t, encoder_hidden_states=context.seq,
+                         added_cond_kwargs={"text_embeds": context.field("pooled"),
+                                            "time_ids": context.field("time_ids")}).sample
 
     @classmethod
     def from_pipeline(cls, pipe) -> "SDXLDenoiser":

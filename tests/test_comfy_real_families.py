@@ -1,0 +1,414 @@
+"""SDXL, SD3 and Flux MODELs through the pack inside a real ComfyUI: skipped unless
+``COMFYUI_ROOT`` points to a checkout (run it as tests/test_comfy_real.py, with ComfyUI's own
+Python)::
+
+    COMFYUI_ROOT=/work/comfy/ComfyUI /work/comfy/venv/bin/python -m pytest tests/test_comfy_real_families.py -s
+
+What it builds (random weights, from ComfyUI's own model classes, on the meta device first), in
+a temporary base directory, checked against ``comfy.model_detection`` before ComfyUI starts:
+
+- ``diffusion_models/tiny_sdxl.safetensors``: an SDXL-family UNet ComfyUI detects as KOALA_700M
+  (model class ``SDXL``: model_channels 320, context_dim 2048, adm_in_channels 2816 and
+  transformer_depth [0, 2, 5] are what detection matches; channel_mult [1, 1, 1], one ResBlock
+  per level, no middle block and output blocks without transformers keep it at 50 M parameters);
+- ``diffusion_models/tiny_sd3.safetensors``: an SD3 MMDiT of depth 2 (hidden 128: detection reads
+  the depth from ``x_embedder``), 16 latent channels, context 4096, pooled 2048;
+- ``diffusion_models/tiny_flux.safetensors``: a Flux-dev DiT with one double and one single block
+  (detection fixes hidden 3072, context 4096 and 24 heads: 549 M parameters), guidance embedding,
+  ``vec_in_dim`` 2048 (read from the weights);
+- ``text_encoders/tiny_clip_l.safetensors`` and ``tiny_clip_g.safetensors``: full-size random
+  CLIP-L (with its text projection, as ComfyUI's clip_l.safetensors) and CLIP-G (ComfyUI builds
+  both from fixed configs);
+- ``checkpoints/tiny_sdxl_ckpt.safetensors``: the tiny SDXL UNet, both CLIPs and a full-size
+  random SDXL KL VAE (4 latent channels; ComfyUI's VAE detection fixes its widths) in one file,
+  written by ComfyUI's own ``comfy.sd.save_checkpoint`` (what the stock CheckpointSave writes:
+  the layout of sd_xl_base_1.0, ``model.diffusion_model.``, ``conditioner.embedders.0/1.``,
+  ``first_stage_model.``), detected again as KOALA_700M;
+- ``vae/tiny_flux_ae.safetensors``: a full-size random Flux autoencoder (ae.safetensors' keys and
+  shapes: 16 latent channels, no quant convs; detection reads only the channels, the widths are
+  ComfyUI's fixed config), detected as a 16-channel AutoencodingEngine.
+
+Text encoders, all through stock loaders: SDXL gets DualCLIPLoader(type sdxl: CLIP-L + CLIP-G),
+as SDXL ships. SD3 gets CLIPLoader(type sd3) on CLIP-L alone, a combination ComfyUI supports
+(the sequence zero-padded to 4096, the pooled vector CLIP-L's + zeros for CLIP-G). Flux ships
+with CLIP-L + T5-XXL (DualCLIPLoader type flux), but T5-XXL is a fixed 4.7 B-parameter config, too
+large to build and run on a CPU test machine, so Flux gets the same SD3-type CLIP-L: a
+4096-wide sequence and a 2048-wide pooled vector, which the tiny Flux (vec_in_dim 2048) takes.
+
+For each family, through ComfyUI's HTTP/websocket API: ComputeSaliency -> SparseLoRAInit ->
+SelfDistillUnlearn -> SaveUnlearnAdapter; then the saved LoRA in the stock LoraLoaderModelOnly
+(no "lora key not loaded" in ComfyUI's log) samples, with the stock KSampler, the same latents as
+LoadUnlearnAdapter -> ApplyUnlearnAdapter, and different ones from the unpatched model.
+
+The shipped SDXL and Flux workflows (workflows/api/spare_erase_concept_{sdxl,flux}.api.json) are
+queued headless with their nodes, links and settings as shipped; TINY_RUN lists what the copy
+changes: file names, 64x64 px, step counts (KSampler 3; ComputeSaliency 2 samples of 2 steps, top
+8 modules; SelfDistillUnlearn 3 steps at lr 1e-2, batch 1, pools of 1 latent of 2 steps). SDXL:
+CheckpointLoaderSimple on tiny_sdxl_ckpt. Flux: UNETLoader on tiny_flux, VAELoader on
+tiny_flux_ae, and one substitution: the DualCLIPLoader(clip_l, t5xxl, type flux) node keeps its
+class but loads (tiny_clip_l, tiny_clip_g, type sd3): CLIP-L's and CLIP-G's sequences side by
+side, zero-padded to 4096 wide (where T5's 4096-wide sequence goes), and a 2048-wide pooled vector
+(CLIP-L's + CLIP-G's), which the tiny Flux (vec_in_dim 2048) takes; FluxGuidance, cfg 1 and the
+rest are as shipped. No smaller T5 can stand in under type flux:
+ComfyUI builds Flux's T5 from the fixed comfy/text_encoders/t5_config_xxl.json (d_model 4096, 24
+blocks, d_ff 10240, 4.76 B parameters) whatever the file holds: a narrower T5 file fails with
+"size mismatch", a shallower one loads with the other blocks reported "clip missing" and left
+uninitialised, and one T5-XXL encode (256 tokens, about 2.4 TFLOP) takes about half a minute on a
+CPU thread, with 9.5 GB of fp16 weights. The test asserts: the run succeeds with no "clip
+missing" or "lora key not loaded" in the log, the Before/After images and the saliency chart are
+written, the After image differs from the Before one, and the LoRA (``lora_unet_`` keys) and the
+native adapter (with the concept) are in models/loras.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from comfy_double import REPO, validate_api_prompt
+from test_comfy_real import node_of, running_comfy
+
+ROOT = os.environ.get("COMFYUI_ROOT")
+pytestmark = pytest.mark.skipif(
+    not ROOT, reason="COMFYUI_ROOT is not set: point it at a ComfyUI checkout and run this test "
+                     "with that ComfyUI's Python (see the module docstring)")
+
+BUILD = r'''
+import sys, os, time, torch
+from comfy.cli_args import args
+args.cpu = True
+import comfy.ops
+from safetensors.torch import save_file
+
+out = sys.argv[1]
+which = sys.argv[2].split(",")
+g = torch.Generator().manual_seed(0)
+def rand(key, shape):
+    if key.endswith("bias") or key.endswith(".b"):
+        return torch.zeros(shape)
+    if len(shape) == 1:
+        return torch.ones(shape)
+    fan_in = 1
+    for s in shape[1:]:
+        fan_in *= s
+    return torch.randn(shape, generator=g) / fan_in ** 0.5
+def save(module, path, dtype=torch.float16, prefix=""):
+    sd = {prefix + k: rand(k, v.shape).to(dtype) for k, v in module.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    return sd
+ops = comfy.ops.disable_weight_init
+os.makedirs(os.path.join(out, "diffusion_models"), exist_ok=True)
+os.makedirs(os.path.join(out, "text_encoders"), exist_ok=True)
+import comfy.model_detection as md
+def check(sd, want):
+    cfg = md.model_config_from_unet(sd, "")
+    name = type(cfg).__name__ if cfg is not None else None
+    assert name == want, (name, want)
+    print("detected", name, flush=True)
+t = time.time()
+if "clip_l" in which or "clip_g" in which:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+if "clip_l" in which:
+    with torch.device("meta"):
+        te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                          num_hidden_layers=12, num_attention_heads=12,
+                                          max_position_embeddings=77))
+    sd = {k: (torch.randn(v.shape, generator=g) * 0.02 if "embedding" in k else rand(k, v.shape)).half()
+          for k, v in te.state_dict().items()}
+    # transformers 5 names CLIPTextModel's tensors without "text_model."; ComfyUI reads them with
+    sd = {k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v
+          for k, v in sd.items()}
+    # clip_l.safetensors as ComfyUI's users have it carries the projection (unused by SDXL,
+    # SD3 and Flux, which take CLIP-L's unprojected pooled output)
+    sd["text_projection.weight"] = rand("text_projection.weight", (768, 768)).half()
+    save_file(sd, os.path.join(out, "text_encoders", "tiny_clip_l.safetensors"))
+if "clip_g" in which:
+    with torch.device("meta"):
+        te = CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+            num_attention_heads=20, max_position_embeddings=77, projection_dim=1280,
+            hidden_act="gelu"))
+    sd = {k: (torch.randn(v.shape, generator=g) * 0.02 if "embedding" in k else rand(k, v.shape)).half()
+          for k, v in te.state_dict().items()}
+    save_file(sd, os.path.join(out, "text_encoders", "tiny_clip_g.safetensors"))
+if "sdxl" in which:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320,
+                     num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 2, 5],
+                     transformer_depth_output=[0, 0, 0, 0, 0, 0], transformer_depth_middle=-2,
+                     context_dim=2048, num_heads=-1, num_head_channels=64,
+                     use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential",
+                     use_spatial_transformer=True, legacy=False, use_temporal_resblock=False,
+                     use_temporal_attention=False, dtype=torch.float32, device="meta", operations=ops)
+    sd = save(unet, os.path.join(out, "diffusion_models", "tiny_sdxl.safetensors"))
+    check(sd, "KOALA_700M")
+if "sd3" in which:
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
+    net = OpenAISignatureMMDITWrapper(
+        in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=2048,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+        pos_embed_max_size=16, num_patches=256, input_size=None, pos_embed_scaling_factor=None,
+        dtype=torch.float32, device="meta", operations=ops)
+    sd = save(net, os.path.join(out, "diffusion_models", "tiny_sd3.safetensors"))
+    check(sd, "SD3")
+if "flux" in which:
+    from comfy.ldm.flux.model import Flux
+    net = Flux(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=2048,
+               context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=1,
+               depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, qkv_bias=True,
+               guidance_embed=True, patch_size=2, dtype=torch.float32, device="meta", operations=ops)
+    sd = save(net, os.path.join(out, "diffusion_models", "tiny_flux.safetensors"))
+    check(sd, "Flux")
+VAE_CFG = {"double_z": True, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+           "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+if "sdxl_ckpt" in which:  # UNet, CLIP-L + CLIP-G, KL VAE in one file, as CheckpointSave writes it
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from safetensors.torch import load_file
+    with torch.device("meta"):
+        kl = AutoencoderKL(ddconfig={**VAE_CFG, "z_channels": 4}, embed_dim=4)
+    vae = comfy.sd.VAE(sd={k: rand(k, v.shape) for k, v in kl.state_dict().items()})
+    assert vae.latent_channels == 4 and type(vae.first_stage_model) is AutoencoderKL
+    unet = comfy.sd.load_diffusion_model_state_dict(
+        load_file(os.path.join(out, "diffusion_models", "tiny_sdxl.safetensors")))
+    clip = comfy.sd.load_text_encoder_state_dicts(
+        [load_file(os.path.join(out, "text_encoders", f))
+         for f in ("tiny_clip_l.safetensors", "tiny_clip_g.safetensors")])
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    path = os.path.join(out, "checkpoints", "tiny_sdxl_ckpt.safetensors")
+    comfy.sd.save_checkpoint(path, unet, clip, vae)
+    sd = load_file(path)
+    cfg = md.model_config_from_unet(sd, "model.diffusion_model.")
+    assert type(cfg).__name__ == "KOALA_700M", cfg
+    prefixes = sorted({".".join(k.split(".")[:3]) for k in sd if not k.startswith("model.")})
+    print("checkpoint", type(cfg).__name__, prefixes, flush=True)
+if "flux_ae" in which:  # Flux's 16-channel autoencoder (ae.safetensors): ComfyUI's fixed config
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    with torch.device("meta"):
+        ae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder",
+                            "params": {**VAE_CFG, "z_channels": 16}},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder",
+                            "params": {**VAE_CFG, "z_channels": 16}})
+    os.makedirs(os.path.join(out, "vae"), exist_ok=True)
+    sd = save(ae, os.path.join(out, "vae", "tiny_flux_ae.safetensors"))
+    vae = comfy.sd.VAE(sd=sd)
+    assert vae.latent_channels == 16 and type(vae.first_stage_model) is AutoencodingEngine
+    print("detected a 16-channel AutoencodingEngine VAE", flush=True)
+print(f"built {which} in {time.time() - t:.0f}s", flush=True)
+'''
+
+FAMILIES = {
+    # family: (UNet file, CLIP loader node and inputs, empty latent node)
+    "sdxl": ("tiny_sdxl.safetensors",
+             {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "tiny_clip_l.safetensors",
+                                                         "clip_name2": "tiny_clip_g.safetensors",
+                                                         "type": "sdxl"}},
+             "EmptyLatentImage"),
+    "sd3": ("tiny_sd3.safetensors",
+            {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny_clip_l.safetensors",
+                                                    "type": "sd3"}},
+            "EmptySD3LatentImage"),
+    "flux": ("tiny_flux.safetensors",
+             {"class_type": "CLIPLoader", "inputs": {"clip_name": "tiny_clip_l.safetensors",
+                                                     "type": "sd3"}},
+             "EmptySD3LatentImage"),
+}
+CONCEPT, SURROGATE = "a red circle", "a blue square"
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    pytest.importorskip("websocket", reason="needs websocket-client in ComfyUI's environment")
+    base = str(tmp_path_factory.mktemp("comfy_families"))
+    models = os.path.join(base, "models")
+    for sub in ("custom_nodes", "models/diffusion_models", "models/text_encoders", "models/loras",
+                "models/checkpoints", "models/vae"):
+        os.makedirs(os.path.join(base, sub), exist_ok=True)
+    os.symlink(REPO, os.path.join(base, "custom_nodes", "spare-unlearn"))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    t = time.time()
+    out = subprocess.run([sys.executable, "-c", BUILD, models, "sdxl,sd3,flux,clip_l,clip_g,sdxl_ckpt,flux_ae"],
+                         cwd=ROOT, env=env, timeout=900, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    print(f"\n{out.stdout.strip()} ({time.time() - t:.0f}s)")
+    with running_comfy(base) as server:
+        yield server
+
+
+def loaders(family: str) -> dict:
+    unet, clip, _ = FAMILIES[family]
+    return {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+            "2": json.loads(json.dumps(clip))}
+
+
+def sampled(prompt: dict, nid: str, model: list, family: str, tag: str) -> None:
+    """CLIPTextEncode(concept) -> KSampler (2 steps, cfg 1) on ``model`` -> SaveLatent."""
+    empty = FAMILIES[family][2]
+    prompt.setdefault("20", {"class_type": "CLIPTextEncode", "inputs": {"text": CONCEPT, "clip": ["2", 0]}})
+    prompt.setdefault("21", {"class_type": empty, "inputs": {"width": 64, "height": 64, "batch_size": 1}})
+    prompt[nid] = {"class_type": "KSampler", "inputs": {
+        "model": model, "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler",
+        "scheduler": "simple", "positive": ["20", 0], "negative": ["20", 0],
+        "latent_image": ["21", 0], "denoise": 1.0}}
+    prompt[nid + "0"] = {"class_type": "SaveLatent", "inputs": {
+        "samples": [nid, 0], "filename_prefix": f"cmp/{family}_{tag}"}}
+
+
+def latent(comfy, history: dict, nid: str):
+    from safetensors.torch import load_file
+    item = history["outputs"][nid]["latents"][0]
+    return load_file(comfy.output_file(item))["latent_tensor"]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_unlearns_and_its_lora_loads_in_the_stock_loader(comfy, family):
+    from safetensors.torch import load_file
+
+    run = loaders(family)
+    run["3"] = {"class_type": "ComputeSaliency", "inputs": {
+        "model": ["1", 0], "clip": ["2", 0], "concept": CONCEPT, "samples": 1, "top_k": 6,
+        "seed": 0, "width": 64, "height": 64, "sample_steps": 2, "cfg": 2.0}}
+    run["4"] = {"class_type": "SparseLoRAInit", "inputs": {
+        "model": ["1", 0], "saliency": ["3", 0], "rank": 2, "alpha": 2.0, "sparsity": 0.0, "seed": 0}}
+    run["5"] = {"class_type": "SelfDistillUnlearn", "inputs": {
+        "model": ["1", 0], "clip": ["2", 0], "adapter": ["4", 0], "concept": "",
+        "surrogate": SURROGATE, "preserve": "", "steps": 4, "lr": 2e-2,
+        "timestep_sampler": "uniform", "objective": "self_distill", "seed": 0, "batch_size": 1,
+        "width": 64, "height": 64, "pool_size": 1, "pool_steps": 2, "cfg": 2.0}}
+    run["6"] = {"class_type": "SaveUnlearnAdapter", "inputs": {
+        "adapter": ["5", 0], "filename_prefix": f"spare/{family}", "keep_native": True}}
+    t = time.time()
+    history, messages = comfy.run(run)
+    assert history.get("status", {}).get("status_str") == "success", json.dumps(
+        [m for m in messages if m["type"] == "execution_error"])[-4000:]
+    trained_in = time.time() - t
+    lora = history["outputs"]["6"]["text"][0]
+    assert lora == f"spare/{family}_00001_.safetensors"
+    keys = load_file(os.path.join(comfy.base, "models", "loras", lora)).keys()
+    assert keys and all(k.startswith("lora_unet_") for k in keys), sorted(keys)[:4]
+    losses = re.findall(r"SelfDistillUnlearn: 4 steps .* loss (\S+) -> (\S+)", comfy.log_text())
+    assert losses, comfy.log_text()[-3000:]
+
+    cmp = loaders(family)
+    cmp["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["1", 0], "lora_name": lora, "strength_model": 1.0}}
+    cmp["31"] = {"class_type": "LoadUnlearnAdapter",
+                 "inputs": {"adapter_name": lora.replace(".safetensors", ".spare.safetensors")}}
+    cmp["32"] = {"class_type": "ApplyUnlearnAdapter",
+                 "inputs": {"model": ["1", 0], "adapter": ["31", 0], "strength": 1.0}}
+    sampled(cmp, "40", ["30", 0], family, "lora")
+    sampled(cmp, "41", ["32", 0], family, "apply")
+    sampled(cmp, "42", ["1", 0], family, "base")
+    before = len(comfy.log_text())
+    h, messages = comfy.run(cmp)
+    assert h.get("status", {}).get("status_str") == "success", json.dumps(
+        [m for m in messages if m["type"] == "execution_error"])[-4000:]
+    via_lora, via_apply, base = (latent(comfy, h, n) for n in ("400", "410", "420"))
+    scale = float(base.abs().max())
+    diff = float((via_lora - via_apply).abs().max())
+    effect = float((via_apply - base).abs().max())
+    log = comfy.log_text()[before:]
+    print(f"\n{family}: trained in {trained_in:.0f}s, loss {losses[-1][0]} -> {losses[-1][1]}; "
+          f"LoRA {len(keys)} keys; LoraLoaderModelOnly vs ApplyUnlearnAdapter max |diff| "
+          f"{diff:.2e}, adapter effect {effect:.2e} (latent scale {scale:.2f})")
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    assert diff <= 1e-3 * max(scale, 1.0)
+    assert effect > 10 * max(diff, 1e-6)
+
+
+# ------------------------------------------------------------------ the shipped SDXL and Flux workflows
+SDXL_CKPT, FLUX_AE = "tiny_sdxl_ckpt.safetensors", "tiny_flux_ae.safetensors"
+TINY_RUN = {  # class_type: the inputs set in the copy of a shipped API prompt (files, sizes, steps)
+    "CheckpointLoaderSimple": {"ckpt_name": SDXL_CKPT},
+    "UNETLoader": {"unet_name": "tiny_flux.safetensors"},
+    "VAELoader": {"vae_name": FLUX_AE},
+    # the one substitution: the Flux workflow's DualCLIPLoader(clip_l, t5xxl, type flux) becomes
+    # DualCLIPLoader(clip_l, clip_g, type sd3), as the module docstring explains
+    "DualCLIPLoader": {"clip_name1": "tiny_clip_l.safetensors",
+                       "clip_name2": "tiny_clip_g.safetensors", "type": "sd3"},
+    "KSampler": {"steps": 3},
+    "ComputeSaliency": {"samples": 2, "top_k": 8, "sample_steps": 2},
+    "SelfDistillUnlearn": {"steps": 3, "lr": 1e-2, "batch_size": 1, "pool_size": 1,
+                           "pool_steps": 2},
+}
+
+
+def shipped_tiny(variant: str) -> tuple[dict, dict]:
+    """The shipped API workflow and the copy that runs here (TINY_RUN's inputs, 64x64 px)."""
+    with open(os.path.join(REPO, "workflows", "api", f"spare_erase_concept_{variant}.api.json")) as f:
+        shipped = json.load(f)
+    wf = json.loads(json.dumps(shipped))
+    for node in wf.values():
+        node["inputs"].update(TINY_RUN.get(node["class_type"], {}))
+        if "width" in node["inputs"]:
+            node["inputs"].update(width=64, height=64)
+    return shipped, wf
+
+
+@pytest.mark.parametrize("variant", ["sdxl", "flux"])
+def test_shipped_workflow_runs_headless(comfy, variant):
+    """workflows/api/spare_erase_concept_<variant>.api.json queued as shipped (its nodes, links
+    and settings; only the file names, sizes and step counts of TINY_RUN swapped): it writes the
+    before/after images, the saliency chart, the LoRA and the native adapter, and the after
+    image differs from the before one (same prompt, seed and sampler)."""
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    shipped, wf = shipped_tiny(variant)
+    assert list(wf) == list(shipped)
+    for nid, node in wf.items():  # the same graph: node classes, links, other settings
+        assert node["class_type"] == shipped[nid]["class_type"]
+        swapped = {*TINY_RUN.get(node["class_type"], {}), "width", "height"}
+        assert {k: v for k, v in node["inputs"].items() if k not in swapped} == {
+            k: v for k, v in shipped[nid]["inputs"].items() if k not in swapped}, nid
+    assert validate_api_prompt(wf, comfy.info) == []  # the tiny files are in the loaders' lists
+    before_log = len(comfy.log_text())
+    t = time.time()
+    history, messages = comfy.run(wf)
+    took = time.time() - t
+    errors = [m["data"] for m in messages if m["type"] == "execution_error"]
+    assert not errors and history["status"]["status_str"] == "success", json.dumps(errors)[-4000:]
+    log = comfy.log_text()[before_log:]
+    assert "clip missing" not in log and "lora key not loaded" not in log, log[-3000:]
+
+    outputs, images = history["outputs"], {}
+    for nid, out in outputs.items():
+        for item in out.get("images", []):
+            path = comfy.output_file(item)
+            assert os.path.isfile(path), path
+            images[wf[nid]["_meta"]["title"]] = np.asarray(Image.open(path).convert("RGB"))
+    assert set(images) == {"Before", "After", "Where the concept lives"}, sorted(images)
+    before, after = images["Before"].astype(int), images["After"].astype(int)
+    assert before.shape == after.shape == (64, 64, 3)
+    changed = float(np.abs(after - before).mean())
+    assert changed > 1.0, changed  # mean |difference| in 0..255 pixel values
+
+    save = node_of(wf, "SaveUnlearnAdapter")
+    lora = outputs[save]["text"][0]
+    assert lora == wf[save]["inputs"]["filename_prefix"] + "_00001_.safetensors"
+    loras = os.path.join(comfy.base, "models", "loras")
+    keys = load_file(os.path.join(loras, lora)).keys()
+    assert keys and all(k.startswith("lora_unet_") for k in keys), sorted(keys)[:4]
+    with safe_open(os.path.join(loras, lora.replace(".safetensors", ".spare.safetensors")), "pt") as f:
+        assert f.metadata()["concept"] == wf[node_of(wf, "ComputeSaliency")]["inputs"]["concept"]
+    progress = {}
+    for m in messages:
+        if m["type"] == "progress":
+            progress.setdefault(m["data"]["node"], []).append((m["data"]["value"], m["data"]["max"]))
+    for kind in ("ComputeSaliency", "SelfDistillUnlearn"):
+        updates = progress.get(node_of(wf, kind))
+        assert updates and updates[-1][0] == updates[-1][1], (kind, updates)
+    losses = re.findall(r"SelfDistillUnlearn: 3 steps .* loss (\S+) -> (\S+)", log)
+    print(f"\n{variant} workflow ran in {took:.0f}s: images {sorted(images)}; after vs before "
+          f"mean |pixel diff| {changed:.1f}/255; {lora} ({len(keys)} keys) + native; "
+          f"unlearning loss {' -> '.join(losses[-1]) if losses else '?'}")
