@@ -186,6 +186,19 @@ def comfy(tmp_path_factory):
         yield server
 
 
+def progress_by_node(messages: list, wf: dict) -> dict:
+    """``{node id: [(value, max), ...]}`` of the websocket's progress messages; asserts that the
+    saliency and training bars both reached their end."""
+    progress: dict = {}
+    for m in messages:
+        if m["type"] == "progress":
+            progress.setdefault(m["data"]["node"], []).append((m["data"]["value"], m["data"]["max"]))
+    for kind in ("ComputeSaliency", "SelfDistillUnlearn"):
+        updates = progress.get(node_of(wf, kind))
+        assert updates and updates[-1][0] == updates[-1][1], (kind, updates)
+    return progress
+
+
 @contextlib.contextmanager
 def running_comfy(base: str):
     """A ComfyUI server (this checkout's ``main.py``, CPU) on a free port over ``base`` (its
@@ -345,13 +358,7 @@ def test_workflow_runs_and_writes_its_outputs(comfy, erased):
     from safetensors import safe_open
     with safe_open(native, "pt") as f:  # concept typed once, in ComputeSaliency
         assert f.metadata()["concept"] == wf[node_of(wf, "ComputeSaliency")]["inputs"]["concept"]
-    progress = {}
-    for m in messages:
-        if m["type"] == "progress":
-            progress.setdefault(m["data"]["node"], []).append((m["data"]["value"], m["data"]["max"]))
-    for kind in ("ComputeSaliency", "SelfDistillUnlearn"):
-        updates = progress.get(node_of(wf, kind))
-        assert updates and updates[-1][0] == updates[-1][1], (kind, updates)
+    progress = progress_by_node(messages, wf)
     print(f"outputs: {sorted(images)}, {lora}; progress updates: "
           f"{ {wf[k]['class_type']: len(v) for k, v in progress.items()} }")
 

@@ -71,7 +71,7 @@ import time
 import pytest
 
 from comfy_double import REPO, validate_api_prompt
-from test_comfy_real import node_of, running_comfy
+from test_comfy_real import node_of, progress_by_node, running_comfy
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(
@@ -324,6 +324,147 @@ def test_family_unlearns_and_its_lora_loads_in_the_stock_loader(comfy, family):
     assert effect > 10 * max(diff, 1e-6)
 
 
+# ------------------------------------------------------------------ diffusers-named adapters
+KEYMAP = r"""
+import sys, json
+from comfy.cli_args import args
+args.cpu = True
+import comfy.utils, comfy.model_detection as md
+from safetensors import safe_open
+
+path, family = sys.argv[1], sys.argv[2]
+with safe_open(path, "pt") as f:
+    shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+cfg = md.model_config_from_unet(comfy.utils.load_torch_file(path), "").unet_config
+keymap = {"sdxl": lambda: comfy.utils.unet_to_diffusers(cfg),
+          "sd3": lambda: comfy.utils.mmdit_to_diffusers(cfg),
+          "flux": lambda: comfy.utils.flux_to_diffusers(cfg)}[family]()
+out = {}
+for name, to in keymap.items():
+    if not name.endswith(".weight"):
+        continue
+    if isinstance(to, str):
+        key, shape = to, shapes.get(to)
+    elif len(to) == 2 and to[1] is not None:  # (fused weight, (dim, offset, size)): a slice of it
+        key, (dim, _, size) = to[0], to[1]
+        shape = shapes.get(key) and [size if i == dim else s for i, s in enumerate(shapes[key])]
+    else:
+        continue  # converted on load (SD3's last norm1_context: scale and shift swapped)
+    if shape and len(shape) in (2, 4):
+        out[name[:-len(".weight")]] = {"comfy": key, "shape": shape, "slice": not isinstance(to, str)}
+print(json.dumps(out))
+"""
+
+DIFFUSERS_MODULES = {
+    # family: (dense LoRA modules, the masked full-delta module), diffusers names: SDXL's
+    # cross-attention to_k (context 2048 wide), a self-attention projection, a linear proj_in and
+    # a 3x3 conv; SD3's and Flux's q/k/v (and Flux's proj_mlp) are slices of ComfyUI's fused qkv /
+    # linear1 weights, and so is the masked one (a ``.diff`` written onto a slice)
+    "sdxl": (["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+              "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+              "down_blocks.2.attentions.0.proj_in", "down_blocks.1.resnets.0.conv1"],
+             "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"),
+    "sd3": (["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+             "transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.ff.net.0.proj"],
+            "transformer_blocks.0.attn.to_v"),
+    "flux": (["transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+              "single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.ff.net.2"],
+             "transformer_blocks.0.attn.add_v_proj"),
+}
+
+
+def diffusers_names(comfy, family: str) -> dict:
+    """The tiny model's diffusers module names -> ComfyUI weight, shape (of the slice, for a
+    fused weight), from ComfyUI's own key maps (unet_to_diffusers / mmdit_to_diffusers /
+    flux_to_diffusers, what comfy.lora.model_lora_keys_unet reads)."""
+    path = os.path.join(comfy.base, "models", "diffusion_models", FAMILIES[family][0])
+    out = subprocess.run([sys.executable, "-c", KEYMAP, path, family], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=300,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_diffusers_named_adapter_lora_loads_in_the_stock_loader(comfy, family):
+    """An adapter with diffusers module names (what the diffusers backend trains), exported by
+    spare_core.export.to_comfy_lora (``lora_unet_`` for the SDXL UNet, ``lora_transformer_`` for
+    the SD3 / Flux transformers): every key loads in the stock LoraLoaderModelOnly (no "lora key
+    not loaded", no shape mismatch), fused-weight slices and ``.diff`` included, and the sampled
+    latents change."""
+    import torch
+    from safetensors.torch import save_file
+
+    from spare_core.adapter import LoRADelta, MaskedFullDelta, UnlearnAdapter
+    from spare_core.export import to_comfy_lora
+
+    names = diffusers_names(comfy, family)
+    dense, masked = DIFFUSERS_MODULES[family]
+    assert set(dense) | {masked} <= set(names), sorted(set(dense) | {masked} - set(names))
+    if family != "sdxl":  # at least one attention projection that is a slice of a fused weight
+        assert names[dense[0]]["slice"] and names[masked]["slice"]
+    g = torch.Generator().manual_seed(0)
+    deltas = {}
+    for n in dense:
+        shape = tuple(names[n]["shape"])
+        d = LoRADelta(shape, 2, 2.0, generator=g)
+        with torch.no_grad():
+            d.lora_B.copy_(torch.randn(d.lora_B.shape, generator=g) * 0.5)
+        deltas[n] = d
+    shape = tuple(names[masked]["shape"])
+    d = MaskedFullDelta(shape, torch.rand(shape, generator=g) < 0.5)
+    with torch.no_grad():
+        d.values.copy_(torch.randn(d.values.shape, generator=g) * 0.05)
+    deltas[masked] = d
+    adapter = UnlearnAdapter(deltas)
+
+    sd = to_comfy_lora(adapter)
+    prefix = "lora_unet_" if family == "sdxl" else "lora_transformer_"
+    assert all(k.startswith(prefix) for k in sd), sorted(sd)[:4]
+    key = prefix + masked.replace(".", "_")
+    assert f"{key}.diff" in sd and tuple(sd[f"{key}.diff"].shape) == shape
+    assert len(sd) == 3 * len(dense) + 1
+    lora = f"diffusers_named_{family}.safetensors"
+    save_file(sd, os.path.join(comfy.base, "models", "loras", lora))
+
+    cmp = loaders(family)
+    cmp["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["1", 0], "lora_name": lora, "strength_model": 1.0}}
+    sampled(cmp, "43", ["30", 0], family, "diffusers_lora")
+    sampled(cmp, "42", ["1", 0], family, "base")
+    before = len(comfy.log_text())
+    t = time.time()
+    h, messages = comfy.run(cmp)
+    assert h.get("status", {}).get("status_str") == "success", json.dumps(
+        [m for m in messages if m["type"] == "execution_error"])[-4000:]
+    took = time.time() - t
+    log = comfy.log_text()[before:]
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log, log[-3000:]
+    assert "SHAPE MISMATCH" not in log and "NOT MERGED" not in log, log[-3000:]
+    via_lora, base = (latent(comfy, h, n) for n in ("430", "420"))
+    scale = float(base.abs().max())
+    effect = float((via_lora - base).abs().max())
+    print(f"\n{family}: {len(sd)} keys {prefix}* ({len(dense)} LoRA + 1 .diff; "
+          f"{sum(names[n]['slice'] for n in deltas)} on fused-weight slices) loaded by "
+          f"LoraLoaderModelOnly; sampled in {took:.0f}s; effect max |diff| {effect:.2e} "
+          f"(latent scale {scale:.2f})")
+    assert effect > 1e-2 * max(scale, 1.0), (effect, scale)
+
+    # the check has teeth: the same adapter under the other prefix is reported key by key
+    wrong = "lora_transformer_" if family == "sdxl" else "lora_unet_"
+    save_file(to_comfy_lora(adapter, prefix=wrong),
+              os.path.join(comfy.base, "models", "loras", f"wrong_prefix_{family}.safetensors"))
+    neg = loaders(family)
+    neg["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+        "model": ["1", 0], "lora_name": f"wrong_prefix_{family}.safetensors", "strength_model": 1.0}}
+    sampled(neg, "44", ["30", 0], family, "wrong_prefix")
+    before = len(comfy.log_text())
+    h, _ = comfy.run(neg)
+    assert h.get("status", {}).get("status_str") == "success"
+    missed = set(re.findall(r"lora key not loaded: (\S+)", comfy.log_text()[before:]))
+    assert missed == {wrong + k[len(prefix):] for k in sd}, sorted(missed)[:6]
+
+
 # ------------------------------------------------------------------ the shipped SDXL and Flux workflows
 SDXL_CKPT, FLUX_AE = "tiny_sdxl_ckpt.safetensors", "tiny_flux_ae.safetensors"
 TINY_RUN = {  # class_type: the inputs set in the copy of a shipped API prompt (files, sizes, steps)
@@ -401,13 +542,7 @@ def test_shipped_workflow_runs_headless(comfy, variant):
     assert keys and all(k.startswith("lora_unet_") for k in keys), sorted(keys)[:4]
     with safe_open(os.path.join(loras, lora.replace(".safetensors", ".spare.safetensors")), "pt") as f:
         assert f.metadata()["concept"] == wf[node_of(wf, "ComputeSaliency")]["inputs"]["concept"]
-    progress = {}
-    for m in messages:
-        if m["type"] == "progress":
-            progress.setdefault(m["data"]["node"], []).append((m["data"]["value"], m["data"]["max"]))
-    for kind in ("ComputeSaliency", "SelfDistillUnlearn"):
-        updates = progress.get(node_of(wf, kind))
-        assert updates and updates[-1][0] == updates[-1][1], (kind, updates)
+    progress_by_node(messages, wf)
     losses = re.findall(r"SelfDistillUnlearn: 3 steps .* loss (\S+) -> (\S+)", log)
     print(f"\n{variant} workflow ran in {took:.0f}s: images {sorted(images)}; after vs before "
           f"mean |pixel diff| {changed:.1f}/255; {lora} ({len(keys)} keys) + native; "
