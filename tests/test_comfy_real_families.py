@@ -40,6 +40,15 @@ SelfDistillUnlearn -> SaveUnlearnAdapter; then the saved LoRA in the stock LoraL
 (no "lora key not loaded" in ComfyUI's log) samples, with the stock KSampler, the same latents as
 LoadUnlearnAdapter -> ApplyUnlearnAdapter, and different ones from the unpatched model.
 
+For each family also an adapter with diffusers module names (what the diffusers backend trains),
+the names and shapes read from ComfyUI's own key maps for the tiny model (``unet_to_diffusers``,
+``mmdit_to_diffusers``, ``flux_to_diffusers``; SD3's and Flux's q/k/v and proj_mlp are slices of
+fused weights), four random LoRAs and one masked full delta, exported by
+``spare_core.export.to_comfy_lora`` (``lora_unet_`` for SDXL, ``lora_transformer_`` for SD3 and
+Flux; ``.diff`` for the masked one): every key loads in the stock LoraLoaderModelOnly and the
+latents change; the same adapter under the other prefix is reported "lora key not loaded" key by
+key.
+
 The shipped SDXL and Flux workflows (workflows/api/spare_erase_concept_{sdxl,flux}.api.json) are
 queued headless with their nodes, links and settings as shipped; TINY_RUN lists what the copy
 changes: file names, 64x64 px, step counts (KSampler 3; ComputeSaliency 2 samples of 2 steps, top
@@ -351,7 +360,8 @@ for name, to in keymap.items():
     else:
         continue  # converted on load (SD3's last norm1_context: scale and shift swapped)
     if shape and len(shape) in (2, 4):
-        out[name[:-len(".weight")]] = {"comfy": key, "shape": shape, "slice": not isinstance(to, str)}
+        out[name[:-len(".weight")]] = {"comfy": key, "shape": shape,
+                                       "slice": not isinstance(to, str)}
 print(json.dumps(out))
 """
 
@@ -456,7 +466,8 @@ def test_diffusers_named_adapter_lora_loads_in_the_stock_loader(comfy, family):
               os.path.join(comfy.base, "models", "loras", f"wrong_prefix_{family}.safetensors"))
     neg = loaders(family)
     neg["30"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-        "model": ["1", 0], "lora_name": f"wrong_prefix_{family}.safetensors", "strength_model": 1.0}}
+        "model": ["1", 0], "lora_name": f"wrong_prefix_{family}.safetensors",
+        "strength_model": 1.0}}
     sampled(neg, "44", ["30", 0], family, "wrong_prefix")
     before = len(comfy.log_text())
     h, _ = comfy.run(neg)
