@@ -260,7 +260,9 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
         sd = to_comfy_lora(res.adapter) if a.format == "comfy" else to_diffusers_lora(res.adapter)
         atomic_save_safetensors(sd, a.out, meta)
     print(f"wrote {a.out}: {a.method}, {res.history['trainable_params']} trainable parameters, "
-          f"{res.history['seconds']:.1f} s, final loss {res.history['loss'][-1]:.4g}")
+          f"{res.history['seconds']:.1f} s"
+          + (f", final loss {res.history['loss'][-1]:.4g}" if res.history["loss"] else
+             " (closed form)"))
     if a.grid:
         with PhaseBars() as bars:
             _write_grid(a, den, vae, clip, res.adapter, prompts, bars)

@@ -8,7 +8,7 @@ import os
 import re
 
 # the engine's method names (spare_core.methods.METHODS; tests/test_cli.py checks they agree)
-CONCEPT_METHODS = ("spare", "salun", "esd", "esd_u")
+CONCEPT_METHODS = ("spare", "salun", "esd", "esd_u", "uce")
 DATA_METHODS = ("siss", "neggrad", "erasediff", "naive_deletion")
 EMBEDDED_NAMES = ("digits", "digits-dit")
 """``--model`` of demo and bench (== spare_core.digits.metrics.EMBEDDED_MODELS, checked by tests)."""

@@ -10,6 +10,7 @@ spare             concept  sparse LoRA on salient modules              ``self_di
 salun             concept  saliency mask, top 50% of elements (full)   ``salun_rl``
 esd               concept  ESD-x: cross-attention (full)               ``esd``
 esd_u             concept  ESD-u: all but cross-attn/out/time (full)   ``esd``
+uce               concept  cross-attention to_k/to_v (full)            closed form, no steps
 siss              data     every Linear/Conv2d weight (full)           ``siss``
 neggrad           data     every Linear/Conv2d weight (full)           ``neggrad``
 erasediff         data     every Linear/Conv2d weight (full)           ``erasediff``
@@ -64,9 +65,10 @@ class MethodSpec:
     default_lr: float | None = None
     reference: str = ""
 
-    def lr_for(self, steps: int) -> float:
+    def lr_for(self, steps: int) -> float | None:
+        """The default learning rate at ``steps`` (None for a closed-form method: UCE)."""
         if self.paper_lr is None:
-            return float(self.default_lr)
+            return None if self.default_lr is None else float(self.default_lr)
         return self.paper_lr * self.paper_steps / steps
 
 
@@ -95,6 +97,11 @@ METHODS: dict[str, MethodSpec] = {
         paper_lr=1e-5, paper_steps=1000,
         reference="ESD train-esd.py: --train_method noxattn, negative_guidance 1, lr 1e-5, "
                   "1000 iterations"),
+    "uce": MethodSpec(
+        "concept", "", {"erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5},
+        reference="UCE (Gandikota et al., WACV 2024): closed-form edit of cross-attention "
+                  "to_k/to_v, erase -> guide, preserve list; scales are the engine's defaults "
+                  "(spare_core.uce)"),
     "siss": MethodSpec(
         "data", "siss", {"lambda_": 0.5, "forget_scale": 0.1, "normalize": "relative", **_PARAM},
         paper_lr=5e-5, paper_steps=300,
@@ -209,6 +216,8 @@ def run_method(name: str, denoiser: Denoiser, *,
         raise ValueError(f"{name} does not take {unknown}; its options are "
                          f"{sorted(spec.hparams)}")
     hp = {**spec.hparams, **hparams}
+    if name == "uce":  # closed form: no training loop, steps and learning rate do not apply
+        return _run_uce(denoiser, concept, surrogate, preserve, forget, keep, hp)
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     lr = spec.lr_for(steps) if lr is None else lr
@@ -238,6 +247,41 @@ def run_method(name: str, denoiser: Denoiser, *,
                          f"the concept methods {list(CONCEPT_METHODS)}")
     return _run_data(name, spec, denoiser, forget, keep, forget_prompts, keep_prompts, encode,
                      config, hp, progress, should_stop, phase_progress)
+
+
+def _run_uce(denoiser, concept, surrogate, preserve, forget, keep, hp) -> UnlearnResult:
+    """UCE's edit as an UnlearnResult: ``concept`` may hold several concepts, one per line, each
+    with the guide on the same line of ``surrogate`` (or one guide for all)."""
+    import time
+
+    from .uce import uce_edit
+
+    if forget is not None or keep is not None:
+        raise ValueError("uce forgets concept prompts; forget/keep image sets are for the data "
+                         f"methods {list(DATA_METHODS)}")
+    if concept is None:
+        raise ValueError("uce needs concept= (one concept per line for several)")
+    pairs = concept_pairs(concept, surrogate)
+    t0 = time.perf_counter()
+    adapter = uce_edit(denoiser, pairs, list(preserve), erase_scale=hp["erase_scale"],
+                       preserve_scale=hp["preserve_scale"], lamb=hp["lamb"])
+    history = {"method": "uce", "loss": [], "terms": [], "seconds": time.perf_counter() - t0,
+               "trainable_params": adapter.num_trainable(), "lr": None, "ignored": []}
+    return UnlearnResult(adapter, history)
+
+
+def concept_pairs(concept: str, surrogate: str) -> list[tuple[str, str]]:
+    """``(concept, guide)`` pairs from one concept per line and either one guide per line or a
+    single guide for all (blank lines ignored); ValueError when the counts disagree."""
+    concepts = [c.strip() for c in str(concept).splitlines() if c.strip()]
+    guides = [g.strip() for g in str(surrogate).splitlines()] or [""]
+    guides = [g for g in guides if g] or [""]
+    if len(guides) == 1:
+        guides = guides * len(concepts)
+    if len(guides) != len(concepts):
+        raise ValueError(f"{len(concepts)} concepts but {len(guides)} guides: give one guide per "
+                         "concept line, or a single guide for all")
+    return list(zip(concepts, guides))
 
 
 def _objective(name: str, hp: dict):

@@ -246,7 +246,7 @@ def test_cli_method_names_match_the_engine():
     assert cli_args.CONCEPT_METHODS == CONCEPT_METHODS and cli_args.DATA_METHODS == DATA_METHODS
 
 
-@pytest.mark.parametrize("method", ["salun", "esd"])
+@pytest.mark.parametrize("method", ["salun", "esd", "uce"])
 def test_unlearn_runs_other_concept_methods(pipe_dir, tmp_path, method):
     out = str(tmp_path / f"{method}.safetensors")
     assert main(_args(pipe_dir, out, "--method", method)) == 0
@@ -255,6 +255,8 @@ def test_unlearn_runs_other_concept_methods(pipe_dir, tmp_path, method):
     assert ad.meta["method"] == method
     if method == "esd":  # ESD-x: only cross-attention (attn2) weights are trained
         assert ad.names and all(".attn2." in n for n in ad.names)
+    if method == "uce":  # closed form on the cross-attention keys and values
+        assert ad.names and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in ad.names)
 
 
 def _image_folder(path, n: int, seed: int) -> str:
