@@ -13,6 +13,7 @@ from .adapter_nodes import ApplyUnlearnAdapter, SparseLoRAInit
 from .data_unlearn_node import DataUnlearn
 from .file_nodes import LoadUnlearnAdapter, SaveUnlearnAdapter
 from .saliency_nodes import ComputeSaliency, SaliencyPreview
+from .uce_node import UCEErase
 from .unlearn_node import SelfDistillUnlearn
 
 NODE_CLASS_MAPPINGS = {
@@ -21,6 +22,7 @@ NODE_CLASS_MAPPINGS = {
     "SparseLoRAInit": SparseLoRAInit,
     "SelfDistillUnlearn": SelfDistillUnlearn,
     "DataUnlearn": DataUnlearn,
+    "UCEErase": UCEErase,
     "ApplyUnlearnAdapter": ApplyUnlearnAdapter,
     "SaveUnlearnAdapter": SaveUnlearnAdapter,
     "LoadUnlearnAdapter": LoadUnlearnAdapter,
@@ -32,6 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SparseLoRAInit": "SPARE Sparse LoRA Init",
     "SelfDistillUnlearn": "SPARE Self-Distill Unlearn",
     "DataUnlearn": "SPARE Data Unlearn (SISS)",
+    "UCEErase": "SPARE UCE Erase (closed form)",
     "ApplyUnlearnAdapter": "SPARE Apply Unlearn Adapter",
     "SaveUnlearnAdapter": "SPARE Save Unlearn Adapter",
     "LoadUnlearnAdapter": "SPARE Load Unlearn Adapter",

@@ -59,7 +59,8 @@ pytestmark = pytest.mark.skipif(
 
 CKPT = "tiny_sd15.safetensors"
 OURS = ("ComputeSaliency", "SaliencyPreview", "SparseLoRAInit", "SelfDistillUnlearn",
-        "DataUnlearn", "ApplyUnlearnAdapter", "SaveUnlearnAdapter", "LoadUnlearnAdapter")
+        "DataUnlearn", "UCEErase", "ApplyUnlearnAdapter", "SaveUnlearnAdapter",
+        "LoadUnlearnAdapter")
 
 BUILD = r'''
 import sys, torch
@@ -422,6 +423,49 @@ def test_saved_lora_in_stock_loraloader_matches_apply(comfy, erased, kind):
     log = comfy.log_text()
     assert "lora key not loaded" not in log and "NOT LOADED" not in log
     comfy.base_latent = base
+
+
+def test_uce_erase_saves_a_lora_the_stock_loader_applies_as_apply_does(comfy, erased):
+    """UCEErase (closed form) -> SaveUnlearnAdapter; the saved LoRA in the stock LoraLoader
+    samples what ApplyUnlearnAdapter does, with no unloaded keys, and differs from the base."""
+    from safetensors.torch import load_file
+
+    wf, _, _ = erased
+    ck, empty = node_of(wf, "CheckpointLoaderSimple"), node_of(wf, "EmptyLatentImage")
+    run = keep(wf, [ck, "2", "3", empty])
+    run["50"] = {"class_type": "UCEErase", "inputs": {
+        "model": [ck, 0], "clip": [ck, 1], "concepts": "Van Gogh style\nClaude Monet style",
+        "guides": "a painting", "preserve": "a photo of a cat", "preserve_scale": 1.0,
+        "lamb": 0.5}}
+    run["51"] = {"class_type": "SaveUnlearnAdapter", "inputs": {
+        "adapter": ["50", 0], "filename_prefix": "spare/test_uce", "keep_native": True}}
+    h, messages = comfy.run(run)
+    assert h["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    lora = h["outputs"]["51"]["text"][0]
+    keys = load_file(os.path.join(comfy.base, "models", "loras", lora)).keys()
+    assert keys and all(k.endswith(".diff") and "attn2_to_" in k for k in keys)
+    cmp = keep(wf, [ck, "2", "3", empty])
+    cmp["30"] = {"class_type": "LoraLoader", "inputs": {
+        "model": [ck, 0], "clip": [ck, 1], "lora_name": lora, "strength_model": 1.0,
+        "strength_clip": 1.0}}
+    cmp["31"] = {"class_type": "LoadUnlearnAdapter",
+                 "inputs": {"adapter_name": lora.replace(".safetensors", ".spare.safetensors")}}
+    cmp["32"] = {"class_type": "ApplyUnlearnAdapter",
+                 "inputs": {"model": [ck, 0], "adapter": ["31", 0], "strength": 1.0}}
+    sample_branch(cmp, "40", ["30", 0], "uce_lora")
+    sample_branch(cmp, "41", ["32", 0], "uce_apply")
+    sample_branch(cmp, "42", [ck, 0], "uce_base")
+    h, messages = comfy.run(cmp)
+    assert h["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    via_lora, via_apply, base = (_latent(comfy, h, n) for n in ("400", "410", "420"))
+    scale = float(base.abs().max())
+    diff = float((via_lora - via_apply).abs().max())
+    effect = float((via_apply - base).abs().max())
+    print(f"UCE LoRA ({len(keys)} keys): LoraLoader vs Apply max |diff| {diff:.2e}; effect "
+          f"{effect:.2e} (latent scale {scale:.2f})")
+    assert diff <= 1e-4 * max(scale, 1.0) and effect > 100 * max(diff, 1e-6)
+    log = comfy.log_text()
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log
 
 
 def test_interrupt_leaves_no_file_and_the_model_unchanged(comfy, erased):

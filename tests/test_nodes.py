@@ -578,3 +578,28 @@ def test_esd_objective_skips_the_preserve_pools_and_says_the_surrogate_is_unused
     assert host.progress[-1] == (5, 5)  # one 3-step concept pool + 2 steps: no preserve pools
     assert "ignores the surrogate" in caplog.text and "not sampled" in caplog.text
     assert ad.meta["surrogate"] == "" and ad.meta["objective"] == "esd"
+
+
+def test_uce_erase_node_moves_the_concept_to_its_guide(env):
+    """UCEErase: closed form, no training; the patched model reads the concept as the guide,
+    the input MODEL is untouched, and the adapter saves as a LoRA the loader applies exactly."""
+    from spare_core.export import to_comfy_lora
+
+    host, model, nodes = env["host"], env["model"], env["nodes"]
+    x, t, c_concept = probe(env, CONCEPT)
+    _, _, c_guide = probe(env, SURROGATE)
+    base, guide = host.eps(model, x, t, c_concept), host.eps(model, x, t, c_guide)
+    (ad,) = host.run(nodes["UCEErase"], model=model, clip=env["clip"],
+                     concepts=f"{CONCEPT}\n\n# a note", guides=SURROGATE,
+                     preserve="a green line\na yellow dot", preserve_scale=1.0, lamb=0.5)
+    assert ad.names and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in ad.names)
+    assert ad.meta["method"] == "uce" and ad.meta["base_model_fingerprint"]
+    (erased,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=ad, strength=1.0)
+    after = host.eps(erased, x, t, c_concept)
+    assert (after - guide).norm() < 0.4 * (base - guide).norm()
+    assert torch.equal(host.eps(model, x, t, c_concept), base) and model.patches == {}
+    lora = host.load_lora(model, to_comfy_lora(ad))
+    torch.testing.assert_close(host.eps(lora, x, t, c_concept), after, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="2 concepts but 3 guides"):
+        host.run(nodes["UCEErase"], model=model, clip=env["clip"], concepts="a\nb",
+                 guides="x\ny\nz", preserve="", preserve_scale=1.0, lamb=0.5)
