@@ -397,18 +397,29 @@ def test_saved_lora_in_stock_loraloader_matches_apply(comfy, erased, kind):
         lora = masked_adapter(comfy)
     keys = load_file(os.path.join(comfy.base, "models", "loras", lora)).keys()
     assert all(k.endswith(".diff") for k in keys) == (kind == "element-masked")
+    diff, effect, scale, base = lora_vs_apply(comfy, wf, lora, 0.8, kind)
+    print(f"{kind} LoRA ({len(keys)} keys): LoraLoader vs ApplyUnlearnAdapter max |diff| "
+          f"{diff:.2e}; adapter effect {effect:.2e} (latent scale {scale:.2f})")
+    comfy.base_latent = base
+
+
+def lora_vs_apply(comfy, wf: dict, lora: str, strength: float, tag: str):
+    """Sample the workflow's prompt on the stock LoraLoader with ``lora``, on
+    ApplyUnlearnAdapter with its native twin, and on the base model (same seed); assert the two
+    patched runs agree, differ from the base and leave no unloaded LoRA key. Returns
+    ``(max |lora - apply|, max |apply - base|, latent scale, base latent)``."""
     ck, empty = node_of(wf, "CheckpointLoaderSimple"), node_of(wf, "EmptyLatentImage")
     cmp = keep(wf, [ck, "2", "3", empty])
     cmp["30"] = {"class_type": "LoraLoader", "inputs": {
-        "model": [ck, 0], "clip": [ck, 1], "lora_name": lora, "strength_model": 0.8,
+        "model": [ck, 0], "clip": [ck, 1], "lora_name": lora, "strength_model": strength,
         "strength_clip": 1.0}}
     cmp["31"] = {"class_type": "LoadUnlearnAdapter",
                  "inputs": {"adapter_name": lora.replace(".safetensors", ".spare.safetensors")}}
     cmp["32"] = {"class_type": "ApplyUnlearnAdapter",
-                 "inputs": {"model": [ck, 0], "adapter": ["31", 0], "strength": 0.8}}
-    sample_branch(cmp, "40", ["30", 0], "lora")
-    sample_branch(cmp, "41", ["32", 0], "apply")
-    sample_branch(cmp, "42", [ck, 0], "base")
+                 "inputs": {"model": [ck, 0], "adapter": ["31", 0], "strength": strength}}
+    sample_branch(cmp, "40", ["30", 0], f"{tag}_lora")
+    sample_branch(cmp, "41", ["32", 0], f"{tag}_apply")
+    sample_branch(cmp, "42", [ck, 0], f"{tag}_base")
     assert validate_api_prompt(cmp, comfy.get("/object_info")) == []  # lists the new LoRA
     h, messages = comfy.run(cmp)
     assert h["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
@@ -416,13 +427,11 @@ def test_saved_lora_in_stock_loraloader_matches_apply(comfy, erased, kind):
     scale = float(base.abs().max())
     diff = float((via_lora - via_apply).abs().max())
     effect = float((via_apply - base).abs().max())
-    print(f"{kind} LoRA ({len(keys)} keys): LoraLoader vs ApplyUnlearnAdapter max |diff| "
-          f"{diff:.2e}; adapter effect {effect:.2e} (latent scale {scale:.2f})")
     assert diff <= 1e-4 * max(scale, 1.0)
     assert effect > 100 * max(diff, 1e-6)
     log = comfy.log_text()
     assert "lora key not loaded" not in log and "NOT LOADED" not in log
-    comfy.base_latent = base
+    return diff, effect, scale, base
 
 
 def test_uce_erase_saves_a_lora_the_stock_loader_applies_as_apply_does(comfy, erased):
@@ -444,28 +453,9 @@ def test_uce_erase_saves_a_lora_the_stock_loader_applies_as_apply_does(comfy, er
     lora = h["outputs"]["51"]["text"][0]
     keys = load_file(os.path.join(comfy.base, "models", "loras", lora)).keys()
     assert keys and all(k.endswith(".diff") and "attn2_to_" in k for k in keys)
-    cmp = keep(wf, [ck, "2", "3", empty])
-    cmp["30"] = {"class_type": "LoraLoader", "inputs": {
-        "model": [ck, 0], "clip": [ck, 1], "lora_name": lora, "strength_model": 1.0,
-        "strength_clip": 1.0}}
-    cmp["31"] = {"class_type": "LoadUnlearnAdapter",
-                 "inputs": {"adapter_name": lora.replace(".safetensors", ".spare.safetensors")}}
-    cmp["32"] = {"class_type": "ApplyUnlearnAdapter",
-                 "inputs": {"model": [ck, 0], "adapter": ["31", 0], "strength": 1.0}}
-    sample_branch(cmp, "40", ["30", 0], "uce_lora")
-    sample_branch(cmp, "41", ["32", 0], "uce_apply")
-    sample_branch(cmp, "42", [ck, 0], "uce_base")
-    h, messages = comfy.run(cmp)
-    assert h["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
-    via_lora, via_apply, base = (_latent(comfy, h, n) for n in ("400", "410", "420"))
-    scale = float(base.abs().max())
-    diff = float((via_lora - via_apply).abs().max())
-    effect = float((via_apply - base).abs().max())
+    diff, effect, scale, _ = lora_vs_apply(comfy, wf, lora, 1.0, "uce")
     print(f"UCE LoRA ({len(keys)} keys): LoraLoader vs Apply max |diff| {diff:.2e}; effect "
           f"{effect:.2e} (latent scale {scale:.2f})")
-    assert diff <= 1e-4 * max(scale, 1.0) and effect > 100 * max(diff, 1e-6)
-    log = comfy.log_text()
-    assert "lora key not loaded" not in log and "NOT LOADED" not in log
 
 
 def test_interrupt_leaves_no_file_and_the_model_unchanged(comfy, erased):
