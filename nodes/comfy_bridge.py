@@ -344,6 +344,7 @@ class ComfyDenoiser:
             self.process = flow_process(model)
         else:
             self.alphas_cumprod = alphas_cumprod(model)
+            self.process = ForwardProcess.vp(self.alphas_cumprod)
         self.dtype = self.compute_dtype = compute_dtype(model)
         self._cache: dict[str, tuple[Tensor, dict[str, Tensor]]] = {}
         lengths = [self._encode_one(p).shape[1] for p in {"", *prompts}]

@@ -42,13 +42,6 @@ class Context:
     def device(self) -> torch.device:
         return self.seq.device
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.seq.dtype
-
-    def dim(self) -> int:
-        return self.seq.dim()
-
     def __len__(self) -> int:
         return self.seq.shape[0]
 
@@ -73,15 +66,6 @@ class Context:
         return self._map(lambda v: v.to(*args, **kwargs) if v.is_floating_point()
                          else v.to(*[a for a in args if not isinstance(a, torch.dtype)],
                                    **{k: a for k, a in kwargs.items() if k != "dtype"}))
-
-    def float(self) -> "Context":
-        return self._map(lambda v: v.float() if v.is_floating_point() else v)
-
-    def detach(self) -> "Context":
-        return self._map(lambda v: v.detach())
-
-    def cpu(self) -> "Context":
-        return self._map(lambda v: v.cpu())
 
     def chunk(self, n: int) -> tuple["Context", ...]:
         parts = [torch.chunk(self.seq, n)] + [torch.chunk(v, n) for v in self.extras.values()]

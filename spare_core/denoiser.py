@@ -19,7 +19,7 @@ from typing import Iterator, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from .process import process_of
+from .process import ForwardProcess, process_of
 
 
 @runtime_checkable
@@ -61,8 +61,7 @@ def prediction(denoiser: Denoiser, x_t: Tensor, t: Tensor, context) -> Tensor:
 def eps_and_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor,
                context) -> tuple[Tensor, Tensor | None]:
     """``(eps, x0)`` predictions ``[B, C, H, W]`` in float32, ``x0`` None when it is only the
-    division ``(x_t - sqrt(1 - a) eps) / sqrt(a)`` (eps-prediction models; see
-    :func:`x0_from_eps`). A backend's optional ``predict`` gives x0 division-free from a
+    division ``(x_t - sqrt(1 - a) eps) / sqrt(a)`` (eps-prediction models). A backend's optional ``predict`` gives x0 division-free from a
     v-prediction, and a velocity gives it as ``x_t - sigma v``, so a zero-terminal-SNR schedule
     (alpha-bar 0 at the last step) and a flow's pure-noise end stay finite."""
     predict = getattr(denoiser, "predict", None)
@@ -71,11 +70,6 @@ def eps_and_x0(denoiser: Denoiser, x_t: Tensor, t: Tensor,
         return eps.float(), None if x0 is None else x0.float()
     p = prediction(denoiser, x_t, t, context).float()
     return process_of(denoiser).eps_and_x0(p, x_t.float(), t)
-
-
-def x0_from_eps(x_t: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
-    """``(x_t - sqrt(1 - a) eps) / sqrt(a)`` for ``alpha_bar`` ``a`` (broadcastable)."""
-    return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
 
 def v_to_eps_and_x0(v: Tensor, x_t: Tensor, alphas_cumprod: Tensor,
@@ -156,6 +150,7 @@ class DiffusersDenoiser:
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().float().cpu()
+        self.process = ForwardProcess.vp(self.alphas_cumprod)
         self.prediction_type = getattr(scheduler.config, "prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {self.prediction_type!r} is not supported; "

@@ -107,16 +107,7 @@ class ForwardProcess:
 
 
 def process_of(denoiser) -> ForwardProcess:
-    """The denoiser's ``process``; a backend without one is VP over its ``alphas_cumprod``."""
+    """The denoiser's ``process``; a backend without one (a minimal test double, an older
+    backend) is VP over its ``alphas_cumprod``."""
     proc = getattr(denoiser, "process", None)
-    if proc is not None:
-        return proc
-    cached = getattr(denoiser, "_spare_vp_process", None)
-    ac = denoiser.alphas_cumprod
-    if cached is None or cached[0] is not ac:
-        cached = (ac, ForwardProcess.vp(ac))
-        try:
-            denoiser._spare_vp_process = cached
-        except AttributeError:  # a frozen or slotted backend: rebuild each time (cheap)
-            pass
-    return cached[1]
+    return proc if proc is not None else ForwardProcess.vp(denoiser.alphas_cumprod)

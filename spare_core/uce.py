@@ -41,9 +41,15 @@ KV = ("to_k", "to_v")
 
 def uce_modules(net: torch.nn.Module) -> list[str]:
     """Cross-attention key/value projections (``attn2.to_k`` / ``attn2.to_v``, diffusers and
-    CompVis names alike)."""
-    return [n for n in adaptable_modules(net)
-            if is_cross_attention(n) and n.rsplit(".", 1)[-1] in KV]
+    CompVis names alike); ValueError naming the supported families when there are none (a DiT),
+    so callers can check a network before encoding any prompt."""
+    names = [n for n in adaptable_modules(net)
+             if is_cross_attention(n) and n.rsplit(".", 1)[-1] in KV]
+    if not names:
+        raise ValueError("UCE edits cross-attention key/value projections (attn2.to_k/to_v), "
+                         "which this network has none of: it applies to SD1.x, SD2.x and SDXL "
+                         "UNets, not to SD3/Flux transformers")
+    return names
 
 
 def _last_word_index(denoiser: Denoiser, prompt: str) -> int | None:
@@ -90,10 +96,6 @@ def uce_edit(denoiser: Denoiser, pairs: Sequence[tuple[str, str]],
         raise ValueError("UCE needs erase_scale > 0, preserve_scale >= 0 and lamb > 0")
     net = denoiser.unet
     names = list(modules) if modules is not None else uce_modules(net)
-    if not names:
-        raise ValueError("UCE edits cross-attention key/value projections (attn2.to_k/to_v), "
-                         "which this network has none of: it applies to SD1.x, SD2.x and SDXL "
-                         "UNets, not to SD3/Flux transformers")
     mods = adaptable_modules(net)
     ctx_dim = mods[names[0]].weight.shape[1]
     erase = [_pair(denoiser, c, g) for c, g in pairs]

@@ -62,6 +62,21 @@ OURS = ("ComputeSaliency", "SaliencyPreview", "SparseLoRAInit", "SelfDistillUnle
         "DataUnlearn", "UCEErase", "ApplyUnlearnAdapter", "SaveUnlearnAdapter",
         "LoadUnlearnAdapter")
 
+RAND_INIT = r'''
+g = torch.Generator().manual_seed(0)
+def rand(key, shape):
+    if key.endswith("bias") or key.endswith(".b"):
+        return torch.zeros(shape)
+    if len(shape) == 1:
+        return torch.ones(shape)
+    fan_in = 1
+    for s in shape[1:]:
+        fan_in *= s
+    return torch.randn(shape, generator=g) / fan_in ** 0.5
+'''
+"""Random weights for the build scripts (run in ComfyUI's Python): zero biases, unit scales,
+fan-in-scaled normal matrices, seeded."""
+
 BUILD = r'''
 import sys, torch
 from comfy.cli_args import args
@@ -70,17 +85,7 @@ import comfy.ops, comfy.taesd.taesd as taesd
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
-
-g = torch.Generator().manual_seed(0)
-def rand(key, shape):
-    if key.endswith("bias"):
-        return torch.zeros(shape)
-    if len(shape) == 1:
-        return torch.ones(shape)
-    fan_in = 1
-    for s in shape[1:]:
-        fan_in *= s
-    return torch.randn(shape, generator=g) / fan_in ** 0.5
+''' + RAND_INIT + r'''
 
 unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320,
                  num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],

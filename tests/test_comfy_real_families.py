@@ -80,7 +80,7 @@ import time
 import pytest
 
 from comfy_double import REPO, validate_api_prompt
-from test_comfy_real import node_of, progress_by_node, running_comfy
+from test_comfy_real import RAND_INIT, node_of, progress_by_node, running_comfy
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(
@@ -96,16 +96,7 @@ from safetensors.torch import save_file
 
 out = sys.argv[1]
 which = sys.argv[2].split(",")
-g = torch.Generator().manual_seed(0)
-def rand(key, shape):
-    if key.endswith("bias") or key.endswith(".b"):
-        return torch.zeros(shape)
-    if len(shape) == 1:
-        return torch.ones(shape)
-    fan_in = 1
-    for s in shape[1:]:
-        fan_in *= s
-    return torch.randn(shape, generator=g) / fan_in ** 0.5
+''' + RAND_INIT + r'''
 def save(module, path, dtype=torch.float16, prefix=""):
     sd = {prefix + k: rand(k, v.shape).to(dtype) for k, v in module.state_dict().items()}
     save_file({k: v.contiguous() for k, v in sd.items()}, path)

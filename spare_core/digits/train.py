@@ -41,6 +41,23 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params, step: int,
+                   total: int, base_lr: float, warmup: int) -> float:
+    """One AdamW step at :func:`lr_at`'s rate with the gradient norm clipped to 1; the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, total, base_lr, warmup)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.item()
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warmed up over the first steps: ``min(decay, (1 + step) / (10 + step))``."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def train(out: str, seed: int = 0, pattern: bool = False, steps: int = 3000, batch: int = 64,
           lr: float = 1e-3, cfg_dropout: float = 0.1, ema_decay: float = 0.999,
           pattern_copies: int = PATTERN_COPIES, cfg: ModelConfig | None = None,
@@ -83,16 +100,10 @@ def train(out: str, seed: int = 0, pattern: bool = False, steps: int = 3000, bat
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         ctx = text_encoder(ids)[0][lab]
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=ctx).sample, noise)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        d = min(ema_decay, (1 + step) / (10 + step))
+        losses.append(optimizer_step(opt, loss, params, step, steps, lr, warmup=100))
+        d = ema_decay_at(step, ema_decay)
         ema_update(ema_unet, unet, d)
         ema_update(ema_te, text_encoder, d)
-        losses.append(loss.item())
         if step % 100 == 99:
             bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}")
     seconds = time.time() - t0

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .data import EMPTY_PROMPT, PROMPTS, load_digit_images
 from .dit import DitConfig, build_flow_scheduler, build_transformer, config_dict, save_dit_folder
 from .metrics import DEFAULT_MODEL
-from .train import ema_update, lr_at
+from .train import ema_decay_at, ema_update, optimizer_step
 
 DEFAULT_MODEL_REL = "spare_core/assets/digits"  # DEFAULT_MODEL as written into training.json
 
@@ -95,14 +95,8 @@ def train_dit(out: str, seed: int = 0, steps: int = 6000, batch: int = 64, lr: f
         sigma = sample_sigmas(batch, gen)
         noise = torch.randn(x0.shape, generator=gen)
         loss = flow_loss(transformer, x0, ctx_all[lab], pooled_all[lab], sigma, noise)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=200)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_update(ema, transformer, min(ema_decay, (1 + step) / (10 + step)))
-        losses.append(loss.item())
+        losses.append(optimizer_step(opt, loss, params, step, steps, lr, warmup=200))
+        ema_update(ema, transformer, ema_decay_at(step, ema_decay))
         if step % 100 == 99:
             bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}")
     seconds = time.time() - t0

@@ -20,9 +20,9 @@ import json
 import os
 
 import torch
-from torch import nn
 
 from . import dit, unet
+from .unet import adaptable_modules  # noqa: F401  (Linear/Conv2d by name: every family)
 
 IO_LAYERS = tuple(unet.IO_CONVS) + dit.INPUT_LAYERS + dit.OUTPUT_LAYERS
 """Input and output layers of every family: every denoising gradient passes through them, so
@@ -30,11 +30,6 @@ they rank high for any concept, and SPARE never adapts them."""
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline",
                        "StableDiffusion3Pipeline", "FluxPipeline")
-
-
-def adaptable_modules(net: nn.Module) -> dict[str, nn.Module]:
-    """Linear and Conv2d modules of ``net`` by qualified name (every family)."""
-    return unet.adaptable_modules(net)
 
 
 def is_cross_attention(name: str) -> bool:

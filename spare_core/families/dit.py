@@ -32,10 +32,6 @@ def is_dit_name(name: str) -> bool:
         or name in INPUT_LAYERS or name in OUTPUT_LAYERS
 
 
-def is_io_layer(name: str) -> bool:
-    return name in INPUT_LAYERS or name in OUTPUT_LAYERS
-
-
 def is_output_layer(name: str) -> bool:
     return name in OUTPUT_LAYERS or name.startswith("norm_out.") or name.startswith("final_layer.")
 
