@@ -155,6 +155,7 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
                         raise UnlearnCancelled(f"unlearning cancelled at step {step}/{config.steps}")
                     batch = task.batch(denoiser, config.batch_size, gen)
                     batch.loss_scale = scaler.get_scale() if scaling else 1.0
+                    batch.params = params
                     # one backward per term (lower peak) or one for the whole loss
                     pieces = obj.parts(student, teacher, batch) if split else [obj(student, teacher, batch)]
                     for loss, logs in pieces:

@@ -62,6 +62,9 @@ class Batch:
         extras: objective-specific tensors a batch builder adds (e.g. SISS's mixture weights).
         loss_scale: factor the loop multiplies the loss by before backward (fp16 loss scaling);
             objectives that take gradients themselves scale by it too, then divide it out.
+        params: the trainable parameters (set by the loop), for objectives that take gradients
+            themselves; None: found by walking the loss's autograd graph, which cannot see
+            through gradient checkpointing.
     """
 
     forget: Part
@@ -71,6 +74,7 @@ class Batch:
     process: ForwardProcess
     extras: dict | None = None
     loss_scale: float = 1.0
+    params: list | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.process, Tensor):
@@ -431,7 +435,7 @@ class SISS:
         if self.normalize == "none" or self.s == 0.0:
             logs["forget_coef"] = self.s
             return l_x - self.s * l_a, logs
-        params = trainable_leaves(l_x, l_a)
+        params = batch.params or trainable_leaves(l_x, l_a)
         g_x = _grads(l_x, params, retain=True, scale=batch.loss_scale)
         g_a = _grads(l_a, params, retain=False, scale=batch.loss_scale)
         n_x, n_a = _norm(g_x), _norm(g_a)
@@ -514,7 +518,7 @@ class EraseDiff:
         if not self.dynamic:
             logs["lambda"] = self.lam
             return l_r + self.lam * l_f, logs
-        params = trainable_leaves(l_r, l_f)
+        params = batch.params or trainable_leaves(l_r, l_f)
         g_r = _grads(l_r, params, retain=True, scale=batch.loss_scale)
         g_f = _grads(l_f, params, retain=False, scale=batch.loss_scale)
         n_r, n_f = _norm(g_r), _norm(g_f)

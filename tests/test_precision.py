@@ -335,3 +335,22 @@ def test_sdxl_unet_is_sent_to_its_family_backend():
     with pytest.raises(ValueError, match="addition_embed_type='text_time'.*load_denoiser.*"
                                          "denoiser_from_pipeline.*SDXLDenoiser"):
         DiffusersDenoiser(unet, base.text_encoder, base.tokenizer, base.scheduler)
+
+
+@pytest.mark.parametrize("method", ["siss", "erasediff"])
+def test_gradient_taking_objectives_train_with_checkpointing(den, method):
+    """SISS and EraseDiff take gradients themselves (normalised / bi-level) over the parameters
+    the loop hands them (``Batch.params``; finding them by walking the autograd graph found none
+    on CUDA with torch 2.11, benchmarks/RESULTS.md): they train, and with gradient checkpointing
+    on give the same adapter as without."""
+    from spare_core import run_method
+
+    g = torch.Generator().manual_seed(3)
+    forget = torch.randn(4, *den.latent_shape, generator=g)
+    keep = torch.randn(4, *den.latent_shape, generator=g)
+    out = [run_method(method, copy.deepcopy(den), forget=forget, keep=keep, steps=2,
+                      batch_size=2, parameterization="lora", rank=2, lr=1e-2,
+                      gradient_checkpointing=flag).adapter.state_dict() for flag in (False, True)]
+    assert any(v.abs().sum() > 0 for k, v in out[0].items() if "lora_B" in k or "up" in k)
+    for k, v in out[0].items():
+        torch.testing.assert_close(out[1][k], v, atol=1e-6, rtol=1e-4)
