@@ -9,7 +9,7 @@ from spare_core.sparse_lora import IO_CONVS
 
 from . import comfy_bridge as bridge
 from .chart import bar_chart, drawn, to_image_tensor
-from .common import CATEGORY, MEMORY_INPUTS, SALIENCY, SEED, require_text, size_input
+from .common import CATEGORY, MEMORY_INPUTS, SALIENCY, SEED, parse_prompts, require_text, size_input
 
 
 class ComputeSaliency:
@@ -30,8 +30,9 @@ class ComputeSaliency:
                 "model": ("MODEL", {"tooltip": "The diffusion model to analyse: SD1.x, SD2.x, "
                                                "SDXL, SD3 or Flux."}),
                 "clip": ("CLIP", {"tooltip": "Its text encoder."}),
-                "concept": ("STRING", {"default": "Van Gogh style", "multiline": False,
-                                       "tooltip": "The concept to forget."}),
+                "concept": ("STRING", {"default": "Van Gogh style", "multiline": True,
+                                       "tooltip": "The concept to forget; several erased "
+                                                  "together: one per line."}),
                 "samples": ("INT", {"default": 8, "min": 1, "max": 512,
                                     "tooltip": "Images of the concept the gradients are summed over."}),
                 "top_k": ("INT", {"default": 32, "min": 1, "max": 4096,
@@ -59,22 +60,25 @@ class ComputeSaliency:
                 width: int = 512, height: int = 512, sample_steps: int = 25,
                 cfg: float = 7.5, micro_batch: int = 1, gradient_checkpointing: bool = True,
                 element_scores: bool = False) -> tuple[Saliency]:
-        concept = require_text(concept, "concept prompt", "the concept to forget, e.g. 'Van Gogh style'")
+        require_text(concept, "concept prompt", "the concept to forget, e.g. 'Van Gogh style'")
+        concepts = parse_prompts(concept)  # several: one per line, erased together
+        concept = "\n".join(concepts)
         if samples < 1 or top_k < 1 or sample_steps < 1 or micro_batch < 1:
             raise ValueError("samples, top_k, sample_steps and micro_batch must be >= 1")
         bridge.check_inputs(model, clip, width, height)
         check_gradient_storage(bridge.diffusion_model(model))
         with bridge.autograd_enabled():
-            den = bridge.ComfyDenoiser(model, clip, width, height, prompts=[concept])  # CLIP first
+            den = bridge.ComfyDenoiser(model, clip, width, height, prompts=concepts)  # CLIP first
             bridge.load_for_compute(model)
-            bar = bridge.Progress(sample_steps + samples)
-            latents = sample(den, [concept] * samples, steps=sample_steps, guidance=cfg,
+            prompts = [c for c in concepts for _ in range(samples)]  # `samples` per concept
+            bar = bridge.Progress(sample_steps + len(prompts))
+            latents = sample(den, prompts, steps=sample_steps, guidance=cfg,
                              method="ddim", generator=torch.Generator().manual_seed(seed),
                              batch_size=micro_batch, callback=bar.phase(0, sample_steps))
-            sal = compute_saliency(den, concept, latents, seed=seed, batch_size=micro_batch,
+            sal = compute_saliency(den, prompts, latents, seed=seed, batch_size=micro_batch,
                                    element_scores=element_scores,
                                    gradient_checkpointing=gradient_checkpointing,
-                                   progress=bar.phase(sample_steps, samples),
+                                   progress=bar.phase(sample_steps, len(prompts)),
                                    should_stop=bridge.should_stop)
         sal.meta.update(top_k=str(top_k), model_fingerprint=bridge.fingerprint(model),
                         size=f"{width}x{height}")

@@ -1,7 +1,7 @@
 """UCEErase: UCE's closed-form cross-attention edit as an UNLEARN_ADAPTER (no training)."""
 from __future__ import annotations
 
-from spare_core.methods import concept_pairs
+from spare_core.tasks import concept_pairs
 from spare_core.uce import uce_edit, uce_modules
 
 from . import comfy_bridge as bridge

@@ -72,11 +72,13 @@ class SelfDistillUnlearn:
                 "model": ("MODEL", {"tooltip": "The model to make forget (left unchanged)."}),
                 "clip": ("CLIP", {"tooltip": "Its text encoder."}),
                 "adapter": (ADAPTER, {"tooltip": "From SparseLoRAInit (or a loaded adapter)."}),
-                "concept": ("STRING", {"default": "", "multiline": False,
-                                       "tooltip": "The concept to forget. Empty: the concept of "
+                "concept": ("STRING", {"default": "", "multiline": True,
+                                       "tooltip": "The concept to forget (several: one per line). Empty: the concept of "
                                                   "the adapter's saliency map (ComputeSaliency)."}),
-                "surrogate": ("STRING", {"default": "a painting", "multiline": False,
-                                         "tooltip": "What the concept should turn into; empty = unconditional."}),
+                "surrogate": ("STRING", {"default": "a painting", "multiline": True,
+                                         "tooltip": "What the concept should turn into; empty = "
+                                                    "unconditional. Several concepts: one "
+                                                    "surrogate per line, or one for all."}),
                 "preserve": ("STRING", {"default": "a photo of a cat\na landscape painting",
                                         "multiline": True,
                                         "tooltip": "Prompts to keep unchanged, one per line."}),
@@ -113,7 +115,8 @@ class SelfDistillUnlearn:
         concept = require_text(concept, "concept prompt",
                                "the concept to forget, e.g. 'Van Gogh style' (left empty, it is "
                                "taken from an adapter made by SparseLoRAInit from a saliency map)")
-        surrogate = (surrogate or "").strip()
+        concept = "\n".join(parse_prompts(concept))  # several: one per line, erased together
+        surrogate = "\n".join(parse_prompts(surrogate))
         keep = parse_prompts(preserve)
         if objective not in objective_names():
             raise ValueError(f"unknown objective {objective!r}; choose one of {objective_names()}")
@@ -123,6 +126,7 @@ class SelfDistillUnlearn:
                            pool=PoolConfig(size=pool_size, steps=pool_steps, guidance=cfg,
                                            batch_size=int(micro_batch)))
         task.validate()
+        pairs = task.pairs
         config = UnlearnConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
                                seed=int(seed), timestep_sampler=timestep_sampler,
                                gradient_checkpointing=bool(gradient_checkpointing),
@@ -140,11 +144,11 @@ class SelfDistillUnlearn:
 
         obj = make_objective(objective)
         preserve_pools = len(keep) if getattr(obj, "uses_preserve", True) else 0
-        pools = pool_steps * (1 + preserve_pools) + (GAP_BINS if timestep_sampler == "concept" else 0)
+        pools = pool_steps * (len(pairs) + preserve_pools) + (GAP_BINS if timestep_sampler == "concept" else 0)
         with bridge.autograd_enabled():
             trained = copy_adapter(adapter)
             den = bridge.ComfyDenoiser(model, clip, width, height,
-                                       prompts=[concept, surrogate, *keep])  # CLIP first
+                                       prompts=[*dict.fromkeys(x for pair in pairs for x in pair), *keep])  # CLIP first
             bridge.load_for_compute(model)
             bar = bridge.Progress(pools + steps)
             result = unlearn(den, trained, task, objective=obj, config=config,

@@ -33,9 +33,12 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--method", choices=METHOD_NAMES, default="spare",
                    help=f"concept methods {', '.join(CONCEPT_METHODS)} take --concept; data "
                         f"methods {', '.join(DATA_METHODS)} take --forget-images/--keep-images")
-    p.add_argument("--concept", type=A.prompt, default=None, help="prompt of the concept to forget")
-    p.add_argument("--surrogate", default="",
-                   help="what the concept becomes ('' = the unconditional prediction)")
+    p.add_argument("--concept", type=A.prompt, action="append", default=None,
+                   help="prompt of the concept to forget; repeat it (or put one per line) to "
+                        "erase several concepts in one adapter")
+    p.add_argument("--surrogate", action="append", default=None,
+                   help="what the concept becomes ('' = the unconditional prediction); repeat "
+                        "it once per --concept, or give one for all")
     p.add_argument("--preserve", type=A.prompt, action="append", default=[],
                    help="prompt whose images must not change (repeatable)")
     p.add_argument("--forget-images", default=None,
@@ -104,6 +107,11 @@ def check_unlearn_args(a: argparse.Namespace) -> None:
     if a.grid is not None and not a.grid.lower().endswith(".png"):
         raise ValueError(f"--grid must end in .png, got {a.grid!r}")
     A.check_pipeline_folder(a.model)
+    # repeated --concept / --surrogate: one per line, as the engine takes several concepts
+    if isinstance(a.concept, list):
+        a.concept = "\n".join(a.concept)
+    if not isinstance(a.surrogate, str):
+        a.surrogate = "\n".join(a.surrogate or [""])
     if a.method in CONCEPT_METHODS:
         if a.concept is None:
             raise ValueError(f"{a.method} forgets a concept: give --concept \"...\"")
@@ -250,7 +258,9 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
         res = _run(a, den, vae, clip, hp, bars)
     if a.concept is not None:
         meta = dict(method=a.method, concept=a.concept, surrogate=a.surrogate)
-        prompts = [a.concept] + ([a.surrogate] if a.surrogate else []) + list(a.preserve)
+        from .tasks import concept_pairs
+        lines = [x for pair in concept_pairs(a.concept, a.surrogate) for x in pair if x]
+        prompts = list(dict.fromkeys(lines)) + list(a.preserve)
     else:
         meta = dict(method=a.method, forget_images=os.path.abspath(a.forget_images))
         prompts = list(dict.fromkeys([a.forget_prompt or "", a.keep_prompt or ""]))

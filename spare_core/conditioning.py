@@ -14,6 +14,7 @@ types) rather than a tensor subclass, so that no autograd or dtype rule of torch
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -119,3 +120,21 @@ def equal(a, b) -> bool:
 def text_sequence(ctx) -> Tensor:
     """The text sequence ``[B, L, D]`` of a tensor or :class:`Context`."""
     return ctx.seq if isinstance(ctx, Context) else ctx
+
+
+def per_latent_context(denoiser, prompts: Sequence[str], n: int):
+    """Context of one prompt ``[1, L, D]``, or of one prompt per latent ``[n, L, D]`` (each
+    distinct prompt encoded once)."""
+    if len(prompts) == 1:
+        return denoiser.encode(list(prompts))
+    distinct = list(dict.fromkeys(prompts))
+    ctx = denoiser.encode(distinct)
+    return ctx[torch.tensor([distinct.index(p) for p in prompts])]
+
+
+def context_rows(context, lo: int, m: int, n: int):
+    """Rows ``lo:lo+m`` of a per-latent context ``[n, ...]``, or a ``[1, ...]`` context
+    expanded to ``m`` rows."""
+    if context.shape[0] == n and n != 1:
+        return context[lo:lo + m]
+    return context.expand(m, -1, -1)

@@ -40,6 +40,7 @@ from .denoiser import Denoiser
 from .loop import UnlearnConfig, UnlearnResult, unlearn
 from .objectives import make_objective
 from .spare import phase_callback
+from .tasks import concept_pairs
 
 
 @dataclass(frozen=True)
@@ -190,8 +191,9 @@ def run_method(name: str, denoiser: Denoiser, *,
                **hparams) -> UnlearnResult:
     """Run method ``name`` (one of :data:`METHODS`) and return the trained adapter and history.
 
-    Concept methods (spare, salun, esd, esd_u) take ``concept``, ``surrogate``, ``preserve``;
-    their concept latents are generated once from the frozen model (``num_samples`` DDIM samples
+    Concept methods (spare, salun, esd, esd_u, uce) take ``concept``, ``surrogate``,
+    ``preserve``; several concepts are erased in one adapter when ``concept`` holds one per line
+    (``surrogate``: one per line, or one for all; ``num_samples`` per concept). Their concept latents are generated once from the frozen model (``num_samples`` DDIM samples
     of ``sample_steps`` at ``guidance``, seeded by ``seed``: the same pool for every concept
     method at a given seed). Data methods (siss, neggrad, erasediff, naive_deletion) take
     ``forget`` / ``keep`` (tensors ``[N, C, H, W]`` or image folders), optional prompts and
@@ -270,20 +272,6 @@ def _run_uce(denoiser, concept, surrogate, preserve, forget, keep, hp) -> Unlear
     return UnlearnResult(adapter, history)
 
 
-def concept_pairs(concept: str, surrogate: str) -> list[tuple[str, str]]:
-    """``(concept, guide)`` pairs from one concept per line and either one guide per line or a
-    single guide for all (blank lines ignored); ValueError when the counts disagree."""
-    concepts = [c.strip() for c in str(concept).splitlines() if c.strip()]
-    guides = [g.strip() for g in str(surrogate).splitlines()] or [""]
-    guides = [g for g in guides if g] or [""]
-    if len(guides) == 1:
-        guides = guides * len(concepts)
-    if len(guides) != len(concepts):
-        raise ValueError(f"{len(concepts)} concepts but {len(guides)} guides: give one guide per "
-                         "concept line, or a single guide for all")
-    return list(zip(concepts, guides))
-
-
 def _objective(name: str, hp: dict):
     spec = METHODS[name]
     return make_objective(spec.objective, **{k: hp[k] for k in _OBJECTIVE_KEYS[name]})
@@ -338,13 +326,14 @@ def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
         check_gradient_storage(denoiser.unet)
 
     gen = torch.Generator().manual_seed(config.seed)
-    latents = sample(denoiser, [concept] * num_samples, steps=sample_steps, guidance=guidance,
+    prompts = task.sample_prompts(num_samples)  # num_samples per concept line
+    latents = sample(denoiser, prompts, steps=sample_steps, guidance=guidance,
                      method="ddim", generator=gen, clip_x0=clip_x0,
                      callback=phase_callback(phase_progress, "concept samples"))
     task.concept_latents = latents
     saliency = None
     if name == "salun":
-        saliency = compute_saliency(denoiser, concept, latents, seed=config.seed,
+        saliency = compute_saliency(denoiser, prompts, latents, seed=config.seed,
                                     should_stop=should_stop, batch_size=saliency_batch_size,
                                     gradient_checkpointing=config.gradient_checkpointing,
                                     progress=phase_callback(phase_progress, "saliency"))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .denoiser import (TRAIN_DTYPES, Denoiser, check_checkpointing, compute_dtype_of, device_of,
                        gradient_checkpointing as checkpointing, prediction)
+from .conditioning import context_rows, per_latent_context
 from .families.unet import adaptable_modules
 from .process import process_of
 
@@ -185,7 +186,7 @@ def top_k_masks(tensors: Sequence[Tensor], k: int) -> list[Tensor]:
     return masks
 
 
-def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
+def compute_saliency(denoiser: Denoiser, concept: str | Sequence[str], latents: Tensor, *,
                      timesteps: Tensor | None = None, batch_size: int = 8,
                      modules: Sequence[str] | None = None, seed: int = 0,
                      element_scores: bool = True, gradient_checkpointing: bool = False,
@@ -193,6 +194,8 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
                      should_stop: Callable[[], bool] | None = None) -> Saliency:
     """Accumulate ``grad_W`` of the denoising MSE on ``latents`` ``[N, C, H, W]`` of the concept,
     conditioned on ``concept``, and return ``|sum|`` per element (and per-module mean/max).
+    ``concept`` may also be one prompt per latent (several concepts erased together: the sum then
+    runs over all of them).
 
     Each latent gets one timestep: ``timesteps`` ``[N]`` if given, else uniform random (seeded).
     Memory: ``batch_size`` latents go through the UNet at a time (micro-batches; any N). Each
@@ -206,8 +209,12 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
     its weights, ``requires_grad`` flags, ``.grad`` fields and mode are restored afterwards.
     Raises :class:`SaliencyError` if a loss or gradient is not finite.
     """
-    if not concept or not concept.strip():
+    prompts = [concept] if isinstance(concept, str) else list(concept)
+    if not prompts or any(not p or not p.strip() for p in prompts):
         raise ValueError("concept prompt is empty: type the concept to forget, e.g. 'Van Gogh style'")
+    if len(prompts) not in (1, latents.shape[0]):
+        raise ValueError(f"give one concept prompt, or one per latent ({latents.shape[0]}); got "
+                         f"{len(prompts)}")
     if latents.dim() != 4 or tuple(latents.shape[1:]) != tuple(denoiser.latent_shape):
         raise ValueError(f"latents must be [N, {', '.join(map(str, denoiser.latent_shape))}], "
                          f"got {list(latents.shape)}")
@@ -232,7 +239,7 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
     if timesteps is None:
         timesteps = torch.randint(0, T, (n,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
-    context = denoiser.encode([concept])
+    context = per_latent_context(denoiser, prompts, n)
     fp16 = torch.float16 in storage or dtype == torch.float16
 
     saved_flags = {p: p.requires_grad for p in unet.parameters()}
@@ -268,14 +275,15 @@ def compute_saliency(denoiser: Denoiser, concept: str, latents: Tensor, *,
             w.grad = saved_grads[name]
         unet.train(was_training)
     shapes = {k: tuple(int(d) for d in w.shape) for k, w in weights.items()}
+    label = "\n".join(dict.fromkeys(prompts))  # the distinct concepts, one per line
     if element_scores:
-        return Saliency({k: v.abs_() for k, v in sums.items()}, concept=concept, num_samples=n,
+        return Saliency({k: v.abs_() for k, v in sums.items()}, concept=label, num_samples=n,
                         shapes=shapes)
     stats = {}
     for k, v in sums.items():
         a = v.float().abs_()
         stats[k] = {"mean": float(a.mean()), "max": float(a.amax())}
-    return Saliency({}, concept=concept, num_samples=n, stats=stats, shapes=shapes)
+    return Saliency({}, concept=label, num_samples=n, stats=stats, shapes=shapes)
 
 
 def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_size, scale,
@@ -309,7 +317,7 @@ def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_siz
             target = proc.target(x0.float(), eps).to(dev)  # the family's own training target
             with torch.enable_grad():
                 pred = prediction(denoiser, x_t, t.to(dev),
-                                  context.expand(x0.shape[0], -1, -1).to(dev))
+                                  context_rows(context, lo, x0.shape[0], n).to(dev))
                 # sum over the batch of per-sample MSE: gradients add over samples as in SalUn
                 loss = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).sum()
                 if not torch.isfinite(loss):

@@ -36,6 +36,8 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                   should_stop: Callable[[], bool] | None = None,
                   phase_progress: Callable[[str, int, int], None] | None = None) -> SpareResult:
     """Forget ``concept`` (overwritten by ``surrogate``) while keeping ``preserve`` prompts.
+    Several concepts at once: one per line in ``concept``, their surrogates one per line (or one
+    for all) in ``surrogate``; ``num_samples`` are drawn per concept.
 
     All arguments are checked before any generation or training. Returns the trained adapter
     (not attached: apply it with ``adapter.attach(denoiser.unet)`` or save it), the saliency
@@ -65,11 +67,12 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
         raise ValueError(f"sparsity (mask fraction) must be in (0, 1], got {mask_fraction}")
 
     gen = torch.Generator().manual_seed(seed)
-    latents = sample(denoiser, [concept] * num_samples, steps=sample_steps, guidance=guidance,
+    prompts = task.sample_prompts(num_samples)  # num_samples per concept line
+    latents = sample(denoiser, prompts, steps=sample_steps, guidance=guidance,
                      method="ddim", generator=gen, clip_x0=clip_x0,
                      callback=phase_callback(phase_progress, "concept samples"))
     element_masks = mask_fraction is not None and mask_fraction < 1.0
-    sal = compute_saliency(denoiser, concept, latents, seed=seed, should_stop=should_stop,
+    sal = compute_saliency(denoiser, prompts, latents, seed=seed, should_stop=should_stop,
                            batch_size=saliency_batch_size, element_scores=element_masks,
                            gradient_checkpointing=gradient_checkpointing,
                            progress=phase_callback(phase_progress, "saliency"))

@@ -31,6 +31,20 @@ class PoolConfig:
     batch_size: int = 256
 
 
+def concept_pairs(concept: str, surrogate: str) -> list[tuple[str, str]]:
+    """``(concept, guide)`` pairs from one concept per line and either one guide per line or a
+    single guide for all (blank lines ignored); ValueError when the counts disagree."""
+    concepts = [c.strip() for c in str(concept).splitlines() if c.strip()]
+    guides = [g.strip() for g in str(surrogate).splitlines()] or [""]
+    guides = [g for g in guides if g] or [""]
+    if len(guides) == 1:
+        guides = guides * len(concepts)
+    if len(guides) != len(concepts):
+        raise ValueError(f"{len(concepts)} concepts but {len(guides)} guides: give one guide per "
+                         "concept line, or a single guide for all")
+    return list(zip(concepts, guides))
+
+
 def _same_prompt(a: str, b: str) -> bool:
     return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
 
@@ -54,9 +68,12 @@ def _part(x0: Tensor, ctx, t: Tensor, gen: torch.Generator, proc: ForwardProcess
 class ConceptTask:
     """Forget ``concept`` by overwriting it with ``surrogate`` while keeping ``preserve`` prompts.
 
-    ``concept_latents`` ``[N, C, H, W]`` (e.g. from the saliency stage) and ``preserve_latents``
-    (one tensor per preserved prompt) are generated with the frozen model when not given.
-    ``surrogate`` may be ``""`` (the unconditional prediction).
+    Several concepts are erased together when ``concept`` holds one per line; ``surrogate`` then
+    holds one per line too (or one for all): :func:`concept_pairs`. ``concept_latents``
+    ``[N, C, H, W]`` (e.g. from the saliency stage; with k concepts, N/k per concept in their
+    order) and ``preserve_latents`` (one tensor per preserved prompt) are generated with the
+    frozen model when not given (``pool.size`` per concept). ``surrogate`` may be ``""`` (the
+    unconditional prediction).
     """
 
     concept: str
@@ -66,15 +83,34 @@ class ConceptTask:
     preserve_latents: Sequence[Tensor] | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
 
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """``(concept, surrogate)`` per line."""
+        return concept_pairs(self.concept, self.surrogate)
+
+    def sample_prompts(self, per_concept: int) -> list[str]:
+        """The prompt of each concept latent when ``per_concept`` are drawn per concept, in the
+        order :attr:`concept_latents` keeps them."""
+        return [c for c, _ in self.pairs for _ in range(per_concept)]
+
     def validate(self, denoiser: Denoiser | None = None) -> None:
         """Raise ValueError for bad input, before any long work."""
         if not isinstance(self.concept, str) or not self.concept.strip():
             raise ValueError("concept prompt is empty: type the concept to forget, e.g. 'Van Gogh style'")
-        if _same_prompt(self.concept, self.surrogate):
-            raise ValueError(f"surrogate equals the concept ({self.concept!r}): choose what the "
-                             "concept should turn into, e.g. 'a painting', or '' for unconditional")
-        if any(_same_prompt(self.concept, p) for p in self.preserve):
-            raise ValueError(f"the concept {self.concept!r} is also listed as a preserved prompt")
+        pairs = self.pairs
+        for concept, surrogate in pairs:
+            if _same_prompt(concept, surrogate):
+                raise ValueError(f"surrogate equals the concept ({concept!r}): choose what the "
+                                 "concept should turn into, e.g. 'a painting', or '' for "
+                                 "unconditional")
+            if any(_same_prompt(concept, p) for p in self.preserve):
+                raise ValueError(f"the concept {concept!r} is also listed as a preserved prompt")
+            if any(_same_prompt(surrogate, c) for c, _ in pairs):
+                raise ValueError(f"the surrogate {surrogate!r} of {concept!r} is itself erased: "
+                                 "choose a surrogate that is kept")
+        if self.concept_latents is not None and self.concept_latents.shape[0] % len(pairs):
+            raise ValueError(f"{self.concept_latents.shape[0]} concept latents cannot be split "
+                             f"evenly over {len(pairs)} concepts")
         if self.pool.size < 1 or self.pool.steps < 1 or self.pool.batch_size < 1:
             raise ValueError("pool size, pool steps and pool batch size must be >= 1")
         if self.preserve_latents is not None and len(self.preserve_latents) != len(self.preserve):
@@ -90,8 +126,9 @@ class ConceptTask:
                 progress: Callable[[str, int, int], None] | None = None) -> None:
         """Encode prompts, generate missing latent pools, build the timestep sampler."""
         gen = torch.Generator().manual_seed(seed + 1)
-        self._ctx = denoiser.encode([self.concept])
-        self._sur = denoiser.encode([self.surrogate])
+        concepts, surrogates = (list(x) for x in zip(*self.pairs))
+        self._ctx = denoiser.encode(concepts)       # [k, L, D]
+        self._sur = denoiser.encode(surrogates)     # [k, L, D]
         self._uncond = denoiser.encode([""])
         self._pctx = denoiser.encode(list(self.preserve)) if self.preserve else None
 
@@ -102,12 +139,17 @@ class ConceptTask:
                           clip_x0=self.pool.clip_x0, batch_size=self.pool.batch_size, callback=cb)
 
         if self.concept_latents is None:
-            self.concept_latents = pool_for(self.concept, "concept pool")
+            self.concept_latents = torch.cat([pool_for(c, "concept pool") for c in concepts])
+        k = len(concepts)
+        self._owner = torch.arange(k).repeat_interleave(self.concept_latents.shape[0] // k)
         if self.preserve and self.preserve_latents is None:
             self.preserve_latents = [pool_for(p, f"preserve pool {i + 1}")
                                      for i, p in enumerate(self.preserve)]
+        one = k == 1  # one concept: its [1, L, D] contexts, as before
         self.sampler = make_timestep_sampler(
-            timestep_sampler, denoiser, self.concept_latents, self._ctx, self._sur, seed=seed,
+            timestep_sampler, denoiser, self.concept_latents,
+            self._ctx if one else self._ctx[self._owner],
+            self._sur if one else self._sur[self._owner], seed=seed,
             callback=(lambda i, n: progress("timestep gaps", i, n)) if progress else None,
             batch_size=self.pool.batch_size)
 
@@ -118,8 +160,11 @@ class ConceptTask:
         proc = process_of(denoiser)
         idx = torch.randint(0, self.concept_latents.shape[0], (batch_size,), generator=gen)
         t = self.sampler(batch_size, gen)
-        forget = _part(self.concept_latents[idx], self._ctx.expand(batch_size, -1, -1), t, gen, proc,
-                       dev, dtype)
+        if self._ctx.shape[0] == 1:
+            ctx, sur = self._ctx.expand(batch_size, -1, -1), self._sur.expand(batch_size, -1, -1)
+        else:  # several concepts: each latent with its own concept and surrogate
+            ctx, sur = self._ctx[self._owner[idx]], self._sur[self._owner[idx]]
+        forget = _part(self.concept_latents[idx], ctx, t, gen, proc, dev, dtype)
         preserve = None
         if self.preserve:
             which = torch.randint(0, len(self.preserve), (batch_size,), generator=gen).tolist()
@@ -127,5 +172,5 @@ class ConceptTask:
                 0, self.preserve_latents[w].shape[0], (1,), generator=gen))] for w in which])
             tp = self.sampler(batch_size, gen)
             preserve = _part(x0, self._pctx[which], tp, gen, proc, dev, dtype)
-        return Batch(forget, preserve, self._sur.expand(batch_size, -1, -1).to(dev, dtype),
+        return Batch(forget, preserve, sur.to(dev, dtype),
                      self._uncond.to(dev, dtype), proc)

@@ -16,6 +16,7 @@ from typing import Callable, Protocol
 import torch
 from torch import Tensor
 
+from .conditioning import context_rows
 from .denoiser import Denoiser, compute_dtype_of, device_of, prediction
 from .process import process_of
 
@@ -82,7 +83,9 @@ def concept_gaps(denoiser: Denoiser, latents: Tensor, concept_ctx: Tensor, surro
                  batch_size: int = 256) -> Tensor:
     """``g`` ``[bins]``: mean squared gap between concept- and surrogate-conditioned predictions on
     ``latents`` ``[N, C, H, W]`` noised to the middle timestep of each bin (``batch_size``
-    latents, i.e. twice as many UNet inputs, per forward)."""
+    latents, i.e. twice as many UNet inputs, per forward). The contexts are ``[1, L, D]`` or one
+    per latent ``[N, L, D]`` (several concepts, each with its surrogate)."""
+
     proc = process_of(denoiser)
     T = proc.num_steps
     dev = device_of(denoiser)
@@ -101,7 +104,8 @@ def concept_gaps(denoiser: Denoiser, latents: Tensor, concept_ctx: Tensor, surro
             t = torch.full((m,), t_mid, dtype=torch.long)
             x_t = proc.q_sample(x0, t, eps).to(dev, dtype)
             tt = t.to(dev)
-            ctx = torch.cat([concept_ctx.expand(m, -1, -1), surrogate_ctx.expand(m, -1, -1)]).to(dev)
+            ctx = torch.cat([context_rows(concept_ctx, lo, m, n),
+                             context_rows(surrogate_ctx, lo, m, n)]).to(dev)
             e = prediction(denoiser, torch.cat([x_t, x_t]), torch.cat([tt, tt]), ctx).float()
             e_c, e_s = e.chunk(2)
             total += ((e_c - e_s) ** 2).sum().double().cpu()

@@ -603,3 +603,32 @@ def test_uce_erase_node_moves_the_concept_to_its_guide(env):
     with pytest.raises(ValueError, match="2 concepts but 3 guides"):
         host.run(nodes["UCEErase"], model=model, clip=env["clip"], concepts="a\nb",
                  guides="x\ny\nz", preserve="", preserve_scale=1.0, lamb=0.5)
+
+
+def test_several_concepts_one_per_line_are_erased_in_one_adapter(env):
+    """ComputeSaliency and SelfDistillUnlearn take one concept per line (and one surrogate per
+    line): the saliency sums over both concepts' images, progress counts them, and the trained
+    adapter moves each concept toward its own surrogate."""
+    host, nodes, model, clip = env["host"], env["nodes"], env["model"], env["clip"]
+    concepts, surrogates = f"{CONCEPT}\n\n{SURROGATE}", "a green line\na yellow dot"
+    host.progress.clear()
+    (sal,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=concepts,
+                      samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, **SIZE)
+    assert host.progress[-1] == (7, 7)  # 3 sampling steps + 2 x 2 saliency samples
+    assert sal.concept == f"{CONCEPT}\n{SURROGATE}" and sal.num_samples == 4
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, rank=2, alpha=2.0,
+                       sparsity=0.0, seed=0)
+    (ad,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
+                     concept="", surrogate=surrogates, preserve="a purple star", steps=30,
+                     lr=2e-2, timestep_sampler="uniform", objective="self_distill", seed=0,
+                     batch_size=2, pool_size=2, pool_steps=3, cfg=3.0, **SIZE)
+    (erased,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=ad, strength=1.0)
+    for concept, sur in ((CONCEPT, "a green line"), (SURROGATE, "a yellow dot")):
+        x, t, c = probe(env, concept)
+        target = host.eps(model, x, t, probe(env, sur)[2])
+        gap = [float(((host.eps(m, x, t, c) - target) ** 2).mean()) for m in (model, erased)]
+        assert gap[1] < 0.7 * gap[0], (concept, gap)
+    with pytest.raises(ValueError, match="2 concepts but 3 guides"):
+        host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
+                 concept=concepts, surrogate="a\nb\nc", preserve="", steps=1, lr=1e-2,
+                 timestep_sampler="uniform", objective="self_distill", seed=0, **SIZE)

@@ -8,7 +8,7 @@ import torch
 from spare_core import run_method
 from spare_core.conditioning import text_sequence
 from spare_core.families import adaptable_modules
-from spare_core.methods import concept_pairs
+from spare_core.tasks import concept_pairs
 from spare_core.uce import _pair, uce_edit, uce_modules
 from tiny_models import tiny_denoiser
 
