@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from spare_core.adapter import init_sparse_lora
-from spare_core.bench import default_surrogate, digit_metrics, spare_digits_defaults
+from spare_core.digits.bench import default_surrogate, digit_metrics, spare_digits_defaults
 from spare_core.digits import metrics as M
 from spare_core.digits.data import prompt_for
 from spare_core.loop import UnlearnConfig, unlearn

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from spare_core import DiffusersDenoiser, spare_unlearn  # noqa: E402
-from spare_core.bench import digit_metrics, spare_digits_defaults  # noqa: E402
+from spare_core.digits.bench import digit_metrics, spare_digits_defaults  # noqa: E402
 from spare_core.digits import metrics as M  # noqa: E402
 from spare_core.digits.data import prompt_for  # noqa: E402
 

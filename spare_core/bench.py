@@ -1,10 +1,13 @@
-"""``spare bench``: run unlearning methods on the embedded digits models and print a table.
+"""``spare bench``: run unlearning methods on the embedded models and print a table.
 
-Concept unlearning (default): for each forget digit, the original model and each method's
-adapter generate ``n`` images per digit with the bench sampler (fixed seeds, paired noise);
-the committed classifier gives UA (share of the forgotten digit's images not labelled as it),
-RA (share of every other digit's images labelled correctly) and FD (Frechet distance of
-classifier features to the real digits: the forgotten class, and the mean over the others).
+Concept unlearning (default), on any embedded model (:mod:`spare_core.embedded`): for each
+``--forget`` target (or all of them at once with ``--together``), the original model and each
+method's adapter generate ``n`` images per prompt with the bench sampler (fixed seeds, paired
+noise) and the model's committed classifier scores them. Digits: UA (share of the forgotten
+digit's images not labelled as it), RA (share of every other digit's images labelled correctly)
+and FD (Frechet distance of classifier features to the real digits: the forgotten class, and the
+mean over the others). Canvas: UnlearnCanvas's UA / IRA / CRA, paraphrase UA and FD
+(:mod:`spare_core.canvas.metrics`).
 
 Data unlearning (``--data-unlearning``): on the pattern model, the forget set is the memorized
 pattern, the keep set the real digits; the metric is the share of unconditional samples within
@@ -24,7 +27,6 @@ from .cli_args import CONCEPT_METHODS, DATA_METHODS, EMBEDDED_NAMES
 
 # torch, the models and the metrics are imported inside the functions: ``spare bench --help`` and
 # argument errors need none of them.
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 SAMPLE_STEPS = 50  # == spare_core.digits.metrics.SAMPLE_STEPS (tests/test_demo_bench.py checks)
 
 
@@ -35,37 +37,24 @@ class Row:
     values: dict = field(default_factory=dict)
 
 
-def default_surrogate(forget: int) -> int:
-    """The digit a forgotten digit is overwritten with by default: the next one (mod 10)."""
-    return (int(forget) + 1) % 10
-
-
-def run_concept_method(name: str, den, forget: int, *, steps: int, seed: int,
-                       surrogate: int | None = None, options: dict | None = None, bars=None):
-    """Train method ``name`` to forget digit ``forget`` on ``den`` (``run_method`` with the
-    digits settings: :func:`bench_settings`, then ``options`` on top); returns its UnlearnResult.
-    ``bars`` (a :class:`~spare_core.progress.PhaseBars`) draws its phases and training."""
-    from .digits.data import prompt_for
+def run_concept_method(name: str, den, forget, *, steps: int, seed: int, surrogate=None,
+                       options: dict | None = None, bars=None, model: str = "digits"):
+    """Train method ``name`` to forget ``forget`` (a target of embedded ``model``, or a list of
+    targets erased together) on ``den``: ``run_method`` with the model's request and bench
+    settings (:class:`~spare_core.embedded.EmbeddedBench`), then ``options`` on top; returns its
+    UnlearnResult. ``bars`` (a :class:`~spare_core.progress.PhaseBars`) draws its phases and
+    training."""
+    from .embedded import get
     from .methods import run_method
 
-    sur = default_surrogate(forget) if surrogate is None else surrogate
-    keep = [prompt_for(d) for d in range(10) if d != forget]
-    kw = {**bench_settings(name, steps, seed), **(options or {})}
+    bench = get(model)
+    targets = list(forget) if isinstance(forget, (list, tuple)) else [forget]
+    surrogates = None if surrogate is None else (
+        list(surrogate) if isinstance(surrogate, (list, tuple)) else [surrogate])
+    kw = {**bench.settings(name, steps, seed), **(options or {})}
     if bars is not None:
         kw.update(progress=bars.train, phase_progress=bars.phase)
-    return run_method(name, den, concept=prompt_for(forget), surrogate=prompt_for(sur),
-                      preserve=keep, **kw)
-
-
-def bench_settings(name: str, steps: int, seed: int) -> dict:
-    """``run_method`` settings of concept method ``name`` on the digits model: every method gets
-    the same concept pool, sampler, batch and step budget; SPARE also its digits LoRA settings
-    (:func:`spare_digits_defaults`); the others keep their own defaults."""
-    spare = spare_digits_defaults(steps, seed)
-    if name == "spare":
-        return spare
-    shared = ("num_samples", "sample_steps", "guidance", "clip_x0", "batch_size", "steps", "seed")
-    return {k: spare[k] for k in shared}
+    return run_method(name, den, **bench.request(targets, surrogates), **kw)
 
 
 # what a bench variant (``name:key=value``) may set besides the method's own hyperparameters
@@ -103,17 +92,6 @@ def parse_methods(text: str, allowed: tuple[str, ...]) -> list[MethodVariant]:
     return out
 
 
-def spare_digits_defaults(steps: int, seed: int) -> dict:
-    """SPARE settings for the 8x8 digits model (pixel space: predicted x0 clipped to [-1, 1]).
-
-    Measured (forget 3 -> 4, 100 steps, 20 images per digit): module_fraction 0.25 gave UA 0.95
-    but only 5% of the images became the surrogate; 0.5 gave UA 1.0, RA 1.0, 100% surrogate."""
-    from .digits import metrics as M
-
-    return dict(num_samples=32, sample_steps=25, guidance=M.SAMPLE_GUIDANCE, clip_x0=1.0, rank=4,
-                module_fraction=0.5, steps=steps, lr=3e-3, batch_size=8, seed=seed)
-
-
 def adapter_bytes(adapter) -> int:
     """Size of the adapter's native .safetensors file."""
     from .files import save_adapter
@@ -128,25 +106,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def digit_metrics(den, classifier, forget: int, n: int, seed: int, steps: int,
-                  surrogate: int | None = None, callback=None) -> dict:
-    """UA/RA/FD of ``den`` for ``forget``, from ``n`` samples per digit; ``to_surrogate`` is the
-    share of the forgotten prompt's images labelled as the surrogate digit (default: the next).
-    ``callback(i, n)`` reports the sampler's steps."""
-    from .digits import metrics as M
-
-    sur = default_surrogate(forget) if surrogate is None else surrogate
-    imgs = M.generate_digits(den, range(10), n, seed=seed, steps=steps, callback=callback)
-    preds = M.classify(classifier, imgs)
-    fd = M.fd_per_class(classifier, imgs)
-    return {"UA": M.unlearning_accuracy(preds[forget], forget),
-            "to_surrogate": int((preds[forget] == sur).sum()) / preds[forget].numel(),
-            "RA": M.retain_accuracy(preds, forget),
-            "FD_forget": fd[forget],
-            "FD_retain": sum(v for d, v in fd.items() if d != forget) / 9,
-            "per_class_acc": M.per_class_accuracy(preds), "images": imgs}
-
-
 def _bars(bars, label: str):
     """``bars`` relabelled, or a disabled set of bars when the caller asked for none."""
     from .progress import PhaseBars
@@ -158,34 +117,38 @@ def _bars(bars, label: str):
     return bars
 
 
-def bench_concepts(methods, digits, *, n: int, steps: int, seed: int, sample_steps: int,
-                   log=print, bars=None, model: str = "digits") -> list[Row]:
-    """Rows of the concept bench on embedded ``model`` (``digits`` or ``digits-dit``);
-    ``bars`` (a PhaseBars) draws every phase's progress."""
-    from .digits import metrics as M
+def bench_concepts(methods, targets, *, n: int, steps: int, seed: int, sample_steps: int,
+                   log=print, bars=None, model: str = "digits", together: bool = False) -> list[Row]:
+    """Rows of the concept bench on embedded ``model`` (:data:`spare_core.embedded.EMBEDDED`):
+    one group per target, or one group of all ``targets`` erased in one adapter when
+    ``together``; ``bars`` (a PhaseBars) draws every phase's progress."""
+    from .embedded import get
     from .threads import apply as apply_threads
 
-    den, clf = M.load_default_model(name=model), M.load_classifier()
+    bench = get(model)
+    den, clf = bench.load()
     apply_threads(den)
+    keys = bench.metric_keys
     rows = []
-    for d in digits:
-        b = _bars(bars, f"original, {NAMES[d]}")
-        base = digit_metrics(den, clf, d, n, seed, sample_steps, callback=b.sampler("evaluate"))
+    for group in ([list(targets)] if together else [[t] for t in targets]):
+        label = "+".join(bench.label(t) for t in group)
+        b = _bars(bars, f"original, {label}")
+        base = bench.measure(den, clf, group, n, seed, sample_steps, callback=b.sampler("evaluate"))
         b.close()
-        rows.append(Row("original", NAMES[d], {k: base[k] for k in CONCEPT_METRICS}))
+        rows.append(Row("original", label, {k: base[k] for k in keys if k in base}))
         log(format_row(rows[-1]))
         for v in methods:
-            b = _bars(bars, f"{v.label}, {NAMES[d]}")
+            b = _bars(bars, f"{v.label}, {label}")
             t0 = time.perf_counter()
-            res = run_concept_method(v.name, den, d, steps=steps, seed=seed, options=v.options,
-                                     bars=b)
+            res = run_concept_method(v.name, den, group, steps=steps, seed=seed,
+                                     options=v.options, bars=b, model=model)
             secs = time.perf_counter() - t0
             with res.adapter.applied(den.unet):
-                m = digit_metrics(den, clf, d, n, seed, sample_steps,
+                m = bench.measure(den, clf, group, n, seed, sample_steps,
                                   callback=b.sampler("evaluate after"))
             b.close()
-            rows.append(Row(v.label, NAMES[d], {
-                **{k: m[k] for k in CONCEPT_METRICS},
+            rows.append(Row(v.label, label, {
+                **{k: m[k] for k in keys if k in m},
                 "seconds": secs, "trainable": res.adapter.num_trainable(),
                 "adapter_kB": adapter_bytes(res.adapter) / 1024, "peak_rss_MB": peak_rss_mb()}))
             log(format_row(rows[-1]))
@@ -238,9 +201,8 @@ def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log
     return rows
 
 
-CONCEPT_METRICS = ("UA", "RA", "to_surrogate", "FD_forget", "FD_retain")
-COLUMNS = ["UA", "RA", "to_surrogate", "FD_forget", "FD_retain", "pattern_rate", "FD_rest", "seconds", "trainable",
-           "adapter_kB", "peak_rss_MB"]
+COLUMNS = ["UA", "RA", "IRA", "CRA", "UA_para", "to_surrogate", "FD", "FD_forget", "FD_retain",
+           "pattern_rate", "FD_rest", "seconds", "trainable", "adapter_kB", "peak_rss_MB"]
 
 
 def mean_over_seeds(runs: list[list[Row]]) -> list[Row]:
@@ -290,25 +252,34 @@ def markdown_table(rows: list[Row]) -> str:
 
 
 def add_command(sub) -> None:
-    p = sub.add_parser("bench", help="compare unlearning methods on the embedded digits models",
-                       description="Compare unlearning methods on the embedded digits models at "
-                                   "an equal step budget and print a Markdown table.",
+    p = sub.add_parser("bench", help="compare unlearning methods on the embedded models",
+                       description="Compare unlearning methods on the embedded models (digits, "
+                                   "digits-dit, canvas) at an equal step budget and print a "
+                                   "Markdown table.",
                        formatter_class=A.HelpFormatter)
     p.add_argument("--methods", default=None,
                    help=f"comma list; concept: {','.join(CONCEPT_METHODS)} (default spare); data: "
                         f"{','.join(DATA_METHODS)} (default all four); a variant sets options "
                         "after colons, e.g. spare:timestep_sampler=uniform:module_selection=random")
-    p.add_argument("--forget", default="3", help="comma list of digits to forget (concept bench)")
+    p.add_argument("--forget", default=None,
+                   help="comma list of what to forget (concept bench): digits 0..9 (default 3), "
+                        "or canvas styles / objects (default stripes)")
+    p.add_argument("--together", action="store_true",
+                   help="erase every --forget target at once, in one adapter (multi-concept "
+                        "erasure; canvas model)")
     p.add_argument("--data-unlearning", action="store_true", help="run the pattern-model bench")
     p.add_argument("--model", choices=EMBEDDED_NAMES, default="digits",
-                   help="embedded model of the concept bench: the SD-structured UNet (DDPM) or "
-                        "its flow-matching DiT twin")
+                   help="embedded model of the concept bench: digits (SD-structured UNet, DDPM), "
+                        "its flow-matching DiT twin, or canvas (styles x objects, "
+                        "UnlearnCanvas's UA / IRA / CRA)")
     p.add_argument("--n", type=A.positive_int, default=20,
-                   help="samples per digit (or unconditional samples x10)")
+                   help="samples per prompt: per digit, per canvas (style, object) prompt "
+                        "(or unconditional samples x10)")
     p.add_argument("--steps", type=A.positive_int, default=100,
                    help="training steps of every method (equal budget)")
-    p.add_argument("--sample-steps", type=A.positive_int, default=SAMPLE_STEPS,
-                   help="ancestral DDPM steps of the evaluation sampler")
+    p.add_argument("--sample-steps", type=A.positive_int, default=None,
+                   help="ancestral DDPM steps of the evaluation sampler (default: the model's, "
+                        "50 for digits, 25 for canvas)")
     p.add_argument("--seeds", default="0",
                    help="comma list of seeds (training and sampling); the table shows mean ± std")
     p.add_argument("--markdown", default=None,
@@ -341,7 +312,7 @@ def _method_names(text: str, allowed: tuple[str, ...]) -> None:
 
 
 def check_bench_args(a: argparse.Namespace) -> None:
-    """Every check that needs no torch; sets ``a.seed_list`` and ``a.digits``."""
+    """Every check that needs no torch; sets ``a.seed_list`` and ``a.targets``."""
     allowed = DATA_METHODS if a.data_unlearning else CONCEPT_METHODS
     if a.methods is not None:
         _method_names(a.methods, allowed)
@@ -349,12 +320,17 @@ def check_bench_args(a: argparse.Namespace) -> None:
         raise ValueError("--data-unlearning runs on the digits pattern model (a UNet); leave "
                          "--model at digits")
     a.seed_list = _parse_seeds(a.seeds)
-    a.digits = A.digit_list(a.forget)
+    default = "stripes" if a.model == "canvas" else "3"
+    a.targets = A.forget_targets(a.model, a.forget if a.forget is not None else default)
+    if a.together and a.model != "canvas":
+        raise ValueError("--together erases several concepts at once on the canvas model; add "
+                         "--model canvas")
     if a.markdown and os.path.isdir(a.markdown):
         raise ValueError(f"--markdown {a.markdown!r} is a folder; give a .md file to append to")
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
+    from .embedded import get
     from .progress import PhaseBars, quiet_libraries
 
     quiet_libraries()
@@ -362,13 +338,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
         if a.data_unlearning:
             methods = parse_methods(a.methods or ",".join(DATA_METHODS), DATA_METHODS)
             runs = [bench_data(methods, n=a.n * 10, steps=a.steps, seed=sd,
-                               sample_steps=a.sample_steps, bars=bars, log=bars_print(bars))
+                               sample_steps=a.sample_steps or SAMPLE_STEPS, bars=bars, log=bars_print(bars))
                     for sd in a.seed_list]
         else:
             methods = parse_methods(a.methods or "spare", CONCEPT_METHODS)
-            runs = [bench_concepts(methods, a.digits, n=a.n, steps=a.steps, seed=sd,
-                                   sample_steps=a.sample_steps, bars=bars, log=bars_print(bars),
-                                   model=a.model)
+            runs = [bench_concepts(methods, a.targets, n=a.n, steps=a.steps, seed=sd,
+                                   sample_steps=a.sample_steps or get(a.model).sample_steps, bars=bars, log=bars_print(bars),
+                                   model=a.model, together=a.together)
                     for sd in a.seed_list]
     table = markdown_table(mean_over_seeds(runs))
     print()

@@ -10,8 +10,8 @@ import re
 # the engine's method names (spare_core.methods.METHODS; tests/test_cli.py checks they agree)
 CONCEPT_METHODS = ("spare", "salun", "esd", "esd_u", "uce")
 DATA_METHODS = ("siss", "neggrad", "erasediff", "naive_deletion")
-EMBEDDED_NAMES = ("digits", "digits-dit")
-"""``--model`` of demo and bench (== spare_core.digits.metrics.EMBEDDED_MODELS, checked by tests)."""
+EMBEDDED_NAMES = ("digits", "digits-dit", "canvas")
+"""``--model`` of demo and bench (== spare_core.embedded.EMBEDDED, checked by tests)."""
 METHOD_NAMES = CONCEPT_METHODS + DATA_METHODS
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -88,13 +88,14 @@ def prompt(text: str) -> str:
     return text
 
 
-def _is_digit(text: str) -> bool:
+def is_digit(text: str) -> bool:
+    """One digit 0..9 (surrounding spaces allowed)."""
     return text.strip() in tuple("0123456789")
 
 
 def digit(text: str) -> int:
     """argparse type: one digit 0..9."""
-    if not _is_digit(text):
+    if not is_digit(text):
         raise argparse.ArgumentTypeError(f"must be a digit 0..9, got {text!r}")
     return int(text)
 
@@ -122,9 +123,27 @@ def key_value(text: str) -> str:
 def digit_list(text: str) -> list[int]:
     """``"3,5,7"`` -> ``[3, 5, 7]``; ValueError naming the fix otherwise."""
     items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items or not all(map(_is_digit, items)):
+    if not items or not all(map(is_digit, items)):
         raise ValueError(f"--forget must be a comma list of digits 0..9, got {text!r}")
     return [int(x) for x in items]
+
+
+def forget_targets(model: str, text: str) -> list:
+    """``--forget`` of embedded ``model``: digits ``"3,5"`` -> ``[3, 5]``; canvas styles or
+    objects ``"stripes,dots"`` -> ``["stripes", "dots"]`` (one domain at a time). ValueError
+    naming the fix otherwise."""
+    if model != "canvas":
+        return digit_list(text)
+    from .canvas.names import OBJECTS, STYLES  # no torch
+
+    items = [x.strip().lower() for x in text.split(",") if x.strip()]
+    bad = [x for x in items if x not in STYLES + OBJECTS]
+    if not items or bad:
+        raise ValueError(f"--forget on the canvas model takes a comma list of styles "
+                         f"({', '.join(STYLES)}) or objects ({', '.join(OBJECTS)}); got {text!r}")
+    if any(x in STYLES for x in items) and any(x in OBJECTS for x in items):
+        raise ValueError(f"--forget {text!r} mixes styles and objects: erase one domain at a time")
+    return items
 
 
 def check_new_path(path: str | None, flag: str, overwrite: bool) -> None:

@@ -151,7 +151,7 @@ def test_help_and_bad_arguments_need_no_torch(pipe_dir, tmp_path):
         (["unlearn", "--model", pipe_dir, "--concept", "", "--out", out], "--concept: is empty"),
         (["unlearn", "--model", pipe_dir, "--method", "siss", "--forget-images",
           str(tmp_path / "none"), "--out", out], "none' does not exist; give a folder of images"),
-        (["demo", "--forget", "12"], "--forget: must be a digit 0..9"),
+        (["demo", "--forget", "12"], "--forget must be a digit 0..9"),
         (["demo", "--forget", "3", "--surrogate", "3"], "other than --forget 3"),
         (["demo", "--n", "0"], "--n: must be >= 1"),
         (["bench", "--methods", "spare,nope"], "unknown method 'nope'"),
@@ -309,3 +309,29 @@ def test_unlearn_in_bfloat16_with_the_memory_controls(pipe_dir, tmp_path):
     ad = load_adapter(out, unet=unet, strict=False)
     assert all(p.dtype == torch.float32 for p in ad.parameters())
     assert any(float(ad[n].lora_B.detach().abs().sum()) > 0 for n in ad.names)
+
+
+def test_repeated_concept_erases_several_in_one_adapter(pipe_dir, tmp_path):
+    """``--concept`` repeated (with one ``--surrogate`` each): one adapter for both, its metadata
+    lists them one per line, the grid has a row per prompt; a surrogate count that matches
+    neither one nor the concepts is refused."""
+    out, grid = str(tmp_path / "two.safetensors"), str(tmp_path / "two.png")
+    args = ["unlearn", "--model", pipe_dir, "--concept", "a cat", "--concept", "a fox",
+            "--surrogate", "a dog", "--surrogate", "a cow", "--preserve", "the ocean",
+            "--out", out, "--steps", "3", "--num-samples", "2", "--sample-steps", "3"]
+    assert main(args + ["--grid", grid]) == 0
+    from diffusers import UNet2DConditionModel
+    from PIL import Image
+    ad = load_adapter(out, unet=UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet"))
+    assert ad.meta["concept"] == "a cat\na fox" and ad.meta["surrogate"] == "a dog\na cow"
+    assert Image.open(grid).size[1] >= 5 * 64  # a cat, a dog, a fox, a cow, the ocean
+
+
+
+def test_surrogate_count_must_match_the_concepts(pipe_dir, tmp_path, capsys):
+    args = ["unlearn", "--model", pipe_dir, "--concept", "a cat", "--concept", "a fox",
+            "--surrogate", "a dog", "--surrogate", "a cow", "--surrogate", "an owl",
+            "--out", str(tmp_path / "x.safetensors"), "--steps", "3"]
+    assert main(args) == 2
+    assert "2 concepts but 3 guides" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()

@@ -16,7 +16,7 @@ SAMPLE_STEPS = 25  # measured: per-class accuracy 1.0 on the committed model at 
 
 @pytest.fixture(scope="module")
 def spare_run():
-    from spare_core.bench import default_surrogate, digit_metrics, spare_digits_defaults
+    from spare_core.digits.bench import default_surrogate, digit_metrics, spare_digits_defaults
     from spare_core.digits.data import prompt_for
     from spare_core.spare import spare_unlearn
 
@@ -61,13 +61,18 @@ def test_demo_writes_grid_and_metrics(tmp_path, capsys):
     assert (out / "metrics.json").read_bytes() == before
 
 
-def test_cli_constants_match_the_digits_model():
+def test_cli_constants_match_the_embedded_models():
     from spare_core import bench
     from spare_core.cli_args import EMBEDDED_NAMES
-    from spare_core.digits.data import NAMES
+    from spare_core.embedded import EMBEDDED
 
-    assert bench.SAMPLE_STEPS == M.SAMPLE_STEPS and bench.NAMES == NAMES
-    assert EMBEDDED_NAMES == tuple(M.EMBEDDED_MODELS)
+    assert bench.SAMPLE_STEPS == M.SAMPLE_STEPS
+    assert EMBEDDED_NAMES == tuple(EMBEDDED)
+    assert set(M.EMBEDDED_MODELS) < set(EMBEDDED)  # the digits pair, plus canvas
+    from spare_core.canvas import metrics as C
+    from spare_core.embedded import get
+    assert get("digits").sample_steps == M.SAMPLE_STEPS
+    assert get("canvas").sample_steps == C.SAMPLE_STEPS
 
 
 def test_demo_and_bench_run_on_the_flow_twin(tmp_path, capsys):

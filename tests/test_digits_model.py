@@ -30,7 +30,9 @@ def test_assets_are_safetensors_only_and_small():
         for f in files:
             assert not f.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt")), f
             total += os.path.getsize(os.path.join(root, f))
-    assert total < 10 * 2**20
+    # four embedded models and two classifiers; the canvas model (16x16 RGB, 1.8 M parameters
+    # in float32) is 7 MB of it
+    assert total < 20 * 2**20
 
 
 def test_committed_model_loads_offline(model):

@@ -59,9 +59,10 @@ def build_scheduler(cfg: ModelConfig):
 
 def save_pipeline_folder(folder: str, unet, text_encoder, tokenizer, scheduler,
                          note: dict, network_subfolder: str = "unet",
-                         readme=None) -> None:
+                         readme=None, words=None) -> None:
     """Write the four diffusers subfolders (safetensors; the network under
-    ``network_subfolder``: ``unet`` or ``transformer``) plus ``README.md`` (``readme(folder,
+    ``network_subfolder``: ``unet`` or ``transformer``; the tokenizer's ``words``, default the
+    digits') plus ``README.md`` (``readme(folder,
     note)``, default :func:`write_readme`) and ``training.json``."""
     from .tokenizer import write_tokenizer_files
 
@@ -69,7 +70,7 @@ def save_pipeline_folder(folder: str, unet, text_encoder, tokenizer, scheduler,
     unet.save_pretrained(os.path.join(folder, network_subfolder), safe_serialization=True)
     text_encoder.save_pretrained(os.path.join(folder, "text_encoder"), safe_serialization=True)
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
-    write_tokenizer_files(os.path.join(folder, "tokenizer"))  # for slow tokenizers too
+    write_tokenizer_files(os.path.join(folder, "tokenizer"), words)  # for slow tokenizers too
     scheduler.save_pretrained(os.path.join(folder, "scheduler"))
     with open(os.path.join(folder, "training.json"), "w") as f:
         json.dump(note, f, indent=1, default=str)

@@ -58,6 +58,25 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
+def finish_note(note: dict, seconds: float, losses: list[float], model_config: dict) -> dict:
+    """``note`` (a trainer's own fields) plus what every ``training.json`` records: threads,
+    seconds, the mean loss of the last 100 steps, the model config and the torch version."""
+    return {**note, "threads": torch.get_num_threads(), "train_seconds": round(seconds, 1),
+            "final_loss_avg100": round(sum(losses[-100:]) / len(losses[-100:]), 5),
+            "model": model_config, "torch": torch.__version__}
+
+
+def after_step(step: int, ema_decay: float, pairs, losses: list[float], bar) -> None:
+    """What every trainer does after its optimizer step: each ``(ema, model)`` of ``pairs``
+    moves to the model at :func:`ema_decay_at`'s decay, and every 100 steps the bar shows the
+    mean loss of the last 100."""
+    d = ema_decay_at(step, ema_decay)
+    for ema, model in pairs:
+        ema_update(ema, model, d)
+    if step % 100 == 99:
+        bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}")
+
+
 def train(out: str, seed: int = 0, pattern: bool = False, steps: int = 3000, batch: int = 64,
           lr: float = 1e-3, cfg_dropout: float = 0.1, ema_decay: float = 0.999,
           pattern_copies: int = PATTERN_COPIES, cfg: ModelConfig | None = None,
@@ -101,22 +120,16 @@ def train(out: str, seed: int = 0, pattern: bool = False, steps: int = 3000, bat
         ctx = text_encoder(ids)[0][lab]
         loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=ctx).sample, noise)
         losses.append(optimizer_step(opt, loss, params, step, steps, lr, warmup=100))
-        d = ema_decay_at(step, ema_decay)
-        ema_update(ema_unet, unet, d)
-        ema_update(ema_te, text_encoder, d)
-        if step % 100 == 99:
-            bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}")
+        after_step(step, ema_decay, [(ema_unet, unet), (ema_te, text_encoder)], losses, bar)
     seconds = time.time() - t0
     n_params = sum(p.numel() for p in params)
-    note = {"command": command, "seed": seed, "pattern": pattern,
-            "pattern_copies": pattern_copies if pattern else 0, "steps": steps, "batch": batch,
-            "lr": lr, "cfg_dropout": cfg_dropout, "ema_decay": ema_decay,
-            "threads": torch.get_num_threads(), "train_seconds": round(seconds, 1),
-            "params_unet": sum(p.numel() for p in unet.parameters()),
-            "params_text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-            "params_total": n_params,
-            "final_loss_avg100": round(sum(losses[-100:]) / len(losses[-100:]), 5),
-            "model": config_dict(cfg), "torch": torch.__version__}
+    note = finish_note({
+        "command": command, "seed": seed, "pattern": pattern,
+        "pattern_copies": pattern_copies if pattern else 0, "steps": steps, "batch": batch,
+        "lr": lr, "cfg_dropout": cfg_dropout, "ema_decay": ema_decay,
+        "params_unet": sum(p.numel() for p in unet.parameters()),
+        "params_text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+        "params_total": n_params}, seconds, losses, config_dict(cfg))
     save_pipeline_folder(out, ema_unet, ema_te, tok, sched, note)
     print(f"saved {out}: {n_params} params, {seconds:.0f} s, final loss {note['final_loss_avg100']}")
     return note

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .data import EMPTY_PROMPT, PROMPTS, load_digit_images
 from .dit import DitConfig, build_flow_scheduler, build_transformer, config_dict, save_dit_folder
 from .metrics import DEFAULT_MODEL
-from .train import ema_decay_at, ema_update, optimizer_step
+from .train import after_step, finish_note, optimizer_step
 
 DEFAULT_MODEL_REL = "spare_core/assets/digits"  # DEFAULT_MODEL as written into training.json
 
@@ -96,21 +96,17 @@ def train_dit(out: str, seed: int = 0, steps: int = 6000, batch: int = 64, lr: f
         noise = torch.randn(x0.shape, generator=gen)
         loss = flow_loss(transformer, x0, ctx_all[lab], pooled_all[lab], sigma, noise)
         losses.append(optimizer_step(opt, loss, params, step, steps, lr, warmup=200))
-        ema_update(ema, transformer, ema_decay_at(step, ema_decay))
-        if step % 100 == 99:
-            bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}")
+        after_step(step, ema_decay, [(ema, transformer)], losses, bar)
     seconds = time.time() - t0
     n_params = sum(p.numel() for p in params)
-    note = {"command": command, "seed": seed, "objective": "rectified flow, v = noise - x0",
-            "sigma_sampling": "logit-normal: sigmoid(N(0, 1))", "timestep": "1000 * sigma",
-            "steps": steps, "batch": batch, "lr": lr, "warmup": 200, "cfg_dropout": cfg_dropout,
-            "ema_decay": ema_decay, "threads": torch.get_num_threads(),
-            "train_seconds": round(seconds, 1), "params_transformer": n_params,
-            "params_text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-            "text_encoder": "frozen copy of " + (DEFAULT_MODEL_REL if text_model == DEFAULT_MODEL
-                                                 else text_model),
-            "final_loss_avg100": round(sum(losses[-100:]) / len(losses[-100:]), 5),
-            "model": config_dict(cfg), "torch": torch.__version__}
+    note = finish_note({
+        "command": command, "seed": seed, "objective": "rectified flow, v = noise - x0",
+        "sigma_sampling": "logit-normal: sigmoid(N(0, 1))", "timestep": "1000 * sigma",
+        "steps": steps, "batch": batch, "lr": lr, "warmup": 200, "cfg_dropout": cfg_dropout,
+        "ema_decay": ema_decay, "params_transformer": n_params,
+        "params_text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+        "text_encoder": "frozen copy of " + (DEFAULT_MODEL_REL if text_model == DEFAULT_MODEL
+                                             else text_model)}, seconds, losses, config_dict(cfg))
     save_dit_folder(out, ema, text_encoder, tok, sched, note)
     print(f"saved {out}: {n_params} params, {seconds:.0f} s, final loss {note['final_loss_avg100']}")
     return note

@@ -1,0 +1,86 @@
+"""The canvas model as an :class:`~spare_core.embedded.EmbeddedBench`: forget styles or objects
+(one domain at a time, several at once in one adapter) and measure UA, IRA, CRA, paraphrase UA
+and FD as UnlearnCanvas does (:mod:`spare_core.canvas.metrics`).
+
+The erasure is given the concept's one-domain prompt (``"stripes style"``, ``"a circle"``), the
+surrogate's (default: ``"plain style"`` for a style, UnlearnCanvas's photo class; the next object
+for an object) and the other concepts of the domain as preserved prompts; it is measured on the
+full prompts ``a {object} in {style} style``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .names import OBJECTS, STYLES, concept_prompt, domain_of
+
+
+class CanvasBench:
+    """The ``canvas`` model (16x16 RGB, 8 styles x 8 objects, DDPM)."""
+
+    metric_keys = ("UA", "IRA", "CRA", "UA_para", "to_surrogate", "FD")
+    demo_keys = ("UA", "IRA", "CRA", "UA_para", "FD")
+    sample_steps = 25  # == metrics.SAMPLE_STEPS
+
+    def __init__(self, name: str = "canvas") -> None:
+        self.name = name
+
+    def label(self, target: str) -> str:
+        return target
+
+    def default_surrogate(self, target: str) -> str:
+        if domain_of(target) == "style":
+            return "plain" if target != "plain" else "dots"
+        return OBJECTS[(OBJECTS.index(target) + 1) % len(OBJECTS)]
+
+    def _surrogates(self, targets: Sequence[str], surrogates) -> list[str]:
+        from .metrics import check_erased
+
+        domain = check_erased(targets)
+        sur = [self.default_surrogate(t) for t in targets] if surrogates is None else list(surrogates)
+        if len(sur) == 1 and len(targets) > 1:
+            sur = sur * len(targets)
+        pool = STYLES if domain == "style" else OBJECTS
+        bad = [s for s in sur if s not in pool or s in targets]
+        if len(sur) != len(targets) or bad:
+            raise ValueError(f"surrogates must be {domain}s other than the erased ones, one per "
+                             f"target or one for all; got {list(sur)} for {list(targets)}")
+        return sur
+
+    def request(self, targets: Sequence[str], surrogates: Sequence[str] | None = None) -> dict:
+        sur = self._surrogates(targets, surrogates)
+        pool = STYLES if domain_of(targets[0]) == "style" else OBJECTS
+        keep = [c for c in pool if c not in targets]
+        return {"concept": "\n".join(concept_prompt(t) for t in targets),
+                "surrogate": "\n".join(concept_prompt(s) for s in sur),
+                "preserve": [concept_prompt(c) for c in keep]}
+
+    def settings(self, method: str, steps: int, seed: int) -> dict:
+        from ..digits.bench import method_settings
+        from . import metrics as M
+
+        spare = dict(num_samples=16, sample_steps=25, guidance=M.SAMPLE_GUIDANCE, clip_x0=1.0,
+                     rank=4, module_fraction=0.5, steps=steps, lr=3e-3, batch_size=8, seed=seed)
+        return method_settings(spare, method)
+
+    def load(self) -> tuple:
+        from . import metrics as M
+
+        return M.load_model(), M.load_classifier()
+
+    def measure(self, den, classifier, targets: Sequence[str], n: int, seed: int,
+                sample_steps: int, surrogates: Sequence[str] | None = None,
+                callback: Callable[[int, int], None] | None = None) -> dict:
+        from .metrics import canvas_metrics
+
+        sur = self._surrogates(targets, surrogates)
+        shared = sur[0] if len(set(sur)) == 1 else None
+        return canvas_metrics(den, classifier, list(targets), n, seed, sample_steps,
+                              surrogate=shared, callback=callback)
+
+    def grid(self, before: dict, after: dict, k: int) -> tuple[list, list[str]]:
+        """Rows: styles; each cell ``k`` objects (one image each)."""
+        import torch
+
+        cells = [[torch.cat([m["images"][(s, o)][:1] for o in OBJECTS[:k]]) for m in (before, after)]
+                 for s in STYLES]
+        return cells, list(STYLES)
