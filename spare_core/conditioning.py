@@ -123,11 +123,11 @@ def text_sequence(ctx) -> Tensor:
 
 
 def per_latent_context(denoiser, prompts: Sequence[str], n: int):
-    """Context of one prompt ``[1, L, D]``, or of one prompt per latent ``[n, L, D]`` (each
-    distinct prompt encoded once)."""
-    if len(prompts) == 1:
-        return denoiser.encode(list(prompts))
+    """Context ``[1, L, D]`` when ``prompts`` hold one distinct prompt, else one row per latent
+    ``[n, L, D]`` (each distinct prompt encoded once)."""
     distinct = list(dict.fromkeys(prompts))
+    if len(distinct) == 1:  # one concept: its [1, L, D] context, expanded where it is used
+        return denoiser.encode(distinct)
     ctx = denoiser.encode(distinct)
     return ctx[torch.tensor([distinct.index(p) for p in prompts])]
 
