@@ -12,7 +12,7 @@ import os
 import time
 
 from . import cli_args as A
-from .canvas.names import OBJECTS, STYLES
+from .canvas.names import STYLES
 
 FILES = ("grid.png", "metrics.json")
 
@@ -60,14 +60,12 @@ def check_demo_args(a: argparse.Namespace) -> None:
     if len(forget) != 1:
         raise ValueError(f"--forget takes one target in the demo, got {a.forget!r}")
     a.forget = forget[0]
-    if a.surrogate is None:
-        a.surrogate = _default_surrogate(a.model, a.forget)
-    else:
+    if a.surrogate is not None:  # None: the model's default, EmbeddedBench.default_surrogate
         sur = A.forget_targets(a.model, a.surrogate)
         if len(sur) != 1 or (canvas and (sur[0] in STYLES) != (a.forget in STYLES)):
             raise ValueError(f"--surrogate must be one {'digit' if not canvas else 'concept of the same domain as --forget'}, got {a.surrogate!r}")
         a.surrogate = sur[0]
-    if a.surrogate == a.forget:
+    if a.surrogate is not None and a.surrogate == a.forget:
         raise ValueError(f"--surrogate must be {'a concept' if canvas else 'a digit'} other than "
                          f"--forget {a.forget}")
     a.n = a.n or (3 if canvas else 10)
@@ -75,15 +73,6 @@ def check_demo_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--out {a.out!r} is a file; give a folder")
     for f in FILES:
         A.check_new_path(os.path.join(a.out, f), "--out", a.overwrite)
-
-
-def _default_surrogate(model: str, target):
-    """The bench's default surrogate, without torch (the same rule as the EmbeddedBench's)."""
-    if model != "canvas":
-        return (int(target) + 1) % 10
-    if target in STYLES:
-        return "plain" if target != "plain" else "dots"
-    return OBJECTS[(OBJECTS.index(target) + 1) % len(OBJECTS)]
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -97,6 +86,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     quiet_libraries()
     bench = get(a.model)
     a.sample_steps = a.sample_steps or bench.sample_steps
+    if a.surrogate is None:
+        a.surrogate = bench.default_surrogate(a.forget)
     t_start = time.perf_counter()
     den, clf = bench.load()
     threads = apply_threads(den)
