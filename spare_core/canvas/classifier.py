@@ -67,13 +67,14 @@ def held_out_accuracy(model: CanvasClassifier, n: int = 4096) -> tuple[float, fl
 
 
 def train_classifier(seed: int = 0, steps: int = 3000, batch: int = 128,
-                     noise: float = 0.1) -> tuple[CanvasClassifier, tuple[float, float]]:
+                     noise: float = 0.1,
+                     device: str = "cpu") -> tuple[CanvasClassifier, tuple[float, float]]:
     """Train on fresh renders (Gaussian pixel noise up to ``noise`` as augmentation, as
     generated images are not exact renders); returns the model (eval mode) and its held-out
-    accuracies."""
+    accuracies. Batches are drawn on the CPU and moved to ``device``."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = CanvasClassifier()
+    model = CanvasClassifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
     model.train()
@@ -81,13 +82,13 @@ def train_classifier(seed: int = 0, steps: int = 3000, batch: int = 128,
         s, o = random_labels(batch, gen)
         x = render(s, o, gen)
         x = x + noise * torch.rand(batch, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
-        ls, lo = model(x)
-        loss = F.cross_entropy(ls, s) + F.cross_entropy(lo, o)
+        ls, lo = model(x.to(device))
+        loss = F.cross_entropy(ls, s.to(device)) + F.cross_entropy(lo, o.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    model.eval()
+    model = model.cpu().eval()
     return model, held_out_accuracy(model)
 
 
@@ -115,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    model, acc = train_classifier(a.seed, a.steps)
+    model, acc = train_classifier(a.seed, a.steps, device=a.device)
     save_classifier(model, a.out, acc)
     print(f"held-out accuracy: style {acc[0]:.4f}, object {acc[1]:.4f} (4096 renders); saved {a.out}")
     if min(acc) < 0.98:

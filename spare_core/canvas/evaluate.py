@@ -20,24 +20,24 @@ from .names import OBJECTS, STYLES
 
 def evaluate(model: str, steps: list[int], n: int = 10, seed: int = 0,
              classifier: str = CLASSIFIER, guidance: float = SAMPLE_GUIDANCE,
-             method: str = "ddpm") -> dict:
+             method: str = "ddpm", device: str = "cpu") -> dict:
     """Returns ``{"steps": {s: {"wording0": {...}, "wording1": {...}, "seconds": t}}, ...}``
-    where each wording holds per-prompt ``style_acc`` / ``object_acc`` and their minima."""
+    where each wording holds per-prompt ``style_acc`` / ``object_acc`` and their minima. The model samples on ``device``; the classifier runs on the CPU."""
     from ..families import load_denoiser
 
-    den = load_denoiser(model)
+    den = load_denoiser(model, device=device)
     clf = load_classifier_file(classifier)
     acc = held_out_accuracy(clf)
     rel = os.path.relpath(model)
     out: dict = {"model": rel if not rel.startswith("..") else model, "sampler": method, "guidance": guidance, "n_per_prompt": n,
-                 "seed": seed, "threads": torch.get_num_threads(),
+                 "seed": seed, "threads": torch.get_num_threads(), "device": str(device),
                  "classifier_held_out": {"style": acc[0], "object": acc[1]}, "steps": {}}
     for s in steps:
         row: dict = {}
         t0 = time.time()
         for wording in (0, 1):
             imgs = generate(den, PAIRS, n, seed, wording=wording, steps=s, guidance=guidance,
-                            method=method)
+                            method=method).cpu()
             preds = predictions(clf, imgs, PAIRS, n)
             sa = {f"{st}/{ob}": int((preds[(st, ob)][0] == STYLES.index(st)).sum()) / n
                   for st, ob in PAIRS}
@@ -67,11 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
     p.add_argument("--classifier", default=CLASSIFIER)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     res = {"command": "python -m spare_core.canvas.evaluate " + " ".join(argv or sys.argv[1:]),
-           **evaluate(a.model, a.steps, a.n, a.seed, a.classifier, a.guidance, a.sampler)}
+           **evaluate(a.model, a.steps, a.n, a.seed, a.classifier, a.guidance, a.sampler, a.device)}
     if a.json:
         from ..files import atomic_write_json
         atomic_write_json(res, a.json)
