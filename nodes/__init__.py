@@ -12,6 +12,7 @@ talks to the host, and only when a node runs.
 from .adapter_nodes import ApplyUnlearnAdapter, SparseLoRAInit
 from .data_unlearn_node import DataUnlearn
 from .file_nodes import LoadUnlearnAdapter, SaveUnlearnAdapter
+from .probe_node import ProbeErasure
 from .saliency_nodes import ComputeSaliency, SaliencyPreview
 from .uce_node import UCEErase
 from .unlearn_node import SelfDistillUnlearn
@@ -26,6 +27,7 @@ NODE_CLASS_MAPPINGS = {
     "ApplyUnlearnAdapter": ApplyUnlearnAdapter,
     "SaveUnlearnAdapter": SaveUnlearnAdapter,
     "LoadUnlearnAdapter": LoadUnlearnAdapter,
+    "ProbeErasure": ProbeErasure,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -38,6 +40,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "ApplyUnlearnAdapter": "SPARE Apply Unlearn Adapter",
     "SaveUnlearnAdapter": "SPARE Save Unlearn Adapter",
     "LoadUnlearnAdapter": "SPARE Load Unlearn Adapter",
+    "ProbeErasure": "SPARE Probe Erasure",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

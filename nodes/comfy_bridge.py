@@ -13,7 +13,15 @@ ComfyUI on the path; node modules call only what is defined here. What each piec
   clone's patches are in the shared module), ``.clone()``, ``.add_patches()`` with
   ``("diff", (delta,))``.
 - CLIP (``comfy.sd.CLIP``): ``.tokenize(text)``, ``.encode_from_tokens(tokens,
-  return_pooled=True)`` (as CLIPTextEncode: the sequence and the pooled vector).
+  return_pooled=True)`` (as CLIPTextEncode: the sequence and the pooled vector). For the prompt
+  attack (SD1.x/SD2.x only): ``.cond_stage_model`` (comfy/sd1_clip.py SD1ClipModel, or
+  comfy/text_encoders/sd2_clip.py SD2ClipModel: ``.clip`` names the SDClipModel attribute,
+  ``clip_l`` / ``clip_h``, ``.clip_name`` the key of ``tokenize``'s dict, ``l`` / ``h``), that
+  SDClipModel's ``.special_tokens`` and ``.transformer.get_input_embeddings()`` (the token
+  embedding, called once per chunk row by ``SDClipModel.process_tokens``), and ``.tokenizer``
+  (SD1Tokenizer / SD2Tokenizer: its SDTokenizer at the same ``.clip`` attribute, which wraps a
+  transformers ``CLIPTokenizer`` at ``.tokenizer``).
+- ``.model.process_latent_out(x)``: the LATENT a KSampler outputs from the network's latents.
 - ``comfy.model_management``: ``load_models_gpu([model], force_full_load=True)`` (as TrainLoraNode),
   ``throw_exception_if_processing_interrupted()`` (the interrupt button),
   ``get_free_memory(device)`` (to refuse a full-weight run that cannot fit, before any work).
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
@@ -35,6 +44,7 @@ from torch import Tensor, nn
 from spare_core.conditioning import Context
 from spare_core.denoiser import TRAIN_DTYPES, v_to_eps_and_x0
 from spare_core.families.unet import adaptable_modules
+from spare_core.probe.text import prefix_injected, whole_word_ids, with_placeholders
 from spare_core.process import ForwardProcess
 
 NATIVE_SUFFIX = ".spare.safetensors"
@@ -464,6 +474,146 @@ class ComfyDenoiser:
         if self.family == "flux":
             extras["guidance"] = torch.tensor([self.guidance])
         return extras
+
+    def prompt_access(self) -> "ComfyPromptAccess":
+        """spare_core.probe's differentiable prompt access over this CLIP (SD1.x/SD2.x only:
+        :func:`check_prompt_attack`), contexts shaped as :meth:`encode` gives them."""
+        check_prompt_attack(self.model)
+        return ComfyPromptAccess(self.clip, self.context_length)
+
+
+# ---------------------------------------------------------------- the prompt attack's CLIP
+PROBE_SUPPORTED = "the adversarial probe supports SD1.x/SD2.x checkpoints (one CLIP)"
+
+
+def check_prompt_attack(model, clip=None, prompts: Sequence[str] = (), tokens: int = 0) -> None:
+    """ValueError, before any work, unless the prompt attack can run: an SD1.x/SD2.x MODEL (one
+    CLIP text encoder; SDXL, SD3 and Flux condition on several), and with ``clip``, a CLIP laid
+    out as ComfyUI's SD1.x/SD2.x one whose first chunk holds each prompt plus ``tokens``."""
+    family = model_family(model)
+    if family != "sd":
+        raise ValueError(f"this MODEL is {type(model.model).__name__} ({family}); "
+                         f"{PROBE_SUPPORTED}; SDXL, SD3 and Flux read several text encoders: "
+                         "probe an SD1.x/SD2.x checkpoint (the erasure nodes themselves take "
+                         f"{SUPPORTED})")
+    if clip is not None:
+        access = ComfyPromptAccess(clip)
+        for p in prompts:
+            access.tokens(p, tokens)
+
+
+@contextmanager
+def _inputs_copied(module: nn.Module) -> Iterator[None]:
+    """While open, every leaf module of ``module`` runs on copies of its tensor inputs that need
+    gradients. ComfyUI's CLIP layers add their residuals in place (comfy/clip_model.py
+    CLIPLayer: ``x += self.self_attn(self.layer_norm1(x), ...)``), which changes the input the
+    LayerNorm saved for backward; on a copy, backward gets what the forward saw."""
+    def copy(value):
+        return value.clone() if isinstance(value, Tensor) and value.requires_grad else value
+
+    def hook(_module, args, kwargs):
+        return tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()}
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
+               for m in module.modules() if next(m.children(), None) is None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class ComfyPromptAccess:
+    """spare_core.probe.text.PromptAccess over ComfyUI's SD1.x (CLIP-L) / SD2.x (OpenCLIP-H)
+    CLIP: the token table is the SDClipModel's input embedding; ``encode`` tokenizes as
+    CLIPTextEncode does, puts ``k`` placeholders (the start token) right after the start token
+    of the first chunk (77 tokens kept: the last ``k`` pads drop out; a prompt that would lose
+    tokens is refused), and encodes with ``CLIP.encode_from_tokens`` (clip skip, weights and
+    embeddings as ComfyUI applies them) while a hook on the embedding puts the prefix in place
+    of the placeholders (and the layers run on copies of their inputs: :func:`_inputs_copied`).
+    Gradients reach the prefix, never the CLIP's weights (frozen)."""
+
+    def __init__(self, clip, context_length: int | None = None) -> None:
+        stage = getattr(clip, "cond_stage_model", None)
+        name = getattr(stage, "clip", None)
+        encoder = getattr(stage, name, None) if isinstance(name, str) else None
+        tokenizer = getattr(getattr(clip, "tokenizer", None), name or "", None)
+        if encoder is None or tokenizer is None or name not in ("clip_l", "clip_h"):
+            raise ValueError(f"this CLIP is not the one CLIP of an SD1.x/SD2.x checkpoint; "
+                             f"{PROBE_SUPPORTED}: connect the CLIP output of the same "
+                             "checkpoint loader as the MODEL")
+        self.clip, self.key, self.encoder = clip, stage.clip_name, encoder
+        self.embedding = encoder.transformer.get_input_embeddings()
+        self.tokenizer = tokenizer.tokenizer
+        self.special = dict(encoder.special_tokens)
+        self.context_length = context_length
+
+    def table(self) -> tuple[Tensor, Tensor]:
+        """The embedding ``[V, D]`` and the whole-word tokens (``whole_word_ids``: the found
+        prompt then types back to the attacked tokens), start/end/pad left out."""
+        weight = self.embedding.weight.detach()
+        special = {int(self.special[k]) for k in ("start", "end", "pad") if k in self.special}
+        ids = [i for i in whole_word_ids(self.tokenizer, weight.shape[0]).tolist()
+               if i not in special]
+        return weight, torch.tensor(ids, dtype=torch.long, device=weight.device)
+
+    def tokens(self, prompt: str, k: int) -> dict:
+        """``CLIP.tokenize(prompt)`` with ``k`` placeholders after the start token (one chunk)."""
+        tokens = self.clip.tokenize(prompt)
+        chunks = tokens[self.key]
+        row = chunks[0]
+        if len(chunks) > 1:
+            raise ValueError(f"prompt {prompt!r} fills more than one {len(row)}-token CLIP "
+                             f"chunk; the attack puts its {k} tokens into the first: use a "
+                             "shorter prompt")
+        end = self.special.get("end", self.special.get("pad"))
+        n = next((i + 1 for i, (t, *_) in enumerate(row)
+                  if i and isinstance(t, numbers.Integral) and int(t) == end), len(row))
+        try:
+            order = with_placeholders(torch.arange(len(row))[None], k, torch.tensor([n]), len(row))
+        except ValueError as e:
+            raise ValueError(f"prompt {prompt!r}: {e}") from None
+        return {**tokens, self.key: [[row[i] for i in order[0].tolist()]]}
+
+    def encode(self, prefix: Tensor, prompts: Sequence[str]) -> Tensor:
+        k, start = prefix.shape[1], int(self.special["start"])
+        out = []
+        with torch.inference_mode(False), torch.enable_grad():
+            _normalize_inference_params(self.encoder)  # CLIP loads under inference mode too
+            for i, p in enumerate(prompts):
+                row = prefix[i:i + 1] if prefix.shape[0] > 1 else prefix
+                tokens = self.tokens(p, k)
+                # only rows holding the placeholders (the start id): process_tokens embeds every
+                # chunk row in its own call, including the empty-prompt row that
+                # ClipTokenWeightEncoder adds for a prompt with (word:1.2) weights
+                with prefix_injected(self.embedding, row, 1, start), _inputs_copied(self.encoder):
+                    cond = self.clip.encode_from_tokens(tokens)
+                out.append((cond[0] if isinstance(cond, (tuple, list)) else cond).float())
+            seq = torch.cat(out)
+        if self.context_length:  # as ComfyDenoiser.encode: repeated to the run's length
+            seq = seq.repeat(1, self.context_length // seq.shape[1], 1)
+        return seq
+
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    @property
+    def end_id(self) -> int:
+        return int(self.special.get("end", self.special.get("pad")))
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The tokens' words as ComfyUI reads a typed prompt: parentheses escaped (``\\(``), which
+        CLIPTextEncode would otherwise take for ``(word:weight)`` emphasis."""
+        words = self.tokenizer.decode([int(i) for i in ids]).strip()
+        return words.replace("(", "\\(").replace(")", "\\)")
+
+
+def latent_output(model, latents: Tensor) -> dict:
+    """The LATENT a KSampler on MODEL would output for the network's latents ``[B, C, H, W]``
+    (``BaseModel.process_latent_out``: the latent format's scaling undone), on the CPU."""
+    with torch.inference_mode(False), torch.no_grad():
+        samples = model.model.process_latent_out(latents.detach().float().cpu())
+        return {"samples": samples.clone()}
 
 
 def encode_images(model, vae, images: Tensor) -> Tensor:

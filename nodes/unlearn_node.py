@@ -6,6 +6,7 @@ import logging
 
 from spare_core.adapter import UnlearnAdapter
 from spare_core.loop import UnlearnConfig, unlearn
+from spare_core.probe.adversarial import AdversarialConceptTask
 from spare_core.tasks import ConceptTask, PoolConfig
 from spare_core.objectives import make_objective
 from spare_core.timesteps import GAP_BINS, TIMESTEP_SAMPLERS
@@ -100,6 +101,12 @@ class SelfDistillUnlearn:
                 "pool_steps": ("INT", {"default": 25, "min": 1, "max": 1000,
                                        "tooltip": "DDIM steps per generated latent."}),
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+                "adversarial": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Train against the prompt attack (as Probe Erasure runs it): every "
+                               "5 steps 5 attack steps, and half as many extra forget rows on "
+                               "the attack's prompt. Makes the erasure hold under adversarial "
+                               "prompts; about twice the time. SD1.x/SD2.x only."}),
                 **MEMORY_INPUTS,
             },
         }
@@ -107,8 +114,8 @@ class SelfDistillUnlearn:
     def run(self, model, clip, adapter: UnlearnAdapter, concept: str, surrogate: str,
             preserve: str, steps: int, lr: float, timestep_sampler: str, objective: str,
             seed: int, batch_size: int = 2, width: int = 512, height: int = 512,
-            pool_size: int = 8, pool_steps: int = 25, cfg: float = 7.5, micro_batch: int = 1,
-            gradient_checkpointing: bool = True) -> tuple[UnlearnAdapter]:
+            pool_size: int = 8, pool_steps: int = 25, cfg: float = 7.5, adversarial: bool = False,
+            micro_batch: int = 1, gradient_checkpointing: bool = True) -> tuple[UnlearnAdapter]:
         adapter = require_adapter(adapter)
         # empty: the concept the adapter's saliency was computed for, so the artist types it once
         concept = (concept or "").strip() or adapter.meta.get("concept", "")
@@ -127,6 +134,10 @@ class SelfDistillUnlearn:
                                            batch_size=int(micro_batch)))
         task.validate()
         pairs = task.pairs
+        if adversarial and bridge.model_family(model) != "sd":
+            raise ValueError("adversarial training runs the prompt attack, which needs the one "
+                             "CLIP of an SD1.x/SD2.x checkpoint; switch adversarial off for "
+                             f"{bridge.model_family(model)}")
         config = UnlearnConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
                                seed=int(seed), timestep_sampler=timestep_sampler,
                                gradient_checkpointing=bool(gradient_checkpointing),
@@ -151,6 +162,8 @@ class SelfDistillUnlearn:
                                        prompts=[*dict.fromkeys(x for pair in pairs for x in pair), *keep])  # CLIP first
             bridge.load_for_compute(model)
             bar = bridge.Progress(pools + steps)
+            if adversarial:
+                task = AdversarialConceptTask(task, seed=int(seed))
             result = unlearn(den, trained, task, objective=obj, config=config,
                              progress=bar.phase(pools, steps), should_stop=bridge.should_stop,
                              prepare_progress=PoolProgress(bar, pool_steps))
@@ -162,7 +175,7 @@ class SelfDistillUnlearn:
                             preserve=json.dumps([] if "preserve" in ignored else keep),
                             method="spare" if objective == "self_distill" else f"sparse_lora+{objective}",
                             objective=objective, steps=str(steps), lr=repr(float(lr)),
-                            timestep_sampler=timestep_sampler,
+                            timestep_sampler=timestep_sampler, adversarial=str(bool(adversarial)).lower(),
                             final_loss=repr(losses[-1]) if losses else "")
         log.info("SelfDistillUnlearn: %d steps in %.1fs, %d trainable parameters, loss %.4g -> %.4g",
                  len(losses), result.history.get("seconds", 0.0), trained.num_trainable(),

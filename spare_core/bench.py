@@ -118,10 +118,13 @@ def _bars(bars, label: str):
 
 
 def bench_concepts(methods, targets, *, n: int, steps: int, seed: int, sample_steps: int,
-                   log=print, bars=None, model: str = "digits", together: bool = False) -> list[Row]:
+                   log=print, bars=None, model: str = "digits", together: bool = False,
+                   probe=None) -> list[Row]:
     """Rows of the concept bench on embedded ``model`` (:data:`spare_core.embedded.EMBEDDED`):
     one group per target, or one group of all ``targets`` erased in one adapter when
-    ``together``; ``bars`` (a PhaseBars) draws every phase's progress."""
+    ``together``; ``bars`` (a PhaseBars) draws every phase's progress. ``probe`` (an
+    :class:`~spare_core.probe.attack.AttackConfig`) adds the model's ``probe_keys``: ASR of the
+    prompt attack on every method's model (paraphrase UA on the original's row too)."""
     from .embedded import get
     from .threads import apply as apply_threads
 
@@ -136,6 +139,8 @@ def bench_concepts(methods, targets, *, n: int, steps: int, seed: int, sample_st
         base = bench.measure(den, clf, group, n, seed, sample_steps, callback=b.sampler("evaluate"))
         b.close()
         rows.append(Row("original", label, {k: base[k] for k in keys if k in base}))
+        if probe is not None:
+            rows[-1].values.update(bench.probe(den, clf, group, base, n, seed, sample_steps))
         log(format_row(rows[-1]))
         for v in methods:
             b = _bars(bars, f"{v.label}, {label}")
@@ -146,9 +151,13 @@ def bench_concepts(methods, targets, *, n: int, steps: int, seed: int, sample_st
             with res.adapter.applied(den.unet):
                 m = bench.measure(den, clf, group, n, seed, sample_steps,
                                   callback=b.sampler("evaluate after"))
+                if probe is not None:
+                    b.close()
+                    m.update(bench.probe(den, clf, group, base, n, seed, sample_steps, probe))
+                    log(f"  {v.label} {label} attack prompts: {m['attack_prompts']}")
             b.close()
             rows.append(Row(v.label, label, {
-                **{k: m[k] for k in keys if k in m},
+                **{k: m[k] for k in keys + getattr(bench, "probe_keys", ()) if k in m},
                 "seconds": secs, "trainable": res.adapter.num_trainable(),
                 "adapter_kB": adapter_bytes(res.adapter) / 1024, "peak_rss_MB": peak_rss_mb()}))
             log(format_row(rows[-1]))
@@ -201,7 +210,7 @@ def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log
     return rows
 
 
-COLUMNS = ["UA", "RA", "IRA", "CRA", "UA_para", "to_surrogate", "FD", "FD_forget", "FD_retain",
+COLUMNS = ["UA", "RA", "IRA", "CRA", "UA_para", "ASR", "ASR_found", "to_surrogate", "FD", "FD_forget", "FD_retain",
            "pattern_rate", "FD_rest", "seconds", "trainable", "adapter_kB", "peak_rss_MB"]
 
 
@@ -282,6 +291,14 @@ def add_command(sub) -> None:
                         "50 for digits, 25 for canvas)")
     p.add_argument("--seeds", default="0",
                    help="comma list of seeds (training and sampling); the table shows mean ± std")
+    p.add_argument("--probe", action="store_true",
+                   help="does the erasure hold: add the attack success rate (ASR) of the "
+                        "UnlearnDiffAtk-style prompt attack on every method's model, and "
+                        "paraphrase UA (digits, canvas), as columns")
+    p.add_argument("--attack-steps", type=A.positive_int, default=40,
+                   help="optimisation steps of the prompt attack (with --probe)")
+    p.add_argument("--attack-tokens", type=A.positive_int, default=5,
+                   help="prefix tokens the attack optimises (with --probe)")
     p.add_argument("--markdown", default=None,
                    help="also append the command and the table to this Markdown file")
     p.set_defaults(func=cmd_bench, check=check_bench_args)
@@ -325,6 +342,10 @@ def check_bench_args(a: argparse.Namespace) -> None:
     if a.together and a.model != "canvas":
         raise ValueError("--together erases several concepts at once on the canvas model; add "
                          "--model canvas")
+    if a.probe and (a.data_unlearning or a.model == "digits-dit"):
+        raise ValueError("--probe attacks concept erasures on models with one CLIP text "
+                         "encoder: use --model digits or --model canvas, without "
+                         "--data-unlearning")
     if a.markdown and os.path.isdir(a.markdown):
         raise ValueError(f"--markdown {a.markdown!r} is a folder; give a .md file to append to")
 
@@ -342,9 +363,15 @@ def cmd_bench(a: argparse.Namespace) -> int:
                     for sd in a.seed_list]
         else:
             methods = parse_methods(a.methods or "spare", CONCEPT_METHODS)
+            probe = None
+            if a.probe:
+                from .probe import AttackConfig
+                probe = AttackConfig(tokens=a.attack_tokens, steps=a.attack_steps)
             runs = [bench_concepts(methods, a.targets, n=a.n, steps=a.steps, seed=sd,
                                    sample_steps=a.sample_steps or get(a.model).sample_steps, bars=bars, log=bars_print(bars),
-                                   model=a.model, together=a.together)
+                                   model=a.model, together=a.together,
+                                   probe=None if probe is None else
+                                   AttackConfig(tokens=probe.tokens, steps=probe.steps, seed=sd))
                     for sd in a.seed_list]
     table = markdown_table(mean_over_seeds(runs))
     print()

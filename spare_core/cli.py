@@ -1,4 +1,5 @@
-"""The ``spare`` command line: spare unlearn (any method of the engine), spare demo, spare bench.
+"""The ``spare`` command line: spare unlearn (any method of the engine), spare demo, spare bench,
+spare probe.
 
 Every argument is checked before torch is imported (a bad one costs a fraction of a second);
 existing files are never replaced without ``--overwrite``; Ctrl-C exits with status 130 and one
@@ -285,13 +286,14 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``spare`` parser (building it imports no torch)."""
-    from . import bench, demo  # both on the embedded digits model; torch-free at import
+    from . import bench, demo, probe_cli  # torch-free at import
 
     parser = argparse.ArgumentParser(prog="spare", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _add_unlearn(sub)
     demo.add_command(sub)
     bench.add_command(sub)
+    probe_cli.add_command(sub)
     return parser
 
 

@@ -10,7 +10,10 @@ An :class:`EmbeddedBench` knows its model's prompts, classifier and metrics:
   ``preserve`` (several targets: one concept per line, erased in one adapter);
 - ``settings(method, steps, seed)``: ``run_method``'s sampling and training settings;
 - ``measure(den, clf, targets, ...)``: the metric values (``metric_keys``) plus the ``images`` a
-  grid shows; ``grid(before, after, k)``: the demo's cells and row labels.
+  grid shows; ``grid(before, after, k)``: the demo's cells and row labels;
+- ``probe(den, clf, targets, before, ...)``: does the erasure hold (``probe_keys``): attack
+  success rate of the prompt attack (:mod:`spare_core.probe`) and, where the metrics lack it,
+  paraphrase UA.
 
 Implementations: :class:`spare_core.digits.bench.DigitsBench`,
 :class:`spare_core.canvas.bench.CanvasBench`.
@@ -29,6 +32,7 @@ class EmbeddedBench(Protocol):
     name: str
     metric_keys: tuple[str, ...]       # the bench table's metric columns, in order
     demo_keys: tuple[str, ...]         # what the demo prints before/after
+    probe_keys: tuple[str, ...]        # what ``probe`` adds (bench --probe)
     sample_steps: int                  # the evaluation sampler's default steps
 
     def label(self, target) -> str: ...
@@ -44,6 +48,9 @@ class EmbeddedBench(Protocol):
     def measure(self, den, classifier, targets: Sequence, n: int, seed: int, sample_steps: int,
                 surrogates: Sequence | None = None,
                 callback: Callable[[int, int], None] | None = None) -> dict: ...
+
+    def probe(self, den, classifier, targets: Sequence, before: dict, n: int, seed: int,
+              sample_steps: int, attack=None) -> dict: ...
 
     def grid(self, before: dict, after: dict, k: int) -> tuple[list, list[str]]: ...
 

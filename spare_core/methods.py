@@ -79,7 +79,8 @@ METHODS: dict[str, MethodSpec] = {
     "spare": MethodSpec(
         "concept", "self_distill",
         {"rank": 4, "alpha": None, "module_fraction": 0.25, "mask_fraction": None,
-         "module_selection": "saliency", "forget_weight": 1.0, "preserve_weight": 1.0},
+         "module_selection": "saliency", "forget_weight": 1.0, "preserve_weight": 1.0,
+         "adversarial": False, "adv_every": 5, "adv_steps": 5, "adv_fraction": 0.5},
         default_lr=1e-3, reference="spare_core.spare.spare_unlearn defaults"),
     "salun": MethodSpec(
         "concept", "salun_rl",
@@ -289,6 +290,12 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
                saliency_batch_size=8) -> UnlearnResult:
     from .spare import spare_unlearn
 
+    adversarial = None
+    if hp["adversarial"]:
+        from .probe.adversarial import AdversarialConfig
+        adversarial = AdversarialConfig(every=hp["adv_every"], attack_steps=hp["adv_steps"],
+                                        fraction=hp["adv_fraction"])
+        adversarial.validate()
     res = spare_unlearn(denoiser, concept, surrogate, list(preserve), num_samples=num_samples,
                         sample_steps=sample_steps, guidance=guidance, clip_x0=clip_x0,
                         rank=hp["rank"], alpha=hp["alpha"], module_fraction=hp["module_fraction"],
@@ -299,7 +306,7 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
                         seed=config.seed, progress=progress, should_stop=should_stop,
                         phase_progress=phase_progress, saliency_batch_size=saliency_batch_size,
                         gradient_checkpointing=config.gradient_checkpointing,
-                        backward_per_term=config.backward_per_term)
+                        backward_per_term=config.backward_per_term, adversarial=adversarial)
     out = UnlearnResult(res.adapter, dict(res.history))
     out.saliency = res.saliency
     return _finish(out, "spare", config)

@@ -31,7 +31,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                   timestep_sampler: str = "concept",
                   forget_weight: float = 1.0, preserve_weight: float = 1.0, seed: int = 0,
                   saliency_batch_size: int = 8, gradient_checkpointing: bool = False,
-                  backward_per_term: bool = False,
+                  backward_per_term: bool = False, adversarial=None,
                   progress: Callable[[int, int, float], None] | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   phase_progress: Callable[[str, int, int], None] | None = None) -> SpareResult:
@@ -48,10 +48,17 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     reports the phases before training (``"concept samples"``, ``"saliency"``, ``"preserve pool
     i"``, ``"timestep gaps"``); ``progress(step, steps, loss)`` the training steps.
     ``module_selection="random"`` adapts as many random modules instead of the most salient ones
-    (an ablation control; see ``sparse_lora_from_saliency``).
+    (an ablation control; see ``sparse_lora_from_saliency``). ``adversarial`` (True or an
+    :class:`~spare_core.probe.adversarial.AdversarialConfig`) trains against the prompt attack
+    (:mod:`spare_core.probe.adversarial`); its seconds are in ``history["attack_seconds"]``.
     """
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
-    task = ConceptTask(concept, surrogate, list(preserve), pool=pool)
+    task = concept_task = ConceptTask(concept, surrogate, list(preserve), pool=pool)
+    if adversarial:
+        from .probe.adversarial import AdversarialConceptTask, AdversarialConfig
+
+        adv = adversarial if isinstance(adversarial, AdversarialConfig) else AdversarialConfig()
+        task = AdversarialConceptTask(concept_task, adv, seed=seed)
     task.validate(denoiser)
     config = UnlearnConfig(steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                            timestep_sampler=timestep_sampler,
@@ -81,10 +88,12 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                                         mask_fraction=mask_fraction,
                                         selection=module_selection, seed=seed)
     adapter.meta.update(method="spare", surrogate=surrogate)
-    task.concept_latents = latents
+    concept_task.concept_latents = latents
     res = unlearn(denoiser, adapter, task, "self_distill", config,
                   objective_kwargs={"forget_weight": forget_weight, "preserve_weight": preserve_weight},
                   progress=progress, should_stop=should_stop, prepare_progress=phase_progress)
+    if adversarial:
+        res.history["attack_seconds"] = task.attack_seconds
     return SpareResult(res.adapter, sal, res.history)
 
 

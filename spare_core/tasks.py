@@ -173,4 +173,5 @@ class ConceptTask:
             tp = self.sampler(batch_size, gen)
             preserve = _part(x0, self._pctx[which], tp, gen, proc, dev, dtype)
         return Batch(forget, preserve, sur.to(dev, dtype),
-                     self._uncond.to(dev, dtype), proc)
+                     self._uncond.to(dev, dtype), proc,
+                     extras={"concept": self._owner[idx]})  # concept line of each forget row

@@ -28,7 +28,12 @@ node ComfyUI executes, so weights are inference tensors):
   openaimodel.UNetModel: ``forward(x, timesteps, context=, control=, transformer_options=)``.
 - :class:`ModelSamplingDiscrete` (comfy/model_sampling.py): ``sigmas`` of SD's scaled-linear schedule.
 - :class:`CLIP` (comfy/sd.py): ``tokenize(text)`` -> ``{"l": [[(token, weight), ...], ...]}`` in
-  chunks (77 tokens in ComfyUI, 32 here), ``encode_from_tokens(tokens)`` -> ``[1, 32*chunks, D]``.
+  chunks (77 tokens in ComfyUI, 32 here), ``encode_from_tokens(tokens)`` -> ``[1, 32*chunks, D]``;
+  laid out as SD1.x's (``clip_l``, key ``l``) or SD2.x's (``clip_h``, key ``h``) for the prompt
+  attack: ``cond_stage_model`` (SD1ClipModel: ``clip``, ``clip_name``, the
+  :class:`SDClipModel`), ``tokenizer`` (SD1Tokenizer: the SDTokenizer at ``clip``, its
+  ``tokenizer`` a transformers CLIPTokenizer).
+- ``BaseModel.process_latent_out(latent)``: what a KSampler outputs (SD1.5's scale undone).
 Host behaviour the tests need, not the pack:
 - :meth:`Host.run`: execution.py (inputs checked against INPUT_TYPES, run under inference mode).
 - :meth:`Host.load_lora`: comfy.sd.load_lora_for_models + comfy.lora.model_lora_keys_unet
@@ -133,6 +138,9 @@ class BaseModel(nn.Module):
     def process_latent_in(self, latent: torch.Tensor) -> torch.Tensor:
         return latent * 0.18215  # latent_formats.SD15.process_in
 
+    def process_latent_out(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent / 0.18215  # latent_formats.SD15.process_out
+
 
 def store_weights_as(model: "ModelPatcher", storage: torch.dtype, compute: torch.dtype) -> None:
     """What UNETLoader(weight_dtype=fp8_e4m3fn) gives: Linear/Conv2d weights stored in
@@ -235,25 +243,68 @@ class ModelPatcher:
         self.model.current_weight_patches_uuid = self.patches_uuid
 
 
+class SDClipModel(nn.Module):
+    """comfy/sd1_clip.py SDClipModel: ``transformer`` (``get_input_embeddings()`` is the token
+    embedding, which ``process_tokens`` calls once per chunk row), ``special_tokens``; frozen.
+    Its layers add their residuals in place, as comfy/clip_model.py CLIPLayer does (``x +=
+    self.self_attn(self.layer_norm1(x), ...)``): same values, but what a LayerNorm saved for
+    backward is changed afterwards."""
+
+    def __init__(self, transformer: nn.Module, special_tokens: dict) -> None:
+        super().__init__()
+        self.transformer = transformer.requires_grad_(False)
+        self.special_tokens = special_tokens
+        for layer in getattr(transformer, "text_model", transformer).encoder.layers:
+            def forward(hidden_states, attention_mask=None, _l=layer, **kwargs):
+                x = hidden_states
+                x += _l.self_attn(hidden_states=_l.layer_norm1(x), attention_mask=attention_mask,
+                                  **kwargs)[0]
+                x += _l.mlp(_l.layer_norm2(x))
+                return x
+            layer.forward = forward
+
+
+class SD1ClipModel(nn.Module):
+    """comfy/sd1_clip.py SD1ClipModel (SD2ClipModel with ``clip_name="h"``): the SDClipModel at
+    attribute ``clip`` (``clip_l`` / ``clip_h``), ``clip_name`` the key of the token dict."""
+
+    def __init__(self, model: SDClipModel, clip_name: str = "l") -> None:
+        super().__init__()
+        self.clip_name, self.clip = clip_name, f"clip_{clip_name}"
+        setattr(self, self.clip, model)
+
+
 class CLIP:
-    def __init__(self, seed: int = 0, cond_gain: float = 8.0) -> None:
-        self.tokenizer = char_tokenizer(CHUNK)
+    def __init__(self, seed: int = 0, cond_gain: float = 8.0, clip_name: str = "l") -> None:
+        tok = char_tokenizer(CHUNK)
+        self.key = clip_name
+        # SD1Tokenizer: the SDTokenizer at .clip_l (SD2Tokenizer: .clip_h), CLIPTokenizer inside
+        self.tokenizer = SimpleNamespace(clip=f"clip_{clip_name}", clip_name=clip_name)
+        setattr(self.tokenizer, self.tokenizer.clip, SimpleNamespace(tokenizer=tok))
         with torch.inference_mode():
-            self.encoder = tiny_text_encoder(len(self.tokenizer.get_vocab()), seed=seed,
-                                             max_len=CHUNK)
-            self.encoder.final_layer_norm.weight.mul_(cond_gain)  # make prompts matter
+            encoder = tiny_text_encoder(len(tok.get_vocab()), seed=seed, max_len=CHUNK)
+            encoder.final_layer_norm.weight.mul_(cond_gain)  # make prompts matter
+            special = {"start": tok.bos_token_id, "end": tok.eos_token_id, "pad": tok.eos_token_id}
+            self.cond_stage_model = SD1ClipModel(SDClipModel(encoder, special), clip_name)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return getattr(self.cond_stage_model, self.cond_stage_model.clip).transformer
 
     def tokenize(self, text: str) -> dict:
-        ids = self.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        tok = getattr(self.tokenizer, self.tokenizer.clip).tokenizer
+        ids = tok(text, add_special_tokens=False, verbose=False).input_ids
+        bos, eos = tok.bos_token_id, tok.eos_token_id
         body = CHUNK - 2
         chunks = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
-        return {"l": [[(t, 1.0) for t in [bos, *c, eos] + [eos] * (body - len(c))] for c in chunks]}
+        return {self.key: [[(t, 1.0) for t in [bos, *c, eos] + [eos] * (body - len(c))]
+                           for c in chunks]}
 
     def encode_from_tokens(self, tokens: dict, return_pooled=False, return_dict=False):
-        ids = torch.tensor([[t for t, _ in chunk] for chunk in tokens["l"]])
-        out = self.encoder(ids)
-        cond = out.last_hidden_state.reshape(1, -1, out.last_hidden_state.shape[-1])
+        rows = [torch.tensor([[t for t, _ in chunk]]) for chunk in tokens[self.key]]
+        outs = [self.encoder(ids) for ids in rows]  # one row at a time, as process_tokens
+        cond = torch.cat([o.last_hidden_state for o in outs], 1)
+        out = outs[0]
         if return_dict:
             return {"cond": cond, "pooled_output": out.pooler_output[:1]}
         return (cond, out.pooler_output[:1]) if return_pooled else cond

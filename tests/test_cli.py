@@ -157,8 +157,15 @@ def test_help_and_bad_arguments_need_no_torch(pipe_dir, tmp_path):
         (["bench", "--methods", "spare,nope"], "unknown method 'nope'"),
         (["bench", "--forget", "3,x"], "--forget must be a comma list of digits"),
         (["bench", "--steps", "-5"], "--steps: must be >= 1"),
+        (["bench", "--probe", "--model", "digits-dit"], "--probe attacks concept erasures"),
+        (["bench", "--probe", "--data-unlearning"], "--probe attacks concept erasures"),
+        (["probe", "--model", pipe_dir, "--adapter", str(tmp_path / "none.safetensors"),
+          "--concept", "a cat"], "does not exist: give the .safetensors file"),
+        (["probe", "--model", pipe_dir, "--adapter", pipe_dir, "--concept", "a cat",
+          "--attack-steps", "0"], "--attack-steps: must be >= 1"),
     ]
-    helps = [["--help"], ["unlearn", "--help"], ["demo", "--help"], ["bench", "--help"]]
+    helps = [["--help"], ["unlearn", "--help"], ["demo", "--help"], ["bench", "--help"],
+             ["probe", "--help"]]
     results = _no_torch_cli([c for c, _ in cases] + helps)
     for (argv, message), (rc, _, err, secs) in zip(cases, results):
         assert rc == 2 and message in err, (argv, err)
@@ -166,7 +173,7 @@ def test_help_and_bad_arguments_need_no_torch(pipe_dir, tmp_path):
     for argv, (rc, text, err, _) in zip(helps, results[len(cases):]):
         assert rc == 0 and not err, argv
         assert "``" not in text and ":data:" not in text, text
-    unlearn_help, demo_help, bench_help = (r[1] for r in results[len(cases) + 1:])
+    unlearn_help, demo_help, bench_help, _ = (r[1] for r in results[len(cases) + 1:])
     for flag, default in [("--steps", "200"), ("--guidance", "7.5"), ("--batch-size", "4"),
                           ("--seed", "0"), ("--device", "auto"), ("--sample-steps", "25")]:
         block = " ".join(unlearn_help.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0].split())
@@ -335,3 +342,22 @@ def test_surrogate_count_must_match_the_concepts(pipe_dir, tmp_path, capsys):
     assert main(args) == 2
     assert "2 concepts but 3 guides" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_probe_attacks_the_erased_model_and_writes_grid_and_json(pipe_dir, tmp_path, capsys):
+    import json
+
+    out = str(tmp_path / "a.safetensors")
+    assert main(_args(pipe_dir, out)) == 0
+    grid, js = str(tmp_path / "probe.png"), str(tmp_path / "probe.json")
+    args = ["probe", "--model", pipe_dir, "--adapter", out, "--concept", "a cat",
+            "--attack-steps", "2", "--attack-tokens", "2", "--num-images", "2",
+            "--sample-steps", "2", "--grid", grid, "--json", js, "--paraphrase", "a kitten"]
+    assert main(args) == 0
+    found = json.load(open(js))["found"]["a cat"]
+    assert found.endswith(" a cat") and len(found.split()) == 4
+    assert f"found prompt {found!r}" in capsys.readouterr().out
+    from PIL import Image
+    w, h = Image.open(grid).size
+    assert w > 3 * 2 * 64 and h >= 2 * 64  # original, erased, found prompt; paraphrase row
+    assert main(args) == 2 and "--grid" in capsys.readouterr().err  # no overwrite

@@ -32,7 +32,10 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
    explicitly on and explicitly off: both train, and their adapters change the concept's samples
    alike;
 10. loads the UNet alone with the stock UNETLoader at weight_dtype fp8_e4m3fn: ComputeSaliency
-    fails at once naming the fix, and a LoRA made on the normal checkpoint trains on it.
+    fails at once naming the fix, and a LoRA made on the normal checkpoint trains on it;
+11. enables the UI workflow's bypassed *Probe the erasure* group and queues what the frontend
+    would: ProbeErasure attacks the patched model through ComfyUI's own CLIP-L (its token
+    embedding hooked), reports the found prompt, and its two LATENTs decode to previews.
 """
 from __future__ import annotations
 
@@ -49,8 +52,9 @@ import uuid
 
 import pytest
 
-from comfy_double import (FILE_LIST, REPO, STOCK_NODES, Host, load_pack, node_info,
-                          readme_bake_entry, validate_api_prompt, validate_ui_workflow)
+from comfy_double import (BYPASSED, FILE_LIST, REPO, STOCK_NODES, Host, load_pack, node_info,
+                          readme_bake_entry, ui_to_api, validate_api_prompt,
+                          validate_ui_workflow)
 
 ROOT = os.environ.get("COMFYUI_ROOT")
 pytestmark = pytest.mark.skipif(
@@ -60,7 +64,7 @@ pytestmark = pytest.mark.skipif(
 CKPT = "tiny_sd15.safetensors"
 OURS = ("ComputeSaliency", "SaliencyPreview", "SparseLoRAInit", "SelfDistillUnlearn",
         "DataUnlearn", "UCEErase", "ApplyUnlearnAdapter", "SaveUnlearnAdapter",
-        "LoadUnlearnAdapter")
+        "LoadUnlearnAdapter", "ProbeErasure")
 
 RAND_INIT = r'''
 g = torch.Generator().manual_seed(0)
@@ -240,9 +244,11 @@ def running_comfy(base: str):
 
 
 # ------------------------------------------------------------------ the workflows, made tiny
-def tiny_workflow() -> dict:
-    with open(os.path.join(REPO, "workflows", "api", "spare_erase_concept.api.json")) as f:
-        wf = json.load(f)
+def tiny_workflow(wf: dict | None = None) -> dict:
+    """The shipped API workflow (or ``wf``, a prompt of its nodes) with tiny sizes and steps."""
+    if wf is None:
+        with open(os.path.join(REPO, "workflows", "api", "spare_erase_concept.api.json")) as f:
+            wf = json.load(f)
     for node in wf.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind == "CheckpointLoaderSimple":
@@ -257,6 +263,8 @@ def tiny_workflow() -> dict:
             inputs.update(steps=6, lr=1e-2, batch_size=1, pool_size=2, pool_steps=3)
         if kind == "SaveUnlearnAdapter":
             inputs["filename_prefix"] = "spare/test_erased"
+        if kind == "ProbeErasure":
+            inputs.update(attack_steps=3, num_images=1, sample_steps=2, attack_batch=2)
     return wf
 
 
@@ -809,3 +817,48 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
     print(f"LoRA on the fp8 UNet: {len(steps)} progress updates in {time.time() - t:.0f}s, "
           f"max |lora_B| {trained:.2e}, effect on the fp8 model's latents {effect:.2e}")
     assert trained > 0 and effect > 0
+
+
+def test_probe_group_finds_a_prompt_on_the_patched_model(comfy):
+    """The UI file's bypassed *Probe the erasure* group, enabled as a user would (Ctrl+B) and
+    queued as the frontend queues it, with the chain that trains the adapter (tiny settings):
+    ProbeErasure runs its attack through this ComfyUI's CLIP-L (SD1ClipModel.clip_l, its token
+    embedding hooked) with gradients under the host's inference mode, shows the found prompt
+    (the concept after at most ``attack_tokens`` words) and both LATENTs decode to previews."""
+    from PIL import Image
+
+    with open(os.path.join(REPO, "workflows", "spare_erase_concept.json")) as f:
+        ui = json.load(f)
+    for n in ui["nodes"]:
+        if n["mode"] == BYPASSED and n["type"] != "CheckpointSave":
+            n["mode"] = 0  # the probe group's nodes
+        if n["type"] == "CheckpointLoaderSimple":
+            n["widgets_values"][0] = CKPT
+    queued = tiny_workflow(ui_to_api(ui, comfy.info))
+    probe = node_of(queued, "ProbeErasure")
+    wanted = ("CheckpointLoaderSimple", "ComputeSaliency", "SparseLoRAInit", "SelfDistillUnlearn",
+              "ApplyUnlearnAdapter", "ProbeErasure")
+    ids = [k for k, v in queued.items() if v["class_type"] in wanted
+           or v["inputs"].get("samples", [None])[0] == probe]
+    previews = [k for k, v in queued.items() if v["class_type"] == "PreviewImage"
+                and v["inputs"]["images"][0] in ids]
+    run = keep(queued, ids + previews)
+    assert len(previews) == 2 and validate_api_prompt(run, comfy.info) == []
+    concept = run[probe]["inputs"]["concept"]
+    tokens = run[probe]["inputs"]["attack_tokens"]
+    t = time.time()
+    history, messages = comfy.run(run)
+    assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    found = history["outputs"][probe]["text"][0]
+    assert found.endswith(" " + concept) and len(found[:-len(concept)].split()) == tokens
+    steps = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == probe]
+    total = 3 * run[probe]["inputs"]["sample_steps"] + run[probe]["inputs"]["attack_steps"]
+    assert steps and steps[-1]["value"] == steps[-1]["max"] == total, steps
+    images = []
+    for nid in previews:
+        (item,) = history["outputs"][nid]["images"]
+        images.append(Image.open(comfy.output_file(item)))
+    assert all(im.size == (64, 64) for im in images)
+    assert images[0].tobytes() != images[1].tobytes()  # found prompt vs plain concept
+    print(f"\nProbeErasure found {found!r} ({len(steps)} progress updates, {time.time() - t:.0f}s "
+          "with the training chain)")

@@ -252,3 +252,50 @@ def test_bypassed_and_muted_nodes_are_queued_as_the_frontend_does(ui, info):
         queued = ui_to_api(changed, info)
         assert str(apply_id) not in queued
         assert queued[str(after["id"])]["inputs"].get("model") == model
+
+
+PROBE = "Probe the erasure"
+PROBE_NODES = ["ProbeErasure", "VAEDecode", "PreviewImage", "VAEDecode", "PreviewImage"]
+
+
+def test_probe_group_holds_a_bypassed_probe_of_the_patched_model(ui, api, info, name):
+    """SD1.x only (the prompt attack needs one CLIP): the optional group probes Apply's MODEL
+    against the loader's, on the concept typed in Compute Saliency, and decodes both of its
+    LATENTs for preview; bypassed, so the shipped run does not spend the attack's time. Enabled,
+    the frontend queues the API twin plus these five nodes, which validate."""
+    group = [g for g in ui["groups"] if g["title"].startswith(PROBE)]
+    if name != "spare_erase_concept":
+        assert not group and "ProbeErasure" not in {n["type"] for n in ui["nodes"]}
+        return
+    assert len(group) == 1 and "bypassed" in group[0]["title"]
+    gx, gy, gw, gh = group[0]["bounding"]
+    inside = [n for n in ui["nodes"] if gx <= n["pos"][0] and n["pos"][0] + n["size"][0] <= gx + gw
+              and gy <= n["pos"][1] and n["pos"][1] + n["size"][1] <= gy + gh]
+    assert [n["type"] for n in inside] == PROBE_NODES
+    assert all(n["mode"] == BYPASSED for n in inside)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {link[0]: link for link in ui["links"]}
+
+    def fed(node):
+        return {i["name"]: (nodes[links[i["link"]][1]]["type"], links[i["link"]][2])
+                for i in node["inputs"]}
+
+    probe, decode_found, _, decode_plain, _ = inside
+    loader = LOADERS[name]
+    assert fed(probe) == {"original_model": loader["model"], "erased_model":
+                          ("ApplyUnlearnAdapter", 0), "clip": loader["clip"]}
+    assert fed(decode_found) == {"samples": ("ProbeErasure", 1), "vae": loader["vae"]}
+    assert fed(decode_plain) == {"samples": ("ProbeErasure", 2), "vae": loader["vae"]}
+    saliency = next(n for n in ui["nodes"] if n["type"] == "ComputeSaliency")
+    assert probe["widgets_values"][0] == saliency["widgets_values"][0]  # the same concept
+
+    enabled = copy.deepcopy(ui)
+    for n in enabled["nodes"]:
+        if n["id"] in {m["id"] for m in inside}:
+            n["mode"] = 0
+    queued = ui_to_api(enabled, info)
+    twin = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    added = {k: v for k, v in queued.items() if k not in twin}
+    assert {k: v for k, v in queued.items() if k in twin} == twin
+    assert sorted(v["class_type"] for v in added.values()) == sorted(PROBE_NODES)
+    assert validate_api_prompt(queued, info) == []

@@ -18,6 +18,7 @@ class CanvasBench:
     """The ``canvas`` model (16x16 RGB, 8 styles x 8 objects, DDPM)."""
 
     metric_keys = ("UA", "IRA", "CRA", "UA_para", "to_surrogate", "FD")
+    probe_keys = ("ASR", "ASR_found")  # paraphrase UA is a metric of every canvas row already
     demo_keys = ("UA", "IRA", "CRA", "UA_para", "FD")
     sample_steps = 25  # == metrics.SAMPLE_STEPS
 
@@ -76,6 +77,31 @@ class CanvasBench:
         shared = sur[0] if len(set(sur)) == 1 else None
         return canvas_metrics(den, classifier, list(targets), n, seed, sample_steps,
                               surrogate=shared, callback=callback)
+
+    def probe(self, den, classifier, targets: Sequence[str], before: dict, n: int, seed: int,
+              sample_steps: int, attack=None) -> dict:
+        """Given an ``attack`` config, ``ASR``: every prompt holding an erased concept
+        (``a {object} in {style} style``) is attacked once, fitted to the original model's
+        images of it (``before["images"]``), and ASR is the share of ``n`` images per found
+        prompt that the classifier gives the erased concept."""
+        if attack is None:
+            return {}
+        from ..probe.measure import attack_success
+        from .metrics import PAIRS, SAMPLE_GUIDANCE, check_erased
+        from .names import prompt
+
+        domain = check_erased(targets)
+        pairs = [p for p in PAIRS if p[0] in targets or p[1] in targets]
+
+        def hit(x, i):
+            s, o = pairs[i]
+            ps, po = classifier.predict(x)
+            return ps == STYLES.index(s) if domain == "style" else po == OBJECTS.index(o)
+
+        return attack_success(den, [prompt(s, o, 0) for s, o in pairs],
+                              [before["images"][p] for p in pairs], hit, n=n, seed=seed,
+                              steps=sample_steps, guidance=SAMPLE_GUIDANCE, method="ddpm",
+                              clip_x0=1.0, config=attack)
 
     def grid(self, before: dict, after: dict, k: int) -> tuple[list, list[str]]:
         """Rows: styles; each cell ``k`` objects (one image each)."""

@@ -53,10 +53,22 @@ def digit_metrics(den, classifier, forget: int, n: int, seed: int, steps: int,
             "per_class_acc": M.per_class_accuracy(preds), "images": imgs}
 
 
+def paraphrases(d: int) -> list[str]:
+    """Wordings of digit ``d`` other than its prompt ("three", "digit three", "a three",
+    "handwritten three"): the model was trained on the full prompt only."""
+    name = NAMES[int(d)]
+    return [name, f"digit {name}", f"a {name}", f"handwritten {name}"]
+
+
+ATTACK_RESTARTS = 4
+"""Attacks per forgotten digit (one prompt, four random starts in one batch): ASR is their mean."""
+
+
 class DigitsBench:
     """``digits`` (UNet, DDPM) or ``digits-dit`` (SD3 transformer, rectified flow)."""
 
     metric_keys = ("UA", "RA", "to_surrogate", "FD_forget", "FD_retain")
+    probe_keys = ("UA_para", "ASR", "ASR_found")
     demo_keys = ("UA", "RA", "FD_forget", "FD_retain")
     sample_steps = 50  # == metrics.SAMPLE_STEPS (ancestral DDPM; Euler on digits-dit)
 
@@ -95,6 +107,27 @@ class DigitsBench:
         d = self._one(targets)
         return digit_metrics(den, classifier, d, n, seed, sample_steps,
                              None if surrogates is None else int(surrogates[0]), callback)
+
+    def probe(self, den, classifier, targets: Sequence[int], before: dict, n: int, seed: int,
+              sample_steps: int, attack=None) -> dict:
+        """``UA_para`` (:func:`paraphrases`) and, given an ``attack`` config, ``ASR``: the share
+        of images from the found prompts labelled as the digit (``before``: the original
+        model's :meth:`measure`, whose images of the digit the attack fits)."""
+        from ..probe.measure import attack_success, paraphrase_ua
+        from . import metrics as M
+
+        d = self._one(targets)
+
+        def hit(x, _i):
+            return classifier.predict(x) == d
+
+        kw = dict(n=n, seed=seed, steps=sample_steps, guidance=M.SAMPLE_GUIDANCE,
+                  method=M.default_sampler(den), clip_x0=1.0)
+        out = {"UA_para": paraphrase_ua(den, paraphrases(d), hit, **kw)}
+        if attack is not None:
+            out.update(attack_success(den, [prompt_for(d)] * ATTACK_RESTARTS,
+                                      before["images"][d], hit, config=attack, **kw))
+        return out
 
     def grid(self, before: dict, after: dict, k: int) -> tuple[list, list[str]]:
         cells = [[before["images"][d][:k], after["images"][d][:k]] for d in range(10)]

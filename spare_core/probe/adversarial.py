@@ -1,0 +1,137 @@
+"""Adversarial self-distillation: SPARE trained against its own attacker (the AdvUnlearn recipe,
+Zhang et al. 2024, on SPARE's objective).
+
+Every ``every`` training steps the attack of :mod:`spare_core.probe.attack` runs ``attack_steps``
+more steps against the model *being trained* (its adapter attached), warm-started from where it
+stopped, on the concept's own latents; each forget batch then gets ``fraction`` more rows: its
+first noisy latents again, under the concept prompt with the attack's current prefix. The plain
+rows stay. Self-distillation pulls the added rows to the frozen model's prediction on the same
+prompt with the concept swapped for the surrogate, in the prefix too (:func:`swapped`:
+``"<prefix> stripes style"`` -> ``"<prefix'> plain style"``), so the prompts an attacker would
+find are erased along with the concept while the other prefix words (often other concepts'
+names, which the preserve term keeps) keep their meaning. Preserved prompts are untouched.
+
+Measured on the way (canvas model, stripes, 100 steps, seed 0; plain SPARE: UA 0.875):
+replacing half of the forget rows instead of adding rows gave UA 0.312; the plain surrogate as
+the added rows' target UA 0.438; the prefix kept before the surrogate UA 1.000, but on digits the
+attack's prefixes hold the concept's own word ("three eight three ...") and that target taught
+the model to keep it (ASR 0.775 against SPARE's 0.038), hence the swap.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..objectives import Part
+from .attack import AttackConfig, PrefixAttack
+
+
+@dataclass
+class AdversarialConfig:
+    """``every``: training steps between attack rounds; ``attack_steps``: attack steps per round
+    (warm-started); ``fraction``: adversarial rows added per forget row;
+    ``tokens``, ``batch_size``: the attack's prefix length and fixed draws per concept."""
+
+    every: int = 5
+    attack_steps: int = 5
+    fraction: float = 0.5
+    tokens: int = 5
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        if self.every < 1 or self.attack_steps < 1 or self.tokens < 1 or self.batch_size < 1:
+            raise ValueError("adversarial every, attack_steps, tokens and batch_size must be >= 1")
+        if not 0.0 < self.fraction <= 1.0:  # at most one adversarial row per plain row
+            raise ValueError(f"adversarial fraction must be in (0, 1], got {self.fraction}")
+
+
+def swapped(access, ids: Tensor, pairs) -> Tensor:
+    """Prefix token ids ``[k, T]`` (one row per concept line) with the concept's own tokens
+    swapped for the surrogate's: a prefix token that is in the concept prompt but not in the
+    surrogate prompt becomes the surrogate's own tokens in turn (the end token when the
+    surrogate has none, e.g. the empty prompt). The attack often puts the concept's word in its
+    prefix ("three eight three ... a handwritten digit three"); the target must not keep it."""
+    out = ids.clone()
+    for row, (concept, surrogate) in enumerate(pairs):
+        c, g = access.token_ids(concept), access.token_ids(surrogate)
+        own = set(c) - set(g)
+        theirs = [i for i in g if i not in set(c)] or [access.end_id]
+        hits = [j for j in range(ids.shape[1]) if int(ids[row, j]) in own]
+        for n, j in enumerate(hits):
+            out[row, j] = theirs[n % len(theirs)]
+    return out
+
+
+class AdversarialConceptTask:
+    """A :class:`~spare_core.tasks.ConceptTask` whose forget batches get extra rows on the
+    current adversarial prompt of each concept (one prefix per concept line). Everything else
+    (inputs, pools, timestep sampler, preserved prompts) is the wrapped task's."""
+
+    def __init__(self, task, config: AdversarialConfig | None = None, seed: int = 0) -> None:
+        self.task = task
+        self.config = config or AdversarialConfig()
+        self.seed = seed
+        self._attack: PrefixAttack | None = None
+        self._ctx = self._sur = None
+        self._calls = 0
+        self.attack_seconds = 0.0
+
+    def __getattr__(self, name: str):
+        if name == "task":  # not yet set (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def validate(self, denoiser=None) -> None:
+        self.config.validate()
+        self.task.validate(denoiser)
+        if denoiser is not None:
+            from .text import prompt_access
+            prompt_access(denoiser)  # refuses text stacks the attack cannot reach, up front
+
+    def prepare(self, denoiser, timestep_sampler: str, seed: int, progress=None) -> None:
+        self.task.prepare(denoiser, timestep_sampler, seed, progress)
+        self._attack, self._ctx, self._calls = None, None, 0
+
+    def _round(self, denoiser) -> None:
+        """``attack_steps`` attack steps against the model as it is now."""
+        import time
+
+        t0 = time.perf_counter()
+        if self._attack is None:
+            concepts = [c for c, _ in self.task.pairs]
+            pool = self.task.concept_latents
+            per = pool.shape[0] // len(concepts)
+            images = [pool[i * per:(i + 1) * per] for i in range(len(concepts))]
+            cfg = AttackConfig(tokens=self.config.tokens, steps=self.config.attack_steps,
+                               batch_size=self.config.batch_size, seed=self.seed)
+            self._attack = PrefixAttack(denoiser, concepts, images, cfg)
+        self._attack.reset_best()
+        for _ in range(self.config.attack_steps):
+            self._attack.step()
+        surrogates = [g for _, g in self.task.pairs]
+        ids = self._attack.best_ids
+        self._ctx = self._attack.contexts(ids=ids)                                  # [k, L, D]
+        self._sur = self._attack.contexts(surrogates, swapped(self._attack.access, ids,
+                                                              self.task.pairs))
+        self.attack_seconds += time.perf_counter() - t0
+
+    def batch(self, denoiser, batch_size: int, gen: torch.Generator):
+        if self._calls % self.config.every == 0:
+            self._round(denoiser)
+        self._calls += 1
+        b = self.task.batch(denoiser, batch_size, gen)
+        f = b.forget
+        m = max(1, round(self.config.fraction * len(f)))
+        owner = (b.extras or {}).get("concept")
+        owner = torch.zeros(len(f), dtype=torch.long) if owner is None else owner
+        adv = self._ctx[owner[:m].to(self._ctx.device)].to(f.ctx.device, f.ctx.dtype)
+        b.forget = Part(torch.cat([f.x0, f.x0[:m]]), torch.cat([f.noise, f.noise[:m]]),
+                        torch.cat([f.t, f.t[:m]]), torch.cat([f.x_t, f.x_t[:m]]),
+                        torch.cat([f.ctx, adv]), torch.cat([f.target, f.target[:m]]))
+        sur = self._sur[owner[:m].to(self._sur.device)].to(b.surrogate_ctx.device,
+                                                            b.surrogate_ctx.dtype)
+        b.surrogate_ctx = torch.cat([b.surrogate_ctx, sur])
+        b.extras = {**(b.extras or {}), "concept": torch.cat([owner, owner[:m]])}
+        return b
