@@ -103,10 +103,12 @@ class SelfDistillUnlearn:
                 "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
                 "adversarial": ("BOOLEAN", {
                     "default": False,
-                    "tooltip": "Train against the prompt attack (as Probe Erasure runs it): every "
-                               "5 steps 5 attack steps, and half as many extra forget rows on "
-                               "the attack's prompt. Makes the erasure hold under adversarial "
-                               "prompts; about twice the time. SD1.x/SD2.x only."}),
+                    "tooltip": "Experimental: train against the prompt attack (as Probe Erasure "
+                               "runs it): every 5 steps 5 attack steps, and half as many extra "
+                               "forget rows on the attack's prompt. On the embedded benchmark it "
+                               "lowered the attack's success on two styles of three and broke "
+                               "the third (benchmarks/RESULTS.md); check with Probe Erasure. "
+                               "1.1-1.5x the time. SD1.x/SD2.x only."}),
                 **MEMORY_INPUTS,
             },
         }

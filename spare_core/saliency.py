@@ -321,7 +321,7 @@ def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_siz
                 # sum over the batch of per-sample MSE: gradients add over samples as in SalUn
                 loss = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).sum()
                 if not torch.isfinite(loss):
-                    raise SaliencyError(f"the denoising loss became {float(loss)} on the concept's "
+                    raise SaliencyError(f"the denoising loss became {float(loss.detach())} on the concept's "
                                         "latents: the model's outputs are not finite in "
                                         f"{dtype}; try float32 or bfloat16. Nothing was changed")
                 (loss * scale if scale != 1.0 else loss).backward()
