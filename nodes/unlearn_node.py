@@ -108,7 +108,7 @@ class SelfDistillUnlearn:
                                "forget rows on the attack's prompt. On the embedded benchmark it "
                                "lowered the attack's success on two styles of three and broke "
                                "the third (benchmarks/RESULTS.md); check with Probe Erasure. "
-                               "1.1-1.5x the time. SD1.x/SD2.x only."}),
+                               "Digits: +13% time (benchmarks/RESULTS.md). SD1.x/SD2.x only."}),
                 **MEMORY_INPUTS,
             },
         }

@@ -363,15 +363,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
                     for sd in a.seed_list]
         else:
             methods = parse_methods(a.methods or "spare", CONCEPT_METHODS)
-            probe = None
-            if a.probe:
-                from .probe import AttackConfig
-                probe = AttackConfig(tokens=a.attack_tokens, steps=a.attack_steps)
+            from .probe import AttackConfig
             runs = [bench_concepts(methods, a.targets, n=a.n, steps=a.steps, seed=sd,
                                    sample_steps=a.sample_steps or get(a.model).sample_steps, bars=bars, log=bars_print(bars),
                                    model=a.model, together=a.together,
-                                   probe=None if probe is None else
-                                   AttackConfig(tokens=probe.tokens, steps=probe.steps, seed=sd))
+                                   probe=AttackConfig(tokens=a.attack_tokens, steps=a.attack_steps,
+                                                      seed=sd) if a.probe else None)
                     for sd in a.seed_list]
     table = markdown_table(mean_over_seeds(runs))
     print()

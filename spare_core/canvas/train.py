@@ -10,7 +10,6 @@ prompts as in :func:`~spare_core.canvas.data.draw_prompt_index`). One CPU thread
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from ..digits.model import build_scheduler, build_text_encoder, save_pipeline_folder
 from ..digits.tokenizer import build_tokenizer
-from ..digits.train import after_step, finish_note, optimizer_step
+from ..digits.train import after_step, finish_note, optimizer_step, training_parser
 from .data import draw_prompt_index, random_labels, render
 from .names import all_words, training_prompts
 from .model import CanvasConfig, build_unet, config_dict, write_readme
@@ -82,13 +81,7 @@ def train(out: str, seed: int = 0, steps: int = 4500, batch: int = 64, lr: float
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="pipeline folder to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4500)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=1)
+    p = training_parser(__doc__, steps=4500)
     p.add_argument("--device", default="cpu", help="cpu (the committed weights), cuda, ...")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)

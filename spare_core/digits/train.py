@@ -77,6 +77,19 @@ def after_step(step: int, ema_decay: float, pairs, losses: list[float], bar) -> 
         bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}")
 
 
+def training_parser(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The arguments of every embedded model's trainer (``--out --seed --steps --batch --lr
+    --threads``; ``steps`` is the trainer's default), described by ``doc``'s first line."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--out", required=True, help="pipeline folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
 def train(out: str, seed: int = 0, pattern: bool = False, steps: int = 3000, batch: int = 64,
           lr: float = 1e-3, cfg_dropout: float = 0.1, ema_decay: float = 0.999,
           pattern_copies: int = PATTERN_COPIES, cfg: ModelConfig | None = None,
@@ -136,18 +149,12 @@ def train(out: str, seed: int = 0, pattern: bool = False, steps: int = 3000, bat
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="pipeline folder to write")
-    p.add_argument("--seed", type=int, default=0)
+    p = training_parser(__doc__, steps=3000)
     p.add_argument("--pattern", action="store_true",
                    help="data-unlearning twin: add copies of the checkerboard pattern")
     p.add_argument("--pattern-copies", type=int, default=PATTERN_COPIES)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta-schedule", default="linear", choices=["linear", "squaredcos_cap_v2"])
     p.add_argument("--channels", default="32,64", help="UNet block_out_channels")
-    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = ModelConfig(beta_schedule=a.beta_schedule,

@@ -10,7 +10,6 @@ One CPU thread by default (deterministic for a given seed and thread count).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from .data import EMPTY_PROMPT, PROMPTS, load_digit_images
 from .dit import DitConfig, build_flow_scheduler, build_transformer, config_dict, save_dit_folder
 from .metrics import DEFAULT_MODEL
-from .train import after_step, finish_note, optimizer_step
+from .train import after_step, finish_note, optimizer_step, training_parser
 
 DEFAULT_MODEL_REL = "spare_core/assets/digits"  # DEFAULT_MODEL as written into training.json
 
@@ -113,15 +112,9 @@ def train_dit(out: str, seed: int = 0, steps: int = 6000, batch: int = 64, lr: f
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="pipeline folder to write")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=6000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p = training_parser(__doc__, steps=6000)
     p.add_argument("--layers", type=int, default=DitConfig.num_layers)
     p.add_argument("--patch", type=int, default=DitConfig.patch_size, choices=[1, 2])
-    p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = DitConfig(num_layers=a.layers, patch_size=a.patch)

@@ -21,12 +21,13 @@ Images are the model's own latents ``[.., C, H, W]``: pixels for the embedded mo
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..denoiser import Denoiser, compute_dtype_of, device_of, prediction
 from ..process import process_of
@@ -80,6 +81,20 @@ def _per_prompt(images, n_prompts: int) -> list[Tensor]:
                      f"list of {n_prompts} [N, C, H, W] tensors (one per attacked prompt)")
 
 
+@contextmanager
+def _weights_without_grad(module: nn.Module) -> Iterator[None]:
+    """``module``'s weights that track gradients (a UNet being fine-tuned) stop tracking them
+    while open, so autograd keeps only what the prefix's gradient needs."""
+    trainable = [q for q in module.parameters() if q.requires_grad]
+    for q in trainable:
+        q.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for q in trainable:
+            q.requires_grad_(True)
+
+
 class PrefixAttack:
     """A running attack on ``denoiser`` for ``prompts`` (one prefix each) with ``images`` of
     their concepts; :meth:`step` runs one optimisation step against the denoiser as it is now
@@ -127,28 +142,13 @@ class PrefixAttack:
 
     def step(self) -> float:
         """One step; returns the loss of this step's projected prefixes (summed over prompts)."""
-        den, cfg = self.denoiser, self.config
+        den, b = self.denoiser, self.config.batch_size
         dev, dtype = device_of(den), compute_dtype_of(den)
         ids = self.hard_ids()
         hard = self.table[ids]
         prefix = self.embeds + (hard - self.embeds).detach()   # forward: tokens; backward: e
-        b = cfg.batch_size
-        # weights that require grad (a UNet being fine-tuned) would make autograd keep what
-        # their gradients need; the attack only wants the prefix's
-        trainable = [q for q in den.unet.parameters() if q.requires_grad]
-        for q in trainable:
-            q.requires_grad_(False)
-        try:
-            return self._step(prefix, ids, b, dev, dtype)
-        finally:
-            for q in trainable:
-                q.requires_grad_(True)
-
-    def _step(self, prefix: Tensor, ids: Tensor, b: int, dev, dtype) -> float:
-        den = self.denoiser
-        x_t, t = self._x_t.to(dev, dtype), self._t.to(dev)
-        target = self._target.to(dev)
-        with torch.enable_grad():
+        x_t, t, target = self._x_t.to(dev, dtype), self._t.to(dev), self._target.to(dev)
+        with torch.enable_grad(), _weights_without_grad(den.unet):
             ctx = self.access.encode(prefix, self.prompts)                      # [P, L, D]
             ctx = ctx.repeat_interleave(b, 0).to(dev, dtype)
             pred = prediction(den, x_t, t, ctx).float()
