@@ -94,6 +94,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                   progress=progress, should_stop=should_stop, prepare_progress=phase_progress)
     if adversarial:
         res.history["attack_seconds"] = task.attack_seconds
+        res.history["adversarial_batches"] = task.adversarial_batches
     return SpareResult(res.adapter, sal, res.history)
 
 

@@ -65,17 +65,31 @@ def test_committed_classifier_held_out_accuracy(clf):
 
 def test_eval_json_records_the_model_on_every_prompt():
     """Before any unlearning, at the bench's sampler settings, the classifier recognises style
-    and object on 98.6-99.4% of the model's own samples (10 per prompt, both wordings), and on
-    at least 8 of 10 for every one of the 64 prompts (the issue's floor is 9 of 10: three
-    prompts miss it, two of them dots; benchmarks/RESULTS.md)."""
+    and object on at least 9 of 10 of the model's own samples for every one of the 64 prompts,
+    in both wordings (the issue's floor), over at least 50 samples per prompt."""
     with open(os.path.join(M.CANVAS_MODEL, "eval.json")) as f:
         ev = json.load(f)
-    assert ev["n_per_prompt"] >= 10 and ev["guidance"] == M.SAMPLE_GUIDANCE
+    assert ev["n_per_prompt"] >= 50 and ev["guidance"] == M.SAMPLE_GUIDANCE
     for wording in ("wording0", "wording1"):
         row = ev["steps"][str(M.SAMPLE_STEPS)][wording]
         assert len(row["style_acc"]) == 64 and len(row["object_acc"]) == 64
         assert row["mean_style_acc"] >= 0.98 and row["mean_object_acc"] >= 0.98
-        assert row["min_style_acc"] >= 0.8 and row["min_object_acc"] >= 0.8
+        assert row["min_style_acc"] >= 0.9 and row["min_object_acc"] >= 0.9
+
+
+def test_classifier_reads_loose_dots_as_dots_and_the_model_data_keep_the_lattice(clf):
+    """The classifier was trained with loose dot lattices (dots missing, strays), as the model
+    draws them; the diffusion model's own data are unchanged by the option."""
+
+    s = torch.full((256,), STYLES.index("dots"))
+    o = torch.arange(256) % len(OBJECTS)
+    loose = render(s, o, torch.Generator().manual_seed(3), loose_dots=True)
+    ps, po = clf.predict(loose)
+    assert (ps == STYLES.index("dots")).float().mean() >= 0.95
+    assert (po == o).float().mean() >= 0.95
+    strict = render(s, o, torch.Generator().manual_seed(3))
+    assert not torch.equal(strict, loose)
+    assert torch.equal(strict, render(s, o, torch.Generator().manual_seed(3), loose_dots=False))
 
 
 def test_model_draws_style_and_object_of_fresh_prompts(model, clf):
@@ -111,9 +125,9 @@ def test_scores_follow_unlearn_canvas_definitions():
 
 
 def test_spare_erases_two_styles_in_one_adapter_and_keeps_the_rest(model, clf):
-    """k = 2: one adapter forgets stripes and dots (UnlearnCanvas's UA; measured 0.00 -> 0.78
-    at 100 steps, 2 images per prompt) while the other styles and every object stay
-    recognisable (IRA, CRA 1.00 -> 1.00)."""
+    """k = 2: one adapter forgets stripes and dots (UnlearnCanvas's UA at most 0.15 before, at
+    least 0.7 after 100 steps, 2 images per prompt) while the other styles and every object stay
+    recognisable (IRA and CRA within 0.1)."""
     from spare_core.bench import bench_concepts, parse_methods
     from spare_core.methods import CONCEPT_METHODS
 

@@ -100,12 +100,20 @@ def test_adversarial_task_adds_rows_on_the_attack_prompt(digits):
 
     inner = ConceptTask(prompt_for(3), prompt_for(4), [prompt_for(5)],
                         pool=PoolConfig(size=4, steps=5, clip_x0=1.0))
-    task = AdversarialConceptTask(inner, AdversarialConfig(every=2, attack_steps=1, fraction=0.5,
+    task = AdversarialConceptTask(inner, AdversarialConfig(every=1, attack_steps=1, fraction=0.5,
                                                            batch_size=2))
     task.validate(digits)
     task.prepare(digits, "uniform", 0)
+    # the original model draws the concept from its plain prompt better than from a random
+    # prefix: nothing found, nothing to defend against, so the batch stays plain
     b = task.batch(digits, 4, torch.Generator().manual_seed(0))
     want = inner.batch(digits, 4, torch.Generator().manual_seed(0))  # the same draws, plain
+    assert not task._beats.any() and len(b.forget) == 4 and task.adversarial_batches == 0
+    assert torch.equal(b.forget.x_t, want.forget.x_t)
+    # once the attack's prefix beats the plain prompt, half as many rows again are added
+    task._attack.plain_loss = lambda: torch.full((1,), float("inf"))
+    b = task.batch(digits, 4, torch.Generator().manual_seed(0))
+    assert task._beats.all() and task.adversarial_batches == 1
     plain = digits.encode([prompt_for(3)])[0]
     adv = task._attack.contexts()[0]
     assert not torch.allclose(adv, plain)
@@ -124,6 +132,15 @@ def test_adversarial_task_adds_rows_on_the_attack_prompt(digits):
     with pytest.raises(ValueError, match="fraction"):
         AdversarialConceptTask(inner, AdversarialConfig(fraction=0.0)).validate(digits)
 
+
+def test_plain_loss_is_the_loss_of_the_prompt_without_prefix(digits, threes):
+    """The gate's bar: the unprefixed prompt's loss on the attack's fixed draws; on the original
+    model a random prefix does worse than no prefix."""
+    att = PrefixAttack(digits, [prompt_for(3)], threes, AttackConfig(tokens=2, steps=1, batch_size=8))
+    plain = att.plain_loss()
+    assert plain.shape == (1,) and torch.isfinite(plain).all()
+    att.step()
+    assert float(att.best_loss[0]) > float(plain[0])  # random tokens in front only hurt
 
 def test_the_target_swaps_the_concepts_words_in_the_prefix(digits):
     """The added rows' target is the prompt with the concept swapped for the surrogate, in the

@@ -69,8 +69,8 @@ def held_out_accuracy(model: CanvasClassifier, n: int = 4096) -> tuple[float, fl
 def train_classifier(seed: int = 0, steps: int = 3000, batch: int = 128,
                      noise: float = 0.1,
                      device: str = "cpu") -> tuple[CanvasClassifier, tuple[float, float]]:
-    """Train on fresh renders (Gaussian pixel noise up to ``noise`` as augmentation, as
-    generated images are not exact renders); returns the model (eval mode) and its held-out
+    """Train on fresh renders (Gaussian pixel noise up to ``noise`` and loose dot lattices as
+    augmentation, as generated images are not exact renders); returns the model (eval mode) and its held-out
     accuracies. Batches are drawn on the CPU and moved to ``device``."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -80,7 +80,7 @@ def train_classifier(seed: int = 0, steps: int = 3000, batch: int = 128,
     model.train()
     for _ in range(steps):
         s, o = random_labels(batch, gen)
-        x = render(s, o, gen)
+        x = render(s, o, gen, loose_dots=True)
         x = x + noise * torch.rand(batch, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
         ls, lo = model(x.to(device))
         loss = F.cross_entropy(ls, s.to(device)) + F.cross_entropy(lo, o.to(device))

@@ -97,9 +97,15 @@ def _hue_colour(hue: Tensor, sat: Tensor, val: Tensor) -> Tensor:
     return val.view(-1, 1) * (1 - sat.view(-1, 1) * f)
 
 
-def render(style: Tensor, obj: Tensor, gen: torch.Generator) -> Tensor:
+def render(style: Tensor, obj: Tensor, gen: torch.Generator, *,
+           loose_dots: bool = False) -> Tensor:
     """Images ``[B, 3, 16, 16]`` in [-1, 1] of ``obj`` ``[B]`` in ``style`` ``[B]`` (indices into
     :data:`OBJECTS` / :data:`STYLES`), random placement and colours from ``gen``.
+
+    ``loose_dots`` (the classifier's training only; the diffusion model's data keep it off):
+    each image's dot lattice loses a random share (up to half) of its dots and gains stray
+    off-lattice dots (up to 6% of pixels), as the model's own samples draw them
+    (benchmarks/RESULTS.md). It draws extra numbers from ``gen``, so it changes the stream.
 
     Styles: plain (flat object, flat light background), stripes (horizontal stripes of two
     colours, period 4), dots (dot lattice on the object), outline (1-px border only, white
@@ -133,7 +139,12 @@ def render(style: Tensor, obj: Tensor, gen: torch.Generator) -> Tensor:
         return c1.view(b, 3, 1, 1) * (1 - s) + c2.view(b, 3, 1, 1) * s
 
     stripes = two(((y + ph) % 4) < 2)
-    dots = two((((x + ph) % 3) < 1) & (((y + ph) % 3) < 1))
+    lattice = (((x + ph) % 3) < 1) & (((y + ph) % 3) < 1)
+    if loose_dots:
+        keep = torch.rand(b, SIZE, SIZE, generator=gen) < _rand(b, 0.5, 1.0, gen).view(-1, 1, 1)
+        stray = torch.rand(b, SIZE, SIZE, generator=gen) < _rand(b, 0.0, 0.06, gen).view(-1, 1, 1)
+        lattice = (lattice & keep) | stray
+    dots = two(lattice)
     t = ((y - (cy - r).view(-1, 1, 1)) / (2 * r).view(-1, 1, 1)).clamp(0, 1).unsqueeze(1)
     grad_field = c1.view(b, 3, 1, 1) * (1 - t) + c2.view(b, 3, 1, 1) * t
     checker = two((((x + ph) // 2 + (y + ph) // 2) % 2) == 1)

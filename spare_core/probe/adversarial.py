@@ -10,6 +10,10 @@ prompt with the concept swapped for the surrogate, in the prefix too (:func:`swa
 ``"<prefix> stripes style"`` -> ``"<prefix'> plain style"``), so the prompts an attacker would
 find are erased along with the concept while the other prefix words (often other concepts'
 names, which the preserve term keeps) keep their meaning. Preserved prompts are untouched.
+A concept gets these rows only after a round whose best prefix beats its plain prompt (lower
+denoising loss on the concept's latents, :meth:`PrefixAttack.plain_loss`): while the plain
+prompt still draws the concept best, the plain rows are what it needs, and a prefix the model
+does not answer to is not a prompt to defend against.
 
 Measured on the way (canvas model, stripes, 100 steps, seed 0; plain SPARE: UA 0.875):
 replacing half of the forget rows instead of adding rows gave UA 0.312; the plain surrogate as
@@ -76,7 +80,9 @@ class AdversarialConceptTask:
         self._attack: PrefixAttack | None = None
         self._ctx = self._sur = None
         self._calls = 0
+        self._beats: Tensor | None = None
         self.attack_seconds = 0.0
+        self.adversarial_batches = 0  # forget batches that got adversarial rows
 
     def __getattr__(self, name: str):
         if name == "task":  # not yet set (copy/pickle): no recursion
@@ -93,6 +99,7 @@ class AdversarialConceptTask:
     def prepare(self, denoiser, timestep_sampler: str, seed: int, progress=None) -> None:
         self.task.prepare(denoiser, timestep_sampler, seed, progress)
         self._attack, self._ctx, self._calls = None, None, 0
+        self.attack_seconds, self.adversarial_batches = 0.0, 0
 
     def _round(self, denoiser) -> None:
         """``attack_steps`` attack steps against the model as it is now."""
@@ -112,6 +119,9 @@ class AdversarialConceptTask:
             self._attack.step()
         surrogates = [g for _, g in self.task.pairs]
         ids = self._attack.best_ids
+        # defend only against what the attack found: a concept whose best prefix does not beat
+        # its plain prompt (the plain rows already train on) gets no adversarial rows this round
+        self._beats = self._attack.best_loss < self._attack.plain_loss()           # [k] bool
         self._ctx = self._attack.contexts(ids=ids)                                  # [k, L, D]
         self._sur = self._attack.contexts(surrogates, swapped(self._attack.access, ids,
                                                               self.task.pairs))
@@ -126,12 +136,17 @@ class AdversarialConceptTask:
         m = max(1, round(self.config.fraction * len(f)))
         owner = (b.extras or {}).get("concept")
         owner = torch.zeros(len(f), dtype=torch.long) if owner is None else owner
-        adv = self._ctx[owner[:m].to(self._ctx.device)].to(f.ctx.device, f.ctx.dtype)
-        b.forget = Part(torch.cat([f.x0, f.x0[:m]]), torch.cat([f.noise, f.noise[:m]]),
-                        torch.cat([f.t, f.t[:m]]), torch.cat([f.x_t, f.x_t[:m]]),
-                        torch.cat([f.ctx, adv]), torch.cat([f.target, f.target[:m]]))
-        sur = self._sur[owner[:m].to(self._sur.device)].to(b.surrogate_ctx.device,
-                                                            b.surrogate_ctx.dtype)
+        rows = torch.nonzero(self._beats[owner]).flatten()[:m]   # forget rows whose concept's attack won
+        if len(rows) == 0:
+            return b
+        own = owner[rows]
+        self.adversarial_batches += 1
+        adv = self._ctx[own.to(self._ctx.device)].to(f.ctx.device, f.ctx.dtype)
+        r = rows.to(f.x0.device)
+        b.forget = Part(torch.cat([f.x0, f.x0[r]]), torch.cat([f.noise, f.noise[r]]),
+                        torch.cat([f.t, f.t[r]]), torch.cat([f.x_t, f.x_t[r]]),
+                        torch.cat([f.ctx, adv]), torch.cat([f.target, f.target[r]]))
+        sur = self._sur[own.to(self._sur.device)].to(b.surrogate_ctx.device, b.surrogate_ctx.dtype)
         b.surrogate_ctx = torch.cat([b.surrogate_ctx, sur])
-        b.extras = {**(b.extras or {}), "concept": torch.cat([owner, owner[:m]])}
+        b.extras = {**(b.extras or {}), "concept": torch.cat([owner, own])}
         return b

@@ -164,6 +164,17 @@ class PrefixAttack:
         self.losses.append(loss.item())
         return self.losses[-1]
 
+    @torch.no_grad()
+    def plain_loss(self) -> Tensor:
+        """``[P]`` the denoising loss of the attacked prompts without a prefix, on the same fixed
+        draws as :meth:`step` (the bar a found prefix must beat to be worth anything)."""
+        den, b = self.denoiser, self.config.batch_size
+        dev, dtype = device_of(den), compute_dtype_of(den)
+        ctx = den.encode(self.prompts).repeat_interleave(b, 0).to(dev, dtype)
+        pred = prediction(den, self._x_t.to(dev, dtype), self._t.to(dev), ctx).float()
+        per = (pred - self._target.to(dev)).pow(2).flatten(1).mean(1)
+        return per.view(len(self.prompts), b).mean(1).cpu()
+
     def reset_best(self) -> None:
         """Forget the best prefixes met so far (their losses were measured against an earlier
         state of a model being trained); the next step's tokens become the best."""
