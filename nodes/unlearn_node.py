@@ -104,11 +104,11 @@ class SelfDistillUnlearn:
                 "adversarial": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Experimental: train against the prompt attack (as Probe Erasure "
-                               "runs it): every 5 steps 5 attack steps, and half as many extra "
-                               "forget rows on the attack's prompt. On the embedded benchmark it "
-                               "lowered the attack's success on two styles of three and broke "
-                               "the third (benchmarks/RESULTS.md); check with Probe Erasure. "
-                               "Digits: +13% time (benchmarks/RESULTS.md). SD1.x/SD2.x only."}),
+                               "runs it): every 5 steps 5 attack steps, and, once the attack's "
+                               "prompt beats the plain one, half as many extra forget rows on it. "
+                               "On the embedded benchmark no better than plain SPARE, 13-36% more "
+                               "time on canvas (benchmarks/RESULTS.md); check with Probe Erasure. "
+                               "SD1.x/SD2.x only."}),
                 **MEMORY_INPUTS,
             },
         }

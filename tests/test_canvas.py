@@ -77,19 +77,17 @@ def test_eval_json_records_the_model_on_every_prompt():
         assert row["min_style_acc"] >= 0.9 and row["min_object_acc"] >= 0.9
 
 
-def test_classifier_reads_loose_dots_as_dots_and_the_model_data_keep_the_lattice(clf):
+def test_classifier_reads_loose_dots_as_dots(clf):
     """The classifier was trained with loose dot lattices (dots missing, strays), as the model
-    draws them; the diffusion model's own data are unchanged by the option."""
-
+    draws them, and reads them as dots (the first classifier, trained on exact lattices, gave
+    dots to 0.94 of these)."""
     s = torch.full((256,), STYLES.index("dots"))
     o = torch.arange(256) % len(OBJECTS)
     loose = render(s, o, torch.Generator().manual_seed(3), loose_dots=True)
+    assert not torch.equal(loose, render(s, o, torch.Generator().manual_seed(3)))
     ps, po = clf.predict(loose)
     assert (ps == STYLES.index("dots")).float().mean() >= 0.95
     assert (po == o).float().mean() >= 0.95
-    strict = render(s, o, torch.Generator().manual_seed(3))
-    assert not torch.equal(strict, loose)
-    assert torch.equal(strict, render(s, o, torch.Generator().manual_seed(3), loose_dots=False))
 
 
 def test_model_draws_style_and_object_of_fresh_prompts(model, clf):

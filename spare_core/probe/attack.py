@@ -133,6 +133,7 @@ class PrefixAttack:
         self.losses: list[float] = []
         self.best_ids = start.cpu().clone()
         self.best_loss = torch.full((p,), float("inf"))
+        self._plain_ctx: Tensor | None = None
 
     def hard_ids(self) -> Tensor:
         """``[P, k]`` the vocabulary tokens nearest (cosine) to the current embeddings."""
@@ -140,19 +141,23 @@ class PrefixAttack:
             sims = F.normalize(self.embeds.detach(), dim=-1) @ self._unit.T    # [P, k, A]
             return self.allowed[sims.argmax(-1)]
 
-    def step(self) -> float:
-        """One step; returns the loss of this step's projected prefixes (summed over prompts)."""
+    def _losses(self, ctx: Tensor) -> Tensor:
+        """``[P]`` the denoising loss on the fixed draws, each prompt's ``b`` rows under its own
+        context ``ctx`` ``[P, L, D]`` (MSE against the process's target, mean per prompt)."""
         den, b = self.denoiser, self.config.batch_size
         dev, dtype = device_of(den), compute_dtype_of(den)
+        ctx = ctx.repeat_interleave(b, 0).to(dev, dtype)
+        pred = prediction(den, self._x_t.to(dev, dtype), self._t.to(dev), ctx).float()
+        per = (pred - self._target.to(dev)).pow(2).flatten(1).mean(1)
+        return per.view(len(self.prompts), b).mean(1)
+
+    def step(self) -> float:
+        """One step; returns the loss of this step's projected prefixes (summed over prompts)."""
         ids = self.hard_ids()
         hard = self.table[ids]
         prefix = self.embeds + (hard - self.embeds).detach()   # forward: tokens; backward: e
-        x_t, t, target = self._x_t.to(dev, dtype), self._t.to(dev), self._target.to(dev)
-        with torch.enable_grad(), _weights_without_grad(den.unet):
-            ctx = self.access.encode(prefix, self.prompts)                      # [P, L, D]
-            ctx = ctx.repeat_interleave(b, 0).to(dev, dtype)
-            pred = prediction(den, x_t, t, ctx).float()
-            per = (pred - target).pow(2).flatten(1).mean(1).view(len(self.prompts), b).mean(1)
+        with torch.enable_grad(), _weights_without_grad(self.denoiser.unet):
+            per = self._losses(self.access.encode(prefix, self.prompts))
             loss = per.sum()
             (grad,) = torch.autograd.grad(loss, [self.embeds])
         better = per.detach().cpu() < self.best_loss
@@ -167,13 +172,11 @@ class PrefixAttack:
     @torch.no_grad()
     def plain_loss(self) -> Tensor:
         """``[P]`` the denoising loss of the attacked prompts without a prefix, on the same fixed
-        draws as :meth:`step` (the bar a found prefix must beat to be worth anything)."""
-        den, b = self.denoiser, self.config.batch_size
-        dev, dtype = device_of(den), compute_dtype_of(den)
-        ctx = den.encode(self.prompts).repeat_interleave(b, 0).to(dev, dtype)
-        pred = prediction(den, self._x_t.to(dev, dtype), self._t.to(dev), ctx).float()
-        per = (pred - self._target.to(dev)).pow(2).flatten(1).mean(1)
-        return per.view(len(self.prompts), b).mean(1).cpu()
+        draws as :meth:`step` (the bar a found prefix must beat to be worth anything). The
+        prompts are encoded once (the attack never trains the text encoder)."""
+        if self._plain_ctx is None:
+            self._plain_ctx = self.denoiser.encode(self.prompts)
+        return self._losses(self._plain_ctx).cpu()
 
     def reset_best(self) -> None:
         """Forget the best prefixes met so far (their losses were measured against an earlier
