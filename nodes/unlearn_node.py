@@ -105,9 +105,12 @@ class SelfDistillUnlearn:
                     "default": False,
                     "tooltip": "Experimental: train against the prompt attack (as Probe Erasure "
                                "runs it): every 5 steps 5 attack steps, and, once the attack's "
-                               "prompt beats the plain one, half as many extra forget rows on it. "
-                               "On the embedded benchmark no better than plain SPARE, 13-36% more "
-                               "time on canvas (benchmarks/RESULTS.md); check with Probe Erasure. "
+                               "prompt beats the plain one, half as many extra forget rows on it, "
+                               "steered in turn to the surrogate alone and to the attack's prompt "
+                               "with the concept swapped for the surrogate. On the embedded "
+                               "benchmark a small gain over plain SPARE (which already holds), "
+                               "retention kept, 3-54% more time (benchmarks/RESULTS.md); "
+                               "check with Probe Erasure. "
                                "SD1.x/SD2.x only."}),
                 **MEMORY_INPUTS,
             },

@@ -124,10 +124,16 @@ def test_adversarial_task_adds_rows_on_the_attack_prompt(digits):
         assert torch.equal(b.forget.ctx[i], plain)
     ids = swapped(task._attack.access, task._attack.best_ids, inner.pairs)
     sur = task._attack.contexts([prompt_for(4)], ids)[0]             # prefix, then surrogate
+    alone = digits.encode([prompt_for(4)])[0]                       # the plain rows' target
+    assert torch.allclose(b.surrogate_ctx[0], alone) and not torch.allclose(sur, alone)
     for i in (4, 5):
         assert torch.allclose(b.forget.ctx[i], adv)                 # on the attack's prompt
-        assert torch.allclose(b.surrogate_ctx[i], sur)
-    assert not torch.allclose(sur, b.surrogate_ctx[0])
+    # the added rows' targets alternate: one the swapped prefix + surrogate, one the surrogate
+    assert torch.allclose(b.surrogate_ctx[4], sur) and torch.allclose(b.surrogate_ctx[5], alone)
+    b = task.batch(digits, 4, torch.Generator().manual_seed(0))      # the next batch starts
+    ids = swapped(task._attack.access, task._attack.best_ids, inner.pairs)  # with the other
+    sur = task._attack.contexts([prompt_for(4)], ids)[0]             # (a new round's prefix)
+    assert torch.allclose(b.surrogate_ctx[4], alone) and torch.allclose(b.surrogate_ctx[5], sur)
     assert task.sampler is inner.sampler and task.preserve == inner.preserve
     with pytest.raises(ValueError, match="fraction"):
         AdversarialConceptTask(inner, AdversarialConfig(fraction=0.0)).validate(digits)

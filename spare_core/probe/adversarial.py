@@ -5,21 +5,32 @@ Every ``every`` training steps the attack of :mod:`spare_core.probe.attack` runs
 more steps against the model *being trained* (its adapter attached), warm-started from where it
 stopped, on the concept's own latents; each forget batch then gets ``fraction`` more rows: its
 first noisy latents again, under the concept prompt with the attack's current prefix. The plain
-rows stay. Self-distillation pulls the added rows to the frozen model's prediction on the same
-prompt with the concept swapped for the surrogate, in the prefix too (:func:`swapped`:
-``"<prefix> stripes style"`` -> ``"<prefix'> plain style"``), so the prompts an attacker would
-find are erased along with the concept while the other prefix words (often other concepts'
-names, which the preserve term keeps) keep their meaning. Preserved prompts are untouched.
+rows stay. Self-distillation pulls the added rows, in turn, to two targets of the frozen model:
+
+- the surrogate prompt alone, without the prefix (AdvUnlearn's target): whatever is typed
+  before the concept, the model draws the surrogate;
+- the prefix with the concept's words swapped for the surrogate's, then the surrogate prompt
+  (:func:`swapped`: ``"<prefix> stripes style"`` -> ``"<prefix'> plain style"``): the prefix's
+  other words, often other concepts' names, keep their meaning.
+
+Either target alone failed one embedded model (100 steps, ASR of the bench's probe): the
+first wipes the meaning of the words the attacker uses (canvas, stripes, seed 1: the prefixes
+held "speckle", grain's second name; grain's accuracy fell to 0.000, IRA 0.866); the second lets
+the prefix steer the erased model, and the attack used that (digits, seed 1: ASR 0.192 against
+plain SPARE's 0.050; more rows or attack steps made it worse). In turn (the expected loss is the
+distance to the mean of the two targets): digits ASR 0.017 / 0.042 and canvas 0.042 / 0.042 at
+seeds 0 / 1, retention kept (benchmarks/RESULTS.md has the tables).
+
 A concept gets these rows only after a round whose best prefix beats its plain prompt (lower
 denoising loss on the concept's latents, :meth:`PrefixAttack.plain_loss`): while the plain
 prompt still draws the concept best, the plain rows are what it needs, and a prefix the model
-does not answer to is not a prompt to defend against.
+does not answer to is not a prompt to defend against. Preserved prompts are untouched.
 
-Measured on the way (canvas model, stripes, 100 steps, seed 0; plain SPARE: UA 0.875):
-replacing half of the forget rows instead of adding rows gave UA 0.312; the plain surrogate as
-the added rows' target UA 0.438; the prefix kept before the surrogate UA 1.000, but on digits the
-attack's prefixes hold the concept's own word ("three eight three ...") and that target taught
-the model to keep it (ASR 0.775 against SPARE's 0.038), hence the swap.
+Also measured on the way, before the gate: replacing half of the forget rows instead of adding
+rows (canvas, stripes, seed 0: UA 0.312 against plain SPARE's 0.875 then); the prefix kept
+before the surrogate, without the swap, taught the digits model to keep the concept's own word
+when the attack put it in the prefix ("three eight three ...": ASR 0.775 against plain SPARE's
+0.038), hence the swap.
 """
 from __future__ import annotations
 
@@ -146,7 +157,12 @@ class AdversarialConceptTask:
         b.forget = Part(torch.cat([f.x0, f.x0[r]]), torch.cat([f.noise, f.noise[r]]),
                         torch.cat([f.t, f.t[r]]), torch.cat([f.x_t, f.x_t[r]]),
                         torch.cat([f.ctx, adv]), torch.cat([f.target, f.target[r]]))
-        sur = self._sur[own.to(self._sur.device)].to(b.surrogate_ctx.device, b.surrogate_ctx.dtype)
-        b.surrogate_ctx = torch.cat([b.surrogate_ctx, sur])
+        # the added rows' targets alternate (row by row, and batch by batch for one-row batches):
+        # the swapped prefix + surrogate, or the surrogate alone (the plain row's own target)
+        swap = self._sur[own.to(self._sur.device)].to(b.surrogate_ctx.device, b.surrogate_ctx.dtype)
+        alone = b.surrogate_ctx[r.to(b.surrogate_ctx.device)]
+        turn = (torch.arange(len(rows)) + self._calls) % 2 == 0
+        b.surrogate_ctx = torch.cat([b.surrogate_ctx,
+                                     torch.where(turn.view(-1, 1, 1).to(swap.device), swap, alone)])
         b.extras = {**(b.extras or {}), "concept": torch.cat([owner, own])}
         return b
