@@ -35,7 +35,8 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
     fails at once naming the fix, and a LoRA made on the normal checkpoint trains on it;
 11. enables the UI workflow's bypassed *Probe the erasure* group and queues what the frontend
     would: ProbeErasure attacks the patched model through ComfyUI's own CLIP-L (its token
-    embedding hooked), reports the found prompt, and its two LATENTs decode to previews.
+    embedding hooked), reports the found prompt, and its two LATENTs decode to previews; again
+    with SelfDistillUnlearn's adversarial switch on (the attack runs inside training too).
 """
 from __future__ import annotations
 
@@ -819,12 +820,15 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
     assert trained > 0 and effect > 0
 
 
-def test_probe_group_finds_a_prompt_on_the_patched_model(comfy):
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_probe_group_finds_a_prompt_on_the_patched_model(comfy, adversarial):
     """The UI file's bypassed *Probe the erasure* group, enabled as a user would (Ctrl+B) and
     queued as the frontend queues it, with the chain that trains the adapter (tiny settings):
     ProbeErasure runs its attack through this ComfyUI's CLIP-L (SD1ClipModel.clip_l, its token
     embedding hooked) with gradients under the host's inference mode, shows the found prompt
-    (the concept after at most ``attack_tokens`` words) and both LATENTs decode to previews."""
+    (the concept after at most ``attack_tokens`` words) and both LATENTs decode to previews.
+    With SelfDistillUnlearn's ``adversarial`` switch on, training runs the same attack every few
+    steps and encodes its swapped target through this CLIP's tokenizer."""
     from PIL import Image
 
     with open(os.path.join(REPO, "workflows", "spare_erase_concept.json")) as f:
@@ -843,6 +847,7 @@ def test_probe_group_finds_a_prompt_on_the_patched_model(comfy):
     previews = [k for k, v in queued.items() if v["class_type"] == "PreviewImage"
                 and v["inputs"]["images"][0] in ids]
     run = keep(queued, ids + previews)
+    run[node_of(run, "SelfDistillUnlearn")]["inputs"]["adversarial"] = adversarial
     assert len(previews) == 2 and validate_api_prompt(run, comfy.info) == []
     concept = run[probe]["inputs"]["concept"]
     tokens = run[probe]["inputs"]["attack_tokens"]
