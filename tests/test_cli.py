@@ -210,9 +210,12 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
 
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # a shell that runs the suite in the background (``make test &``) starts it with SIGINT
+    # ignored, and Python then installs no Ctrl-C handler: give the child a terminal's default
     proc = subprocess.Popen([sys.executable, "-m", "spare_core.cli", "demo", "--out", str(out),
                              "--n", "2", "--steps", "500"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = proc.stdout.readline()  # printed once the models are loaded
     assert "forgetting" in line, line + proc.stderr.read()
     time.sleep(0.5)
