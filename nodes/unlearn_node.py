@@ -109,7 +109,7 @@ class SelfDistillUnlearn:
                                "steered in turn to the surrogate alone and to the attack's prompt "
                                "with the concept swapped for the surrogate. On the embedded "
                                "benchmark a small gain over plain SPARE (which already holds), "
-                               "retention kept, 3-54% more time (benchmarks/RESULTS.md); "
+                               "retention kept, 14-36% more time (benchmarks/RESULTS.md); "
                                "check with Probe Erasure. "
                                "SD1.x/SD2.x only."}),
                 **MEMORY_INPUTS,
@@ -185,4 +185,8 @@ class SelfDistillUnlearn:
         log.info("SelfDistillUnlearn: %d steps in %.1fs, %d trainable parameters, loss %.4g -> %.4g",
                  len(losses), result.history.get("seconds", 0.0), trained.num_trainable(),
                  losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+        if adversarial:  # 0 batches: the attack never beat the plain prompt, a plain run
+            log.info("SelfDistillUnlearn adversarial: %.1fs attacking, %d of %d batches with "
+                     "attack rows", result.history["attack_seconds"],
+                     result.history["adversarial_batches"], len(losses))
         return (trained,)

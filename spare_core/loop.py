@@ -81,7 +81,8 @@ class UnlearnResult:
     ``"preserve"``), ``loss`` (per step), ``terms`` (per step dict), ``seconds``, ``trainable_params``,
     ``timestep_probs`` (``[T]`` list, the sampler's density), ``compute_dtype``, ``loss_scale``
     (final scale, 1.0 without loss scaling) and ``skipped_steps`` (steps the loss scaler skipped
-    because a scaled gradient overflowed).
+    because a scaled gradient overflowed); plus what the task reports of its run, where it has a
+    ``run_stats()`` (adversarial training: ``attack_seconds``, ``adversarial_batches``).
     """
 
     adapter: UnlearnAdapter
@@ -208,6 +209,8 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
         "loss_scale": scaler.get_scale() if scaling else 1.0, "skipped_steps": int(skipped),
         "ignored": ignored,
     }
+    stats = getattr(task, "run_stats", None)
+    history.update(stats() if stats is not None else {})
     return UnlearnResult(adapter, history)
 
 

@@ -92,9 +92,6 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     res = unlearn(denoiser, adapter, task, "self_distill", config,
                   objective_kwargs={"forget_weight": forget_weight, "preserve_weight": preserve_weight},
                   progress=progress, should_stop=should_stop, prepare_progress=phase_progress)
-    if adversarial:
-        res.history["attack_seconds"] = task.attack_seconds
-        res.history["adversarial_batches"] = task.adversarial_batches
     return SpareResult(res.adapter, sal, res.history)
 
 

@@ -852,8 +852,11 @@ def test_probe_group_finds_a_prompt_on_the_patched_model(comfy, adversarial):
     concept = run[probe]["inputs"]["concept"]
     tokens = run[probe]["inputs"]["attack_tokens"]
     t = time.time()
+    said = comfy.log_text().count("SelfDistillUnlearn adversarial:")
     history, messages = comfy.run(run)
     assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    # the switch reached training: the node reports its attack rounds only when it is on
+    assert comfy.log_text().count("SelfDistillUnlearn adversarial:") == said + adversarial
     found = history["outputs"][probe]["text"][0]
     assert found.endswith(" " + concept) and len(found[:-len(concept)].split()) == tokens
     steps = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == probe]

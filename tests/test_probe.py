@@ -172,6 +172,7 @@ def test_adversarial_spare_runs_through_run_method(digits):
                      preserve=[prompt_for(5)], steps=4, num_samples=4, sample_steps=5,
                      clip_x0=1.0, batch_size=2, adversarial=True, adv_every=2, adv_steps=1)
     assert res.history["attack_seconds"] > 0 and len(res.history["loss"]) == 4
+    assert "adversarial_batches" in res.history  # the task's run_stats reach the history
     assert_state_equal(digits.unet, saved)
     with pytest.raises(ValueError, match="adversarial fraction"):
         run_method("spare", digits, concept=prompt_for(3), steps=2, adversarial=True,

@@ -195,9 +195,13 @@ def test_found_words_are_escaped_as_comfyui_reads_a_typed_prompt(env):
     assert access.text([1, 2]) == "\\(art:1.2\\)"
 
 
-def test_self_distill_unlearn_trains_against_the_attack(env):
+def test_self_distill_unlearn_trains_against_the_attack(env, caplog):
     """SelfDistillUnlearn's ``adversarial`` switch: the run attacks the model being trained
-    (the CLIP's embedding is hooked and unhooked again) and marks the adapter."""
+    (the CLIP's embedding is hooked and unhooked again), marks the adapter and logs its attack
+    rounds."""
+    import logging
+
+    caplog.set_level(logging.INFO)
     nodes, host = env["nodes"], env["host"]
     (sal,) = host.run(nodes["ComputeSaliency"], model=env["model"], clip=env["clip"],
                       concept=CONCEPT, samples=2, top_k=6, seed=0, sample_steps=2, cfg=3.0, **SIZE)
@@ -218,6 +222,8 @@ def test_self_distill_unlearn_trains_against_the_attack(env):
         hook.remove()
     assert len(calls) - plain_calls > plain_calls  # the attack encoded its prefixed prompts
     assert adv.meta["adversarial"] == "true" and plain.meta["adversarial"] == "false"
+    said = [r.getMessage() for r in caplog.records if "SelfDistillUnlearn adversarial:" in r.getMessage()]
+    assert len(said) == 1 and "of 3 batches with attack rows" in said[0], said
     assert any(not torch.equal(a, b) for a, b in zip(adv.merged().values(),
                                                       plain.merged().values()))
     assert not access.embedding._forward_hooks

@@ -15,9 +15,9 @@ rows stay. Self-distillation pulls the added rows, in turn, to two targets of th
 
 Either target alone failed one embedded model (100 steps, ASR of the bench's probe): the
 first wipes the meaning of the words the attacker uses (canvas, stripes, seed 1: the prefixes
-held "speckle", grain's second name; grain's accuracy fell to 0.000, IRA 0.866); the second lets
-the prefix steer the erased model, and the attack used that (digits, seed 1: ASR 0.192 against
-plain SPARE's 0.050; more rows or attack steps made it worse). In turn (the expected loss is the
+held "speckle", grain's second name; IRA 0.866, and a scratch rerun put grain's accuracy at
+0.000); the second lets the prefix steer the erased model, and the attack used that (digits,
+seed 1: ASR 0.192 against plain SPARE's 0.050; more rows or attack steps made it worse). In turn (the expected loss is the
 distance to the mean of the two targets): digits ASR 0.017 / 0.042 and canvas 0.042 / 0.042 at
 seeds 0 / 1, retention kept (benchmarks/RESULTS.md has the tables).
 
@@ -112,6 +112,12 @@ class AdversarialConceptTask:
         self._attack, self._ctx, self._calls = None, None, 0
         self.attack_seconds, self.adversarial_batches = 0.0, 0
 
+    def run_stats(self) -> dict:
+        """What the loop adds to the run's history: seconds spent attacking, and how many forget
+        batches got adversarial rows (0: the gate never opened, the run is plain SPARE's)."""
+        return {"attack_seconds": self.attack_seconds,
+                "adversarial_batches": self.adversarial_batches}
+
     def _round(self, denoiser) -> None:
         """``attack_steps`` attack steps against the model as it is now."""
         import time
@@ -159,10 +165,9 @@ class AdversarialConceptTask:
                         torch.cat([f.ctx, adv]), torch.cat([f.target, f.target[r]]))
         # the added rows' targets alternate (row by row, and batch by batch for one-row batches):
         # the swapped prefix + surrogate, or the surrogate alone (the plain row's own target)
-        swap = self._sur[own.to(self._sur.device)].to(b.surrogate_ctx.device, b.surrogate_ctx.dtype)
-        alone = b.surrogate_ctx[r.to(b.surrogate_ctx.device)]
-        turn = (torch.arange(len(rows)) + self._calls) % 2 == 0
-        b.surrogate_ctx = torch.cat([b.surrogate_ctx,
-                                     torch.where(turn.view(-1, 1, 1).to(swap.device), swap, alone)])
+        sc = b.surrogate_ctx
+        swap = self._sur[own.to(self._sur.device)].to(sc.device, sc.dtype)
+        turn = ((torch.arange(len(rows)) + self._calls) % 2 == 0).to(sc.device)
+        b.surrogate_ctx = torch.cat([sc, torch.where(turn.view(-1, 1, 1), swap, sc[r.to(sc.device)])])
         b.extras = {**(b.extras or {}), "concept": torch.cat([owner, own])}
         return b
