@@ -16,6 +16,7 @@ from .denoiser import (Denoiser, check_checkpointing, compute_dtype_of, device_o
                        gradient_checkpointing)
 from .objectives import Objective, make_objective
 from .saliency import Saliency
+from .storage_cast import upcast_copies
 
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     losses: list[float] = []
     terms: list[dict[str, float]] = []
     try:
-        with torch.enable_grad(), gradient_checkpointing(denoiser, config.gradient_checkpointing):
+        # upcast_copies: fp8-stored diffusers layers compute on copies backward can read
+        with (torch.enable_grad(), gradient_checkpointing(denoiser, config.gradient_checkpointing),
+              upcast_copies(unet)):
             for step in range(config.steps):
                 opt.zero_grad(set_to_none=True)
                 step_loss, step_terms = 0.0, {}

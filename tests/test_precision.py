@@ -3,6 +3,10 @@ storage is handled up front, mixed-dtype pipelines run, and every memory control
 LoRA, saliency micro-batches and per-module scores, gradient checkpointing, a backward per loss
 term) gives the same numbers as the plain path."""
 import copy
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,6 +117,69 @@ def test_fp8_storage_trains_lora_in_bf16_and_saliency_is_refused_before_sampling
     assert res.history["compute_dtype"] == "bfloat16"
     assert all(p.dtype == torch.float32 for p in ad.parameters())
     assert any(float(ad[n].lora_B.detach().abs().sum()) > 0 for n in ad.names)
+
+
+def _fp8_and_reference(checkpointing: bool):
+    """The same tiny UNet twice: stored in fp8 under diffusers' layerwise casting (computed in
+    bf16), and a copy whose cast layers hold the fp8-rounded values in bf16 (exactly what the
+    casting computes with; the layers it skips stay float32 in both)."""
+    from spare_core.storage_cast import layerwise_cast_hooks
+
+    base = tiny_denoiser()
+    ref = copy.deepcopy(base.unet)
+    base.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                       compute_dtype=torch.bfloat16)
+    cast = {name for name, m in base.unet.named_modules()
+            if any(m is n for n, _ in layerwise_cast_hooks(base.unet))}
+    assert len(cast) > 10
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if name in cast:
+                m.to(torch.float8_e4m3fn).to(torch.bfloat16)
+    dens = [DiffusersDenoiser(u, base.text_encoder, base.tokenizer, base.scheduler,
+                              compute_dtype=torch.bfloat16) for u in (base.unet, ref)]
+    return dens, checkpointing
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fp8_storage_gradient_equals_bf16_copy_of_the_same_values(checkpointing):
+    """Training through fp8-stored layers (diffusers' layerwise casting) gives the LoRA gradient
+    of the same network held in bf16, bit for bit, with and without gradient checkpointing
+    (which recomputes the forward inside backward). Before spare_core.storage_cast, backward read
+    the weight after it was cast back to fp8: an error on AVX2-only CPUs, and a dependence on
+    which kernel the CPU picks elsewhere. The fp8 weights are the same objects, still fp8, and
+    diffusers' hooks are back in place afterwards."""
+    (fp8, ref), ckpt = _fp8_and_reference(checkpointing)
+    stored = {n: (p, p.dtype) for n, p in fp8.unet.named_parameters()}
+    assert any(d == torch.float8_e4m3fn for _, d in stored.values())
+    latents = torch.randn(2, *fp8.latent_shape, generator=torch.Generator().manual_seed(0))
+    grads = [_lora_grads(d, latents, gradient_checkpointing=ckpt) for d in (fp8, ref)]
+    assert set(grads[0]) == set(grads[1]) and grads[0]
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
+    assert all(float(g.abs().sum()) > 0 for g in grads[0].values())
+    for n, p in fp8.unet.named_parameters():
+        assert p is stored[n][0] and p.dtype == stored[n][1], n
+    from spare_core.storage_cast import layerwise_cast_hooks
+    for _, hook in layerwise_cast_hooks(fp8.unet):
+        assert hook.fn_ref.pre_forward == hook.pre_forward
+        assert hook.fn_ref.post_forward == hook.post_forward
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="ATEN_CPU_CAPABILITY=avx2 names an x86 instruction set")
+def test_fp8_storage_tests_pass_with_the_cpu_pinned_to_avx2():
+    """The fp8 tests again in a fresh interpreter whose kernels are pinned to AVX2 (ATen's
+    dispatch and oneDNN's ISA), the CPU class where the in-place cast failed: the result must
+    not depend on the kernels this machine would pick."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(here, "test_precision.py"),
+         "-k", "fp8 and not pinned_to_avx2"],
+        env=env, cwd=here, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
 
 
 def _small_pool():

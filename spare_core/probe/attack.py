@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..denoiser import Denoiser, compute_dtype_of, device_of, prediction
 from ..process import process_of
+from ..storage_cast import upcast_copies
 from .text import prompt_access
 
 
@@ -156,7 +157,8 @@ class PrefixAttack:
         ids = self.hard_ids()
         hard = self.table[ids]
         prefix = self.embeds + (hard - self.embeds).detach()   # forward: tokens; backward: e
-        with torch.enable_grad(), _weights_without_grad(self.denoiser.unet):
+        unet = self.denoiser.unet
+        with torch.enable_grad(), _weights_without_grad(unet), upcast_copies(unet):
             per = self._losses(self.access.encode(prefix, self.prompts))
             loss = per.sum()
             (grad,) = torch.autograd.grad(loss, [self.embeds])
