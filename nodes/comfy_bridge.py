@@ -13,7 +13,10 @@ ComfyUI on the path; node modules call only what is defined here. What each piec
   clone's patches are in the shared module), ``.clone()``, ``.add_patches()`` with
   ``("diff", (delta,))``.
 - CLIP (``comfy.sd.CLIP``): ``.tokenize(text)``, ``.encode_from_tokens(tokens,
-  return_pooled=True)`` (as CLIPTextEncode: the sequence and the pooled vector). For the prompt
+  return_pooled=True)`` (as CLIPTextEncode: the sequence and the pooled vector); for UCE's token
+  pairing ``.tokenize(text, return_word_ids=True)`` (comfy/sd1_clip.py
+  SDTokenizer.tokenize_with_weights: ``(token, weight, word_id)``, word id 0 for the start, end
+  and padding tokens), one token list per chunk under each encoder's key. For the prompt
   attack (SD1.x/SD2.x only): ``.cond_stage_model`` (comfy/sd1_clip.py SD1ClipModel, or
   comfy/text_encoders/sd2_clip.py SD2ClipModel: ``.clip`` names the SDClipModel attribute,
   ``clip_l`` / ``clip_h``, ``.clip_name`` the key of ``tokenize``'s dict, ``l`` / ``h``), that
@@ -456,6 +459,30 @@ class ComfyDenoiser:
                 extras = self._extras(cond, pooled)
             self._cache[prompt] = (cond.detach().float().cpu(), extras)
         return self._cache[prompt]
+
+    def last_word_index(self, prompt: str) -> int | None:
+        """Position of the prompt's last word token in the sequence :meth:`encode` gives it (the
+        start token at 0; the empty prompt's is 0), counted as CLIPTextEncode tokenizes:
+        ``CLIP.tokenize(prompt, return_word_ids=True)``, chunks laid end to end, the last token
+        with a word id. Where :meth:`encode` repeats the sequence to the run's length, the
+        position is in the last repetition, so the tail from it is the prompt's own. SDXL's two
+        encoders (keys ``l``, ``g``) share positions, their sequences joined along features;
+        None for SD3/Flux, whose encoders are joined along tokens."""
+        if self.family in FLOW_FAMILIES:
+            return None
+        found = {}
+        for key, chunks in self.clip.tokenize(prompt, return_word_ids=True).items():
+            flat = [tok for chunk in chunks for tok in chunk]
+            if any(len(tok) < 3 for tok in flat):
+                raise ValueError(f"this CLIP's tokenizer gives no word ids for {key!r}; connect "
+                                 "the CLIP output of a checkpoint loader")
+            found[key] = max((i for i, tok in enumerate(flat) if tok[2]), default=0)
+        if len(set(found.values())) != 1:
+            raise ValueError(f"this CLIP's encoders put the last word of {prompt!r} at different "
+                             f"positions ({found}); connect the CLIP of the same checkpoint")
+        index = next(iter(found.values()))
+        length = self._encoded(prompt)[0].shape[1]
+        return (self.context_length // length - 1) * length + index
 
     def _extras(self, cond: Tensor, pooled: Tensor | None) -> dict[str, Tensor]:
         if self.family == "sd":

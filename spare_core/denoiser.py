@@ -6,7 +6,9 @@ or ``eps`` for noise-space backends), its forward process (``process``, see
 (a tensor or a :class:`~spare_core.conditioning.Context`: methods pass it through without
 looking inside) and ``compute_dtype`` (the dtype the network runs in, which may differ from the
 dtype its weights are stored in: fp8 storage computed in bf16), and, where a backend has them,
-``predict`` (eps and x0 together) and ``enable_gradient_checkpointing``. The trainable network is
+``predict`` (eps and x0 together), ``enable_gradient_checkpointing`` and ``last_word_index``
+(where a prompt's words end in its encoded sequence: UCE pairs tokens from there). The trainable
+network is
 exposed as ``unet`` (a UNet or a DiT) so that saliency and adapters can address its weights by
 module name. Backends: :class:`DiffusersDenoiser` (here, SD1.x/SD2.x), the family modules in
 :mod:`spare_core.families` (SDXL, SD3, Flux) and the ComfyUI bridge (``nodes/comfy_bridge.py``).
@@ -221,6 +223,16 @@ class DiffusersDenoiser:
         """The UNet's raw output for inputs already in the compute dtype (families with more
         conditioning than the text sequence override this)."""
         return self.unet(x, t, encoder_hidden_states=context).sample
+
+    def last_word_index(self, prompt: str) -> int | None:
+        """Position of the prompt's last word token in the sequence :meth:`encode` gives (the
+        start token at 0, so the empty prompt's is 0; truncated as :meth:`encode` truncates), or
+        None without a tokenizer to count with."""
+        tok = self.tokenizer
+        if tok is None or not callable(tok):
+            return None
+        n = len(tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids)
+        return max(n - 2, 0)  # n counts the start and end tokens
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:

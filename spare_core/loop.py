@@ -110,6 +110,9 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     task.validate(denoiser)
     adapter.check_compatible(denoiser.unet)
     obj = make_objective(objective, **(objective_kwargs or {})) if isinstance(objective, str) else objective
+    check_objective = getattr(task, "check_objective", None)
+    if check_objective is not None:  # a task made for one objective refuses the others up front
+        check_objective(obj)
     if adapter.num_trainable() == 0:
         raise ValueError("the adapter has no trainable parameters (empty mask?)")
     check_checkpointing(denoiser, config.gradient_checkpointing)
@@ -219,16 +222,19 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
 
 def _without_unused_prompts(task, obj) -> tuple[object, list[str]]:
     """The task without preserved prompts the objective never reads (no latent pools are
-    generated for them), and the names of the inputs it ignores, each logged once."""
+    generated for them: the task's ``without_preserve()``, or a dataclass task's copy), and the
+    names of the inputs it ignores, each logged once."""
     ignored = []
     name = getattr(obj, "name", type(obj).__name__)
     if getattr(task, "surrogate", "") and not getattr(obj, "uses_surrogate", True):
         ignored.append("surrogate")
         log.warning("objective %r ignores the surrogate %r", name, task.surrogate)
-    if (dataclasses.is_dataclass(task) and getattr(task, "preserve", ())
+    drop = getattr(task, "without_preserve", None)  # wrappers (adversarial) are no dataclass
+    if ((drop is not None or dataclasses.is_dataclass(task)) and getattr(task, "preserve", ())
             and not getattr(obj, "uses_preserve", True)):
         ignored.append("preserve")
         log.warning("objective %r has no preserve term: the %d preserved prompt(s) are not sampled",
                     name, len(task.preserve))
-        task = dataclasses.replace(task, preserve=(), preserve_latents=None)
+        task = drop() if drop is not None else dataclasses.replace(task, preserve=(),
+                                                                   preserve_latents=None)
     return task, ignored

@@ -113,6 +113,11 @@ class SelfDistill:
     def __init__(self, forget_weight: float = 1.0, preserve_weight: float = 1.0) -> None:
         self.wf, self.wp = float(forget_weight), float(preserve_weight)
 
+    @property
+    def uses_preserve(self) -> bool:
+        """False at ``preserve_weight=0``: the preserve term adds nothing, so no pools for it."""
+        return self.wp != 0.0
+
     def __call__(self, student: EpsFn, teacher: EpsFn, batch: Batch) -> tuple[Tensor, dict[str, float]]:
         f, p = batch.forget, batch.preserve
         nf = len(f)

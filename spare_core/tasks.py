@@ -6,7 +6,7 @@ per step. The loop does not know which task it runs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch
@@ -87,6 +87,11 @@ class ConceptTask:
     def pairs(self) -> list[tuple[str, str]]:
         """``(concept, surrogate)`` per line."""
         return concept_pairs(self.concept, self.surrogate)
+
+    def without_preserve(self) -> "ConceptTask":
+        """A copy without preserved prompts (nor their latents): what the loop runs for an
+        objective with no preserve term, so no pools are generated for them."""
+        return replace(self, preserve=(), preserve_latents=None)
 
     def sample_prompts(self, per_concept: int) -> list[str]:
         """The prompt of each concept latent when ``per_concept`` are drawn per concept, in the

@@ -16,9 +16,13 @@ layers, so it saves, applies, exports and bakes like any other method's adapter.
 
 Token pairing. Concept and guide are paired token by token from each prompt's last word token to
 the end of the sequence (the end-of-text and padding positions, where CLIP gathers the whole
-prompt), as UCE's code aligns them; without a tokenizer to count tokens (backends other than
-diffusers) the whole sequences are paired position by position. Preserved prompts contribute
-every position. Several (concept, guide) pairs go into one solve: multi-concept erasure.
+prompt), as UCE's code aligns them: ``c[i:i+n]`` with ``c*[j:j+n]``, ``i`` / ``j`` the last word
+positions, ``n`` the shorter tail. Every backend says where that is through the denoiser's
+``last_word_index(prompt)`` (diffusers: its tokenizer; ComfyUI: ``CLIP.tokenize`` with word ids,
+as CLIPTextEncode tokenizes; SDXL's two encoders share positions), so the edit is the same on
+every backend; a denoiser that cannot say is refused before any encoding. Preserved prompts
+contribute every position. Several (concept, guide) pairs go into one solve: multi-concept
+erasure.
 
 UCE edits cross-attention, so it applies to the UNet families (SD1.x, SD2.x, SDXL); a DiT's joint
 attention reads the text through per-block projections of a transformed sequence, and is refused.
@@ -52,24 +56,31 @@ def uce_modules(net: torch.nn.Module) -> list[str]:
     return names
 
 
-def _last_word_index(denoiser: Denoiser, prompt: str) -> int | None:
-    """Index of the prompt's last word token in its encoded sequence (BOS at 0), or None when the
-    backend has no tokenizer to count with."""
-    tok = getattr(denoiser, "tokenizer", None)
-    if tok is None or not callable(tok):
-        return None
-    n = len(tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids)
-    return max(n - 2, 0)  # n counts BOS and EOS
+def _last_word_index(denoiser: Denoiser, prompt: str) -> int:
+    """Position of the prompt's last word token in its encoded sequence (start token at 0):
+    ``denoiser.last_word_index(prompt)``; ValueError naming the fix when the backend cannot
+    count (no such method, or it answers None: an SDXLDenoiser built without a tokenizer)."""
+    count = getattr(denoiser, "last_word_index", None)
+    i = count(prompt) if callable(count) else None
+    if i is None:
+        raise ValueError(f"{type(denoiser).__name__} cannot say where a prompt's words end in its "
+                         "text sequence, which UCE pairs concept and guide tokens from: give it "
+                         "a last_word_index(prompt) method (SDXLDenoiser: pass tokenizer=, or "
+                         "build it with from_pipeline)")
+    return int(i)
 
 
 def _pair(denoiser: Denoiser, concept: str, guide: str) -> tuple[Tensor, Tensor]:
-    """Aligned ``(c [n, d], c* [n, d])`` token embeddings of a concept and its guide."""
+    """Aligned ``(c [n, d], c* [n, d])`` token embeddings of a concept and its guide, float64 on
+    the CPU: each sequence from its prompt's last word token on, ``n`` the shorter tail."""
+    i, j = _last_word_index(denoiser, concept), _last_word_index(denoiser, guide)
     c = text_sequence(denoiser.encode([concept]))[0].double().cpu()
     g = text_sequence(denoiser.encode([guide]))[0].double().cpu()
-    i, j = _last_word_index(denoiser, concept), _last_word_index(denoiser, guide)
-    if i is None or j is None or c.shape[0] != g.shape[0]:
-        n = min(c.shape[0], g.shape[0])
-        return c[:n], g[:n]
+    if not (0 <= i < c.shape[0] and 0 <= j < g.shape[0]):
+        raise ValueError(f"{type(denoiser).__name__}.last_word_index gave positions ({i}, {j}) "
+                         f"outside the encoded sequences ({c.shape[0]}, {g.shape[0]} tokens) of "
+                         f"{concept!r} / {guide!r}: the backend counts tokens differently from "
+                         "how it encodes them")
     n = min(c.shape[0] - i, g.shape[0] - j)
     return c[i:i + n], g[j:j + n]
 
@@ -81,7 +92,7 @@ def uce_edit(denoiser: Denoiser, pairs: Sequence[tuple[str, str]],
     """Erase each ``(concept, guide)`` of ``pairs`` (guide ``""``: the empty prompt) while keeping
     ``preserve`` prompts; returns the adapter (not attached). Checked before any work: at least
     one pair, no concept equal to its guide or listed as preserved, positive scales, a UNet with
-    cross-attention."""
+    cross-attention, a denoiser that can place each prompt's last word (``last_word_index``)."""
     pairs = [(str(c), str(g)) for c, g in pairs]
     if not pairs:
         raise ValueError("UCE needs at least one (concept, guide) pair")
@@ -98,6 +109,8 @@ def uce_edit(denoiser: Denoiser, pairs: Sequence[tuple[str, str]],
     names = list(modules) if modules is not None else uce_modules(net)
     mods = adaptable_modules(net)
     ctx_dim = mods[names[0]].weight.shape[1]
+    for c, g in pairs:  # the backend can place every prompt's last word: before any encoding
+        _last_word_index(denoiser, c), _last_word_index(denoiser, g)
     erase = [_pair(denoiser, c, g) for c, g in pairs]
     keep = [text_sequence(denoiser.encode([p]))[0].double().cpu() for p in preserve]
     for c, _ in erase:

@@ -27,8 +27,9 @@ node ComfyUI executes, so weights are inference tensors):
 - :class:`ComfyStyleUNet`: a diffusers UNet2DConditionModel called the way ComfyUI calls its
   openaimodel.UNetModel: ``forward(x, timesteps, context=, control=, transformer_options=)``.
 - :class:`ModelSamplingDiscrete` (comfy/model_sampling.py): ``sigmas`` of SD's scaled-linear schedule.
-- :class:`CLIP` (comfy/sd.py): ``tokenize(text)`` -> ``{"l": [[(token, weight), ...], ...]}`` in
-  chunks (77 tokens in ComfyUI, 32 here), ``encode_from_tokens(tokens)`` -> ``[1, 32*chunks, D]``;
+- :class:`CLIP` (comfy/sd.py): ``tokenize(text, return_word_ids=False)`` -> ``{"l": [[(token,
+  weight), ...], ...]}`` in chunks (77 tokens in ComfyUI, 32 here; ``(token, weight, word_id)``
+  with word ids), ``encode_from_tokens(tokens)`` -> ``[1, 32*chunks, D]``;
   laid out as SD1.x's (``clip_l``, key ``l``) or SD2.x's (``clip_h``, key ``h``) for the prompt
   attack: ``cond_stage_model`` (SD1ClipModel: ``clip``, ``clip_name``, the
   :class:`SDClipModel`), ``tokenizer`` (SD1Tokenizer: the SDTokenizer at ``clip``, its
@@ -291,14 +292,22 @@ class CLIP:
     def encoder(self) -> nn.Module:
         return getattr(self.cond_stage_model, self.cond_stage_model.clip).transformer
 
-    def tokenize(self, text: str) -> dict:
+    def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
+        """comfy/sd.py CLIP.tokenize -> SDTokenizer.tokenize_with_weights for a prompt without
+        ``(word:weight)`` emphasis or embeddings: start, the text's tokens, end, padded with the
+        end token per chunk; ``(token, weight)``, or ``(token, weight, word_id)`` with
+        ``return_word_ids`` (0 for start, end and padding; the host numbers each weighted
+        segment from 1, so an unweighted prompt's tokens all have word id 1)."""
         tok = getattr(self.tokenizer, self.tokenizer.clip).tokenizer
         ids = tok(text, add_special_tokens=False, verbose=False).input_ids
         bos, eos = tok.bos_token_id, tok.eos_token_id
         body = CHUNK - 2
         chunks = [ids[i:i + body] for i in range(0, len(ids), body)] or [[]]
-        return {self.key: [[(t, 1.0) for t in [bos, *c, eos] + [eos] * (body - len(c))]
-                           for c in chunks]}
+        rows = [[(bos, 1.0, 0), *[(t, 1.0, 1) for t in c], (eos, 1.0, 0)]
+                + [(eos, 1.0, 0)] * (body - len(c)) for c in chunks]
+        if not return_word_ids:
+            rows = [[(t, w) for t, w, _ in row] for row in rows]
+        return {self.key: rows}
 
     def encode_from_tokens(self, tokens: dict, return_pooled=False, return_dict=False):
         rows = [torch.tensor([[t for t, _ in chunk]]) for chunk in tokens[self.key]]

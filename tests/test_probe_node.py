@@ -227,3 +227,22 @@ def test_self_distill_unlearn_trains_against_the_attack(env, caplog):
     assert any(not torch.equal(a, b) for a, b in zip(adv.merged().values(),
                                                       plain.merged().values()))
     assert not access.embedding._forward_hooks
+
+
+def test_adversarial_with_another_objective_is_refused_before_sampling(env):
+    """SelfDistillUnlearn(adversarial=True) trains the attack's rows toward the surrogate, which
+    only self_distill reads: ESD is refused, naming the fix, before any pool is sampled."""
+    from spare_core import init_sparse_lora
+    from spare_core.families.unet import adaptable_modules
+
+    host, nodes = env["host"], env["nodes"]
+    unet = env["model"].model.diffusion_model
+    init = init_sparse_lora(unet, list(adaptable_modules(unet))[5:9], rank=2)
+    host.progress.clear()
+    with pytest.raises(ValueError, match="objective is 'esd': choose 'self_distill' or switch "
+                                         "adversarial off"):
+        host.run(nodes["SelfDistillUnlearn"], model=env["model"], clip=env["clip"], adapter=init,
+                 concept=CONCEPT, surrogate="a blue square", preserve="a green line", steps=2,
+                 lr=1e-2, timestep_sampler="uniform", objective="esd", seed=0, pool_size=1,
+                 pool_steps=2, adversarial=True, **SIZE)
+    assert host.progress == []  # no pool step, no training step

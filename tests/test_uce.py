@@ -111,3 +111,141 @@ def test_concept_pairs_parse_one_per_line():
     assert concept_pairs("a cat", "") == [("a cat", "")]
     with pytest.raises(ValueError, match="2 concepts but 3 guides"):
         concept_pairs("a\nb", "x\ny\nz")
+
+
+# ------------------------------------------------------------------ one method on every backend
+def _diffusers_twin(model, clip):
+    """A DiffusersDenoiser over copies of the double's UNet, CLIP text encoder and tokenizer:
+    the same weights and the same token sequences as the ComfyUI backend reads."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from spare_core import DiffusersDenoiser
+
+    comfy_unet = model.model.diffusion_model
+    unet = UNet2DConditionModel(**{k: v for k, v in comfy_unet.config.items()
+                                   if not k.startswith("_")})
+    unet.load_state_dict(comfy_unet.state_dict())
+    te = CLIPTextModel(clip.encoder.config)
+    te.load_state_dict(clip.encoder.state_dict())
+    tok = getattr(clip.tokenizer, clip.tokenizer.clip).tokenizer
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                          beta_start=0.00085, beta_end=0.012)
+    return DiffusersDenoiser(unet.eval(), te.eval(), tok, sched)
+
+
+class _FromStart:
+    """A backend that pairs whole sequences from position 0 (what the ComfyUI backend did
+    before it could count tokens)."""
+
+    def __init__(self, den):
+        self.unet, self.encode = den.unet, den.encode
+
+    def last_word_index(self, prompt):
+        return 0
+
+
+@pytest.fixture
+def comfy(monkeypatch, tmp_path):
+    """The ComfyUI test double's host, the pack's nodes and bridge, an SD1.x checkpoint."""
+    import sys
+
+    from comfy_double import Host, load_pack
+
+    host = Host(str(tmp_path)).install(monkeypatch)
+    pack = load_pack()
+    model, clip = host.load_checkpoint(seed=0)
+    return dict(host=host, nodes=pack.NODE_CLASS_MAPPINGS, model=model, clip=clip,
+                bridge=sys.modules[f"{pack.__name__}.nodes.comfy_bridge"])
+
+
+def test_uce_is_the_same_edit_through_comfyui_and_diffusers(comfy):
+    """The UCEErase node on the double's checkpoint and uce_edit on a diffusers denoiser with
+    the same weights give the same deltas for a concept and guide of different token counts
+    ("a cat": 4 tokens, "a big red dog": 10): both pair from each prompt's last word. Pairing
+    from position 0 (the ComfyUI backend's old edit) differs by far more than the tolerance."""
+    concept, guide, keep = "a cat", "a big red dog", ["a bird", "a red car"]
+    twin = _diffusers_twin(comfy["model"], comfy["clip"])
+    assert twin.last_word_index(concept) == 4 and twin.last_word_index(guide) == 10
+    (ad,) = comfy["host"].run(comfy["nodes"]["UCEErase"], model=comfy["model"],
+                              clip=comfy["clip"], concepts=concept, guides=guide,
+                              preserve="\n".join(keep), preserve_scale=1.0, lamb=0.5)
+    want = uce_edit(twin, [(concept, guide)], keep, preserve_scale=1.0, lamb=0.5)
+    old = uce_edit(_FromStart(twin), [(concept, guide)], keep, preserve_scale=1.0, lamb=0.5)
+    assert sorted(ad.names) == sorted(want.names)
+    for n in want.names:
+        got, ref = ad[n].delta().float(), want[n].delta().float()
+        # bit-identical on this CPU; the tolerance leaves room for float32 kernel reorderings
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+        assert (old[n].delta() - ref).abs().max() > 1e-2 * ref.abs().max(), n
+
+
+def test_comfy_last_word_is_counted_in_the_last_repetition(comfy):
+    """A prompt longer than one CLIP chunk makes the run's context two chunks long, every
+    one-chunk sequence repeated: the last word is placed in the last repetition, so the pair is
+    the same tail as without the long prompt."""
+    bridge, model, clip = comfy["bridge"], comfy["model"], comfy["clip"]
+    long = " ".join(["a cat"] * 8)  # 32 tokens: chunks of 30 + 2 (and start, end, padding)
+    short = bridge.ComfyDenoiser(model, clip, 64, 64, prompts=["a cat", "a big red dog"])
+    both = bridge.ComfyDenoiser(model, clip, 64, 64, prompts=["a cat", "a big red dog", long])
+    assert short.context_length == 32 and both.context_length == 64
+    assert short.last_word_index("a cat") == 4 and both.last_word_index("a cat") == 32 + 4
+    assert short.last_word_index("") == 0 and both.last_word_index(long) == 32 + 2
+    for a, b in zip(_pair(short, "a cat", "a big red dog"), _pair(both, "a cat", "a big red dog")):
+        torch.testing.assert_close(a, b)
+
+
+def test_sdxl_clip_keys_share_positions(comfy):
+    """SDXL's CLIP tokenizes for two encoders (keys ``g`` and ``l``, joined along features):
+    both place the last word alike; encoders that disagree are refused naming the fix."""
+    host, bridge = comfy["host"], comfy["bridge"]
+    model, clip = host.load_family("sdxl", seed=0)
+    plain = clip.tokenize
+
+    def two(text, return_word_ids=False, **kw):
+        rows = plain(text, return_word_ids, **kw)[clip.key]
+        return {"g": rows, "l": rows}
+
+    clip.tokenize = two
+    den = bridge.ComfyDenoiser(model, clip, 64, 64, prompts=["a cat", "a big red dog"])
+    assert den.last_word_index("a big red dog") == 10
+    ad = uce_edit(den, [("a cat", "a big red dog")], ["a bird"])
+    assert ad.names and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in ad.names)
+
+    def skewed(text, return_word_ids=False, **kw):
+        out = two(text, return_word_ids, **kw)
+        out["g"] = [[out["g"][0][0], *out["g"][0]][:len(out["g"][0])]]  # one position later
+        return out
+
+    clip.tokenize = skewed
+    with pytest.raises(ValueError, match="different positions.*same checkpoint"):
+        den.last_word_index("a cat")
+
+
+def test_a_backend_that_cannot_count_tokens_is_refused_before_encoding(den):
+    class NoCount:
+        def __init__(self):
+            self.unet, self.calls = den.unet, 0
+
+        def encode(self, prompts):
+            self.calls += 1
+            return den.encode(prompts)
+
+    blind = NoCount()
+    with pytest.raises(ValueError, match="last_word_index"):
+        uce_edit(blind, [("a cat", "a dog")])
+    assert blind.calls == 0
+
+
+def test_sdxl_diffusers_counts_with_its_tokenizer():
+    """SDXLDenoiser.from_pipeline keeps a tokenizer to place the last word (its two encoders
+    share positions); one built without a tokenizer is refused, naming the fix."""
+    from spare_core import SDXLDenoiser
+    from tiny_families import tiny_family_denoiser
+
+    _, sdxl = tiny_family_denoiser("sdxl")
+    assert sdxl.last_word_index("a cat") == 4 and sdxl.last_word_index("a big red dog") == 10
+    assert uce_edit(sdxl, [("a cat", "a big red dog")], ["a bird"]).names
+    blind = SDXLDenoiser(sdxl.unet, sdxl._encode_prompts, sdxl.scheduler)
+    with pytest.raises(ValueError, match="SDXLDenoiser: pass tokenizer="):
+        uce_edit(blind, [("a cat", "a dog")])

@@ -22,17 +22,21 @@ class SDXLDenoiser(DiffusersDenoiser):
             ``[B, 6]`` (original size, crop top-left, target size, in pixels) are added here.
         image_size: ``(height, width)`` in pixels put into the time ids (default: the latent
             size times ``vae_scale_factor``).
+        tokenizer: a CLIP tokenizer of ``encode``'s (both of SDXL's share token positions, their
+            sequences being joined along features), for :meth:`last_word_index`; without one,
+            UCE refuses this denoiser.
     """
 
     def __init__(self, unet: nn.Module, encode, scheduler, vae_scale_factor: int = 8,
                  image_size: tuple[int, int] | None = None,
-                 compute_dtype: torch.dtype | None = None) -> None:
+                 compute_dtype: torch.dtype | None = None, tokenizer=None) -> None:
         if getattr(unet.config, "addition_embed_type", None) != "text_time":
             raise ValueError("SDXLDenoiser needs an SDXL UNet (addition_embed_type='text_time'); "
                              "use DiffusersDenoiser for SD1.x/SD2.x")
         super().__init__(unet, None, None, scheduler, compute_dtype=compute_dtype,
                          allow_added_conditioning=True)
         self._encode_prompts = encode
+        self.tokenizer = tokenizer  # counts tokens only (last_word_index); encode tokenizes itself
         h, w = image_size or (self.latent_shape[1] * vae_scale_factor,
                               self.latent_shape[2] * vae_scale_factor)
         self.time_ids = torch.tensor([h, w, 0, 0, h, w], dtype=torch.float32)
@@ -71,4 +75,6 @@ class SDXLDenoiser(DiffusersDenoiser):
                 pooled = torch.where(empty.view(-1, 1), torch.zeros_like(pooled), pooled)
             return Context(seq, {"pooled": pooled})
 
-        return cls(pipe.unet, encode, pipe.scheduler, vae_scale_factor=int(pipe.vae_scale_factor))
+        tok = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
+        return cls(pipe.unet, encode, pipe.scheduler, vae_scale_factor=int(pipe.vae_scale_factor),
+                   tokenizer=tok)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..objectives import Part
+from ..objectives import Objective, Part
 from .attack import AttackConfig, PrefixAttack
 
 
@@ -79,10 +79,16 @@ def swapped(access, ids: Tensor, pairs) -> Tensor:
     return out
 
 
+OBJECTIVE = "self_distill"
+"""The one objective the adversarial rows are made for: their targets are surrogate contexts
+(``Batch.surrogate_ctx``), which only self-distillation reads as the forget rows' targets."""
+
+
 class AdversarialConceptTask:
     """A :class:`~spare_core.tasks.ConceptTask` whose forget batches get extra rows on the
     current adversarial prompt of each concept (one prefix per concept line). Everything else
-    (inputs, pools, timestep sampler, preserved prompts) is the wrapped task's."""
+    (inputs, pools, timestep sampler, preserved prompts) is the wrapped task's. Only for the
+    ``self_distill`` objective (:meth:`check_objective`, called by the loop before any work)."""
 
     def __init__(self, task, config: AdversarialConfig | None = None, seed: int = 0) -> None:
         self.task = task
@@ -106,6 +112,21 @@ class AdversarialConceptTask:
         if denoiser is not None:
             from .text import prompt_access
             prompt_access(denoiser)  # refuses text stacks the attack cannot reach, up front
+
+    def check_objective(self, objective: Objective) -> None:
+        """ValueError, naming the fix, unless ``objective`` (its ``name``) is self_distill: the
+        added rows are steered to the surrogate, a target no other objective reads (ESD pushes
+        away from the concept, the data objectives read other batches)."""
+        name = getattr(objective, "name", type(objective).__name__)
+        if name != OBJECTIVE:
+            raise ValueError(f"adversarial training adds forget rows steered to the surrogate, "
+                             f"which only the {OBJECTIVE!r} objective trains on; the objective "
+                             f"is {name!r}: choose {OBJECTIVE!r} or switch adversarial off")
+
+    def without_preserve(self) -> "AdversarialConceptTask":
+        """This task over the wrapped task without its preserved prompts (for an objective with
+        no preserve term: the loop then generates no pools for them); same settings and seed."""
+        return AdversarialConceptTask(self.task.without_preserve(), self.config, self.seed)
 
     def prepare(self, denoiser, timestep_sampler: str, seed: int, progress=None) -> None:
         self.task.prepare(denoiser, timestep_sampler, seed, progress)
