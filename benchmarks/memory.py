@@ -7,12 +7,12 @@ and pooled/size conditioning) at 1024 px, with each memory control on and off.
     python benchmarks/memory.py --device cpu --time      # real compute (slow on a CPU)
     python benchmarks/memory.py --device cuda --time     # on a GPU: max_memory_allocated
 
-Phases, at the nodes' defaults (workflows/spare_erase_concept.json):
-- concept sampling: one DDIM step (the peak of every step) for 8 concept images, CFG;
-- saliency: ComputeSaliency over 8 images;
-- timestep gaps: the concept sampler's forward passes over the 8-image pool;
-- SPARE step: one SelfDistillUnlearn step (LoRA r4 on the 32 most salient modules, batch 2
-  forget + 2 preserve, student and teacher);
+Phases, at the shipped recipe (spare_core.recipes, which the nodes and the CLI read):
+- concept sampling: one DDIM step (the peak of every step) for the concept images, CFG;
+- saliency: ComputeSaliency over them (only the ranked module selections run it);
+- timestep gaps: the concept sampler's forward passes over the pool;
+- SPARE step: one SelfDistillUnlearn step (the recipe's LoRA on its module selection, its batch
+  of forget + preserve latents, student and teacher);
 - DataUnlearn LoRA step: one SISS step (LoRA r8 on every Linear/Conv2d, batch 2).
 "device" is what the device (GPU) holds: the UNet's weights plus everything the phase makes;
 "host" is what the engine keeps in system RAM (saliency's float32 element scores). Both are
@@ -44,7 +44,9 @@ from spare_core import compute_saliency, run_method, sample, unlearn  # noqa: E4
 from spare_core.memory import TensorPeak, full_weight_bytes  # noqa: E402
 from spare_core.families.unet import adaptable_modules  # noqa: E402
 from spare_core.saliency import Saliency  # noqa: E402
-from spare_core.sparse_lora import sparse_lora_from_saliency  # noqa: E402
+from spare_core.localize import select_modules  # noqa: E402
+from spare_core.recipes import RECIPES  # noqa: E402
+from spare_core.sparse_lora import sparse_lora_on  # noqa: E402
 from spare_core.timesteps import concept_gaps  # noqa: E402
 
 SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -59,7 +61,10 @@ SDXL = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
             use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
 ARCHS = {"sd15": SD15, "sdxl": SDXL}
-SAMPLES, TOP_K, RANK, PRESERVE = 8, 32, 4, 2  # the shipped workflow's ComputeSaliency / Init / Unlearn
+SPARE = RECIPES["spare"]  # the shipped recipe, as every front end runs it
+SAMPLES, BATCH, RANK = SPARE.num_samples, SPARE.batch_size, SPARE.hparams["rank"]
+SELECTION, FRACTION = SPARE.hparams["module_selection"], SPARE.hparams["module_fraction"]
+PRESERVE = 2  # preserved prompts of the shipped workflows (pools of SAMPLES latents each)
 
 
 def fake_text(prompts, dim: int) -> torch.Tensor:
@@ -146,15 +151,19 @@ def fake_saliency(den) -> Saliency:
 
 
 def spare_step(den, sal, *, checkpointing: bool, split: bool, mode: str = "unmerged",
-               steps: int = 1, times: list | None = None) -> None:
-    ad = sparse_lora_from_saliency(den.unet, sal, rank=RANK, top_modules=TOP_K)
+               steps: int = 1, times: list | None = None, micro: int = BATCH) -> None:
+    """``steps`` SelfDistillUnlearn steps of the recipe's batch, in micro-batches of ``micro``
+    latents (gradients accumulated, as the node does with its micro_batch input)."""
+    modules = select_modules(den.unet, SELECTION, saliency=sal, fraction=FRACTION)
+    ad = sparse_lora_on(den.unet, modules, rank=RANK, clamp_rank=True)
     task = ConceptTask("a cat", "a dog", [f"preserve {i}" for i in range(PRESERVE)],
                        concept_latents=latents(den, SAMPLES, 1),
                        preserve_latents=[latents(den, SAMPLES, 2 + i) for i in range(PRESERVE)],
                        pool=PoolConfig(size=SAMPLES))
     stamps = []
     unlearn(den, ad, task, "self_distill",
-            UnlearnConfig(steps=steps, batch_size=2, timestep_sampler="uniform",
+            UnlearnConfig(steps=steps, batch_size=micro, grad_accum=-(-BATCH // micro),
+                          timestep_sampler="uniform",
                           gradient_checkpointing=checkpointing, backward_per_term=split,
                           attach_mode=mode),
             progress=lambda i, n, loss: stamps.append(time.perf_counter()))
@@ -210,7 +219,7 @@ def main(argv=None) -> int:
         print(f"  {'phase':<22}{'setting':<44}{'device':>8}{'host':>8}{'seconds':>9}   (GB)")
         if "sampling" in phases:
             for mb, label in ((1, "shipped: micro_batch 1 (2 with CFG)"),
-                              (SAMPLES, f"controls off: all {SAMPLES} at once (16 with CFG)")):
+                              (SAMPLES, f"controls off: all {SAMPLES} at once ({2 * SAMPLES} with CFG)")):
                 row("concept sampling", label, lambda mb=mb: sample(
                     den, ["a cat"] * SAMPLES, steps=1, guidance=7.5, method="ddim",
                     batch_size=mb, generator=torch.Generator().manual_seed(0)))
@@ -234,7 +243,10 @@ def main(argv=None) -> int:
         sal = fake_saliency(den)
         if "spare" in phases:
             for kw, label in (
-                    (dict(checkpointing=True, split=True), "shipped: checkpointing, split backward"),
+                    (dict(checkpointing=True, split=True, micro=1),
+                     f"shipped: micro_batch 1 (x{BATCH}), checkpointing, split"),
+                    (dict(checkpointing=True, split=True),
+                     f"batch {BATCH} at once, checkpointing, split"),
                     (dict(checkpointing=False, split=True), "no checkpointing, split backward"),
                     (dict(checkpointing=True, split=False), "checkpointing, one backward"),
                     (dict(checkpointing=False, split=False), "controls off"),

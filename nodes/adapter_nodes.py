@@ -5,11 +5,15 @@ import logging
 
 from spare_core.adapter import UnlearnAdapter
 from spare_core.families.unet import adaptable_modules
+from spare_core.localize import select_modules
+from spare_core.recipes import LOCALIZATIONS, RANKED, RECIPES
 from spare_core.saliency import Saliency
-from spare_core.sparse_lora import sparse_lora_from_saliency
+from spare_core.sparse_lora import sparse_lora_on
 
 from . import comfy_bridge as bridge
-from .common import ADAPTER, CATEGORY, SALIENCY, SEED
+from .common import ADAPTER, CATEGORY, MODULE_FRACTION_INPUT, SALIENCY, SEED
+
+SPARE = RECIPES["spare"]
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +40,12 @@ def check_saliency_fits(model, saliency: Saliency) -> None:
 
 
 class SparseLoRAInit:
-    """LoRA of rank ``rank`` on the ``top_k`` most salient modules (module-level sparsity); with
-    ``sparsity`` > 0 each module's update is also masked to its most salient weight elements
-    (element-level sparsity: 0.9 keeps the top 10%). Starts as the identity (B = 0)."""
+    """LoRA of rank ``rank`` on the modules ``module_selection`` picks (SPARE stage 1:
+    spare_core.localize): the top ``module_fraction`` of a SALIENCY's ranking (saliency,
+    objective, contrastive: connect ComputeSaliency with that ranking), as many random modules,
+    the projections that read the text (text_kv: cross-attention to_k / to_v, a DiT's text
+    stream), or every module (all). With ``mask_fraction`` < 1 each update is also masked to
+    that share of its most salient weight elements. Starts as the identity (B = 0)."""
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
@@ -50,38 +57,78 @@ class SparseLoRAInit:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model the saliency was computed on."}),
-                "saliency": (SALIENCY, {"tooltip": "Output of ComputeSaliency."}),
-                "rank": ("INT", {"default": 4, "min": 1, "max": 256, "tooltip": "LoRA rank r."}),
-                "alpha": ("FLOAT", {"default": 4.0, "min": 0.01, "max": 1024.0, "step": 0.01,
-                                    "tooltip": "LoRA alpha; the update is scaled by alpha / rank."}),
-                "sparsity": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.999, "step": 0.001,
-                                       "tooltip": "Share of each adapted weight masked out by "
-                                                  "saliency: 0 = dense low-rank update."}),
+                "model": ("MODEL", {"tooltip": "The model to adapt (left unchanged)."}),
+                "module_selection": (list(LOCALIZATIONS), {
+                    "default": SPARE.hparams["module_selection"],
+                    "tooltip": "Which modules the LoRA adapts; the ranked ones (saliency, "
+                               "objective, contrastive) need the SALIENCY input computed with "
+                               "that ranking."}),
+                "module_fraction": MODULE_FRACTION_INPUT,
+                "rank": ("INT", {"default": SPARE.hparams["rank"], "min": 1, "max": 256,
+                                 "tooltip": "LoRA rank r."}),
+                "alpha": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.01,
+                                    "tooltip": "LoRA alpha; the update is scaled by alpha / "
+                                               "rank. 0 = the rank (scale 1)."}),
+                "mask_fraction": ("FLOAT", {
+                    "default": 1.0, "min": 0.001, "max": 1.0, "step": 0.001,
+                    "tooltip": "Share of each adapted weight's elements kept by the saliency "
+                               "mask: 1 = a dense low-rank update; below 1 needs a SALIENCY "
+                               "with element_scores on."}),
                 "seed": SEED,
-            }
+            },
+            "optional": {
+                "saliency": (SALIENCY, {"tooltip": "Output of ComputeSaliency (ranked module "
+                                                   "selections and element masks)."}),
+            },
         }
 
-    def init(self, model, saliency: Saliency, rank: int, alpha: float, sparsity: float,
-             seed: int) -> tuple[UnlearnAdapter]:
-        if not isinstance(saliency, Saliency) or not saliency.modules:
-            raise ValueError("the saliency input is empty: connect ComputeSaliency's output")
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1) (0 = dense update), got {sparsity}")
-        if sparsity > 0.0 and not saliency.has_elements:
-            raise ValueError(f"sparsity {sparsity} masks weight elements, but this SALIENCY kept "
-                             "one score per module: turn on element_scores in Compute Saliency, "
-                             "or set sparsity 0")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be > 0, got {alpha}; alpha = rank gives scale 1")
-        check_saliency_fits(model, saliency)
-        top_k = int(saliency.meta.get("top_k", "32") or 32)
+    def init(self, model, module_selection: str, module_fraction: float, rank: int,
+             alpha: float, mask_fraction: float, seed: int,
+             saliency: Saliency | None = None) -> tuple[UnlearnAdapter]:
+        if module_selection not in LOCALIZATIONS:
+            raise ValueError(f"module_selection must be one of {list(LOCALIZATIONS)}, got "
+                             f"{module_selection!r}")
+        if not 0.0 < module_fraction <= 1.0:
+            raise ValueError(f"module_fraction must be in (0, 1], got {module_fraction}")
+        if not 0.0 < mask_fraction <= 1.0:
+            raise ValueError(f"mask_fraction must be in (0, 1] (1 = dense update), got "
+                             f"{mask_fraction}")
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0 (0 = the rank, scale 1), got {alpha}")
+        masked = mask_fraction < 1.0
+        if (module_selection in RANKED or masked) and (
+                not isinstance(saliency, Saliency) or not saliency.modules):
+            why = (f"module_selection {module_selection!r} ranks modules by saliency"
+                   if module_selection in RANKED else f"mask_fraction {mask_fraction} masks "
+                   "weight elements by saliency")
+            raise ValueError(f"{why}: connect ComputeSaliency's output to the saliency input "
+                             "(or choose text_kv, random or all with mask_fraction 1)")
+        if module_selection in RANKED:
+            made = saliency.meta.get("ranking", "saliency")
+            if made != module_selection:
+                raise ValueError(f"the SALIENCY was ranked by {made!r} but module_selection is "
+                                 f"{module_selection!r}: set ComputeSaliency's ranking to "
+                                 f"{module_selection!r}")
+        if masked and module_selection == "contrastive":
+            raise ValueError("contrastive saliency keeps one score per module, so it cannot "
+                             "mask weight elements: set mask_fraction 1, or rank by saliency or "
+                             "objective (with element_scores on in Compute Saliency)")
+        if masked and not saliency.has_elements:
+            raise ValueError(f"mask_fraction {mask_fraction} masks weight elements, but this "
+                             "SALIENCY kept one score per module: turn on element_scores in "
+                             "Compute Saliency, or set mask_fraction 1")
+        if saliency is not None:
+            check_saliency_fits(model, saliency)
+        net = bridge.diffusion_model(model)
+        modules = select_modules(net, module_selection,
+                                 saliency=saliency if module_selection in RANKED else None,
+                                 fraction=module_fraction, seed=seed)
         with bridge.autograd_enabled():  # trainable tensors, not inference tensors
-            adapter = sparse_lora_from_saliency(
-                bridge.diffusion_model(model), saliency, rank=rank, alpha=alpha, top_modules=top_k,
-                mask_fraction=None if sparsity == 0.0 else 1.0 - sparsity, mask_scope="layer",
-                seed=seed)
-        adapter.meta.update(method="spare", backend="comfyui", sparsity=repr(float(sparsity)),
+            adapter = sparse_lora_on(net, modules, rank=rank, alpha=alpha or None,
+                                     saliency=saliency, mask_fraction=mask_fraction,
+                                     seed=seed, selection=module_selection, clamp_rank=True)
+        adapter.meta.update(method="spare", backend="comfyui",
+                            concept=saliency.concept if saliency is not None else "",
                             base_model_fingerprint=bridge.fingerprint(model, adapter.names))
         return (adapter,)
 

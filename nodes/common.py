@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 SALIENCY = "SALIENCY"
-"""Custom type: a :class:`spare_core.Saliency`; ``meta`` carries ``top_k`` and the model fingerprint."""
+"""Custom type: a :class:`spare_core.Saliency`; ``meta`` carries its ``ranking`` and the model
+fingerprint."""
 
 ADAPTER = "UNLEARN_ADAPTER"
 """Custom type: a :class:`spare_core.UnlearnAdapter` (detached; never attached to a MODEL)."""
@@ -15,8 +16,11 @@ SEED = ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_afte
 
 MEMORY_INPUTS = {
     "micro_batch": ("INT", {"default": 1, "min": 1, "max": 64,
-                            "tooltip": "Images through the UNet at once while generating and "
-                                       "computing saliency: raise it on a large card for speed."}),
+                            "tooltip": "Images through the UNet at once while generating, "
+                                       "computing saliency and training (a training step's "
+                                       "batch is split into micro-batches of this size, "
+                                       "gradients accumulated): raise it on a large card for "
+                                       "speed."}),
     "gradient_checkpointing": ("BOOLEAN", {
         "default": True,
         "tooltip": "Recompute activations during backward instead of keeping them: far less "
@@ -41,3 +45,27 @@ def require_text(value: str, what: str, example: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{what} is empty: type {example}")
     return value.strip()
+
+
+def _recipe():
+    from spare_core.recipes import RECIPES
+    return RECIPES["spare"]
+
+
+MODULE_FRACTION_INPUT = ("FLOAT", {
+    "default": _recipe().hparams["module_fraction"], "min": 0.01, "max": 1.0, "step": 0.01,
+    "tooltip": "Share of the candidate modules a ranked or random selection adapts."})
+
+CFG_INPUT = ("FLOAT", {
+    "default": -1.0, "min": -1.0, "max": 30.0, "step": 0.1,
+    "tooltip": "Classifier-free guidance of the images generated for training; -1 = the model "
+               "family's (SD1.x/SD2.x 7.5, SDXL and SD3 7.0, Flux 1.0: its guidance is "
+               "distilled)."})
+
+
+def node_guidance(cfg: float, model) -> float:
+    """``cfg``, or the model family's guidance when it is negative (the -1 default)."""
+    from spare_core.recipes import pool_guidance
+
+    from . import comfy_bridge as bridge
+    return pool_guidance(bridge.model_family(model)) if cfg < 0 else float(cfg)

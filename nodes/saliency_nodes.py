@@ -3,19 +3,30 @@ from __future__ import annotations
 
 import torch
 
-from spare_core.saliency import Saliency, check_gradient_storage, compute_saliency
+from spare_core.localize import check_ranking_inputs, ranking_saliency
+from spare_core.recipes import RANKED, RECIPES
+from spare_core.saliency import Saliency, check_gradient_storage
 from spare_core.sampling import sample
 from spare_core.sparse_lora import IO_CONVS
+from spare_core.tasks import ConceptTask
 
 from . import comfy_bridge as bridge
 from .chart import bar_chart, drawn, to_image_tensor
-from .common import CATEGORY, MEMORY_INPUTS, SALIENCY, SEED, parse_prompts, require_text, size_input
+from .common import (CATEGORY, CFG_INPUT, MEMORY_INPUTS, MODULE_FRACTION_INPUT, SALIENCY, SEED,
+                     node_guidance, parse_prompts, require_text, size_input)
+
+SPARE = RECIPES["spare"]
+DEFAULT_RANKING = (SPARE.hparams["module_selection"]
+                   if SPARE.hparams["module_selection"] in RANKED else "saliency")
 
 
 class ComputeSaliency:
-    """Generates ``samples`` images of the concept with the model itself, then accumulates the
-    gradient of the denoising loss on them w.r.t. every Linear/Conv2d weight (SalUn's weight
-    saliency). ``top_k`` modules with the highest mean saliency are the ones SparseLoRAInit adapts."""
+    """Generates ``samples`` images of each concept with the model itself, then ranks every
+    Linear/Conv2d module by the gradient of a loss on them (``ranking``): ``saliency`` the plain
+    denoising loss (SalUn's weight saliency); ``objective`` the pull of the concept's prediction
+    toward the surrogate's (SPARE's first training step; needs ``surrogate``); ``contrastive``
+    the concept's saliency over the preserved prompts' (needs ``preserve``). SparseLoRAInit adapts
+    the top modules when its module selection is this ranking."""
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
@@ -33,62 +44,93 @@ class ComputeSaliency:
                 "concept": ("STRING", {"default": "Van Gogh style", "multiline": True,
                                        "tooltip": "The concept to forget; several erased "
                                                   "together: one per line."}),
-                "samples": ("INT", {"default": 8, "min": 1, "max": 512,
-                                    "tooltip": "Images of the concept the gradients are summed over."}),
-                "top_k": ("INT", {"default": 32, "min": 1, "max": 4096,
-                                  "tooltip": "How many of the most salient Linear/Conv2d modules to adapt."}),
+                "samples": ("INT", {"default": SPARE.num_samples, "min": 1, "max": 512,
+                                    "tooltip": "Images generated per concept, the gradients are "
+                                               "summed over them."}),
+                "ranking": (list(RANKED), {
+                    "default": DEFAULT_RANKING,
+                    "tooltip": "Which loss ranks the modules: saliency (plain denoising loss), "
+                               "objective (the pull toward the surrogate: SPARE's first step), "
+                               "contrastive (concept over preserved prompts)."}),
                 "seed": SEED,
             },
             "optional": {
+                "surrogate": ("STRING", {"default": "a painting", "multiline": True,
+                                         "tooltip": "ranking objective: what the concept turns "
+                                                    "into (one per concept line, or one for all; "
+                                                    "empty = unconditional)."}),
+                "preserve": ("STRING", {"default": "a photo of a cat\na landscape painting",
+                                        "multiline": True,
+                                        "tooltip": "ranking contrastive: prompts to keep, one per "
+                                                   "line."}),
                 "width": size_input(),
                 "height": size_input(),
-                "sample_steps": ("INT", {"default": 25, "min": 1, "max": 1000,
+                "sample_steps": ("INT", {"default": SPARE.sample_steps, "min": 1, "max": 1000,
                                          "tooltip": "DDIM steps per generated concept image."}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1,
-                                  "tooltip": "Classifier-free guidance of the generated images "
-                                             "(Flux-dev: 1.0, its guidance is distilled)."}),
+                "cfg": CFG_INPUT,
                 **MEMORY_INPUTS,
                 "element_scores": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Keep a score per weight (float32, in system RAM) so that "
-                               "SparseLoRAInit can mask elements (sparsity > 0). Off: one score "
-                               "per module only, no float32 copy of the UNet."}),
+                               "SparseLoRAInit can mask elements (mask_fraction < 1). Off: one "
+                               "score per module only (bfloat16 running sums, no float32 copy "
+                               "of the UNet)."}),
             },
         }
 
-    def compute(self, model, clip, concept: str, samples: int, top_k: int, seed: int,
-                width: int = 512, height: int = 512, sample_steps: int = 25,
-                cfg: float = 7.5, micro_batch: int = 1, gradient_checkpointing: bool = True,
+    def compute(self, model, clip, concept: str, samples: int, ranking: str, seed: int,
+                surrogate: str = "a painting", preserve: str = "", width: int = 512,
+                height: int = 512, sample_steps: int = SPARE.sample_steps, cfg: float = -1.0,
+                micro_batch: int = 1, gradient_checkpointing: bool = True,
                 element_scores: bool = False) -> tuple[Saliency]:
         require_text(concept, "concept prompt", "the concept to forget, e.g. 'Van Gogh style'")
         concepts = parse_prompts(concept)  # several: one per line, erased together
         concept = "\n".join(concepts)
-        if samples < 1 or top_k < 1 or sample_steps < 1 or micro_batch < 1:
-            raise ValueError("samples, top_k, sample_steps and micro_batch must be >= 1")
+        if samples < 1 or sample_steps < 1 or micro_batch < 1:
+            raise ValueError("samples, sample_steps and micro_batch must be >= 1")
+        if ranking not in RANKED:
+            raise ValueError(f"ranking must be one of {list(RANKED)}, got {ranking!r}")
+        task = ConceptTask(concept, "\n".join(parse_prompts(surrogate)), parse_prompts(preserve))
+        task.validate()
+        check_ranking_inputs(ranking, task.preserve, element_scores)
         bridge.check_inputs(model, clip, width, height)
         check_gradient_storage(bridge.diffusion_model(model))
+        guidance = node_guidance(cfg, model)
         with bridge.autograd_enabled():
-            den = bridge.ComfyDenoiser(model, clip, width, height, prompts=concepts)  # CLIP first
+            prompts = task.sample_prompts(samples)  # `samples` per concept
+            surrogates = [s for _, s in task.pairs for _ in range(samples)]
+            needed = [*concepts, *(surrogates if ranking == "objective" else []),
+                      *(task.preserve if ranking == "contrastive" else [])]
+            den = bridge.ComfyDenoiser(model, clip, width, height,
+                                       prompts=list(dict.fromkeys(needed)))  # CLIP first
             bridge.load_for_compute(model)
-            prompts = [c for c in concepts for _ in range(samples)]  # `samples` per concept
-            bar = bridge.Progress(sample_steps + len(prompts))
-            latents = sample(den, prompts, steps=sample_steps, guidance=cfg,
+            passes = 2 if ranking == "contrastive" else 1
+            bar = bridge.Progress(sample_steps + passes * len(prompts))
+            latents = sample(den, prompts, steps=sample_steps, guidance=guidance,
                              method="ddim", generator=torch.Generator().manual_seed(seed),
                              batch_size=micro_batch, callback=bar.phase(0, sample_steps))
-            sal = compute_saliency(den, prompts, latents, seed=seed, batch_size=micro_batch,
-                                   element_scores=element_scores,
+            done = [0]
+
+            def progress(i: int, n: int) -> None:  # one bar over the one or two passes
+                bar.phase(sample_steps, passes * n)(min(done[0] + i, passes * n), passes * n)
+                if i == n:
+                    done[0] += n
+
+            sal = ranking_saliency(den, ranking, prompts, latents, surrogates=surrogates,
+                                   preserve=task.preserve, element_scores=element_scores,
+                                   seed=seed, batch_size=micro_batch,
                                    gradient_checkpointing=gradient_checkpointing,
-                                   progress=bar.phase(sample_steps, len(prompts)),
-                                   should_stop=bridge.should_stop)
-        sal.meta.update(top_k=str(top_k), model_fingerprint=bridge.fingerprint(model),
+                                   progress=progress, should_stop=bridge.should_stop)
+        sal.meta.update(ranking=ranking, model_fingerprint=bridge.fingerprint(model),
                         size=f"{width}x{height}")
         return (sal,)
 
 
 class SaliencyPreview:
-    """Bar chart of per-module saliency (highest first); the ``top_k`` modules SparseLoRAInit
-    adapts are orange, the UNet's input/output convolutions grey (SparseLoRAInit never adapts
-    them, however salient: spare_core.sparse_lora.IO_CONVS)."""
+    """Bar chart of per-module saliency (highest first); the top ``module_fraction`` of the
+    modules, the ones SparseLoRAInit adapts with a ranked selection at that fraction, are orange,
+    the network's input/output layers grey (never adapted, however salient:
+    spare_core.sparse_lora.IO_CONVS)."""
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
@@ -105,16 +147,19 @@ class SaliencyPreview:
                                              "tooltip": "Per-module score: mean or max of |grad|."}),
                 "max_modules": ("INT", {"default": 40, "min": 1, "max": 500,
                                         "tooltip": "How many modules to draw."}),
-            }
+            },
+            "optional": {"module_fraction": MODULE_FRACTION_INPUT},
         }
 
-    def preview(self, saliency: Saliency, reduce: str, max_modules: int) -> tuple[torch.Tensor]:
+    def preview(self, saliency: Saliency, reduce: str, max_modules: int,
+                module_fraction: float = SPARE.hparams["module_fraction"]) -> tuple[torch.Tensor]:
         if not isinstance(saliency, Saliency) or not saliency.modules:
             raise ValueError("the saliency input is empty: connect ComputeSaliency's output")
-        top_k = int(saliency.meta.get("top_k", "0") or 0)
+        if not 0.0 < module_fraction <= 1.0:
+            raise ValueError(f"module_fraction must be in (0, 1], got {module_fraction}")
         scores = saliency.module_scores(reduce)
         # SparseLoRAInit ranks by mean whatever the chart shows
-        chosen = set(saliency.top_modules(count=top_k, exclude=IO_CONVS)) if top_k > 0 else set()
+        chosen = set(saliency.top_modules(fraction=module_fraction, exclude=IO_CONVS))
         excluded = {name for name in scores if name in IO_CONVS}
         shown = {name for name, _ in drawn(scores, max_modules)}
         title = self.caption(saliency.concept, reduce, len(scores), len(chosen),

@@ -1,11 +1,14 @@
 """UCEErase: UCE's closed-form cross-attention edit as an UNLEARN_ADAPTER (no training)."""
 from __future__ import annotations
 
+from spare_core.recipes import RECIPES
 from spare_core.tasks import concept_pairs
 from spare_core.uce import uce_edit, uce_modules
 
 from . import comfy_bridge as bridge
 from .common import ADAPTER, CATEGORY, parse_prompts, require_text
+
+UCE = RECIPES["uce"].hparams
 
 
 class UCEErase:
@@ -37,16 +40,16 @@ class UCEErase:
                                         "multiline": True,
                                         "tooltip": "Prompts that must keep their meaning, one per "
                                                    "line."}),
-                "preserve_scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1,
+                "preserve_scale": ("FLOAT", {"default": UCE["preserve_scale"], "min": 0.0, "max": 100.0, "step": 0.1,
                                              "tooltip": "Weight of the preserved prompts."}),
-                "lamb": ("FLOAT", {"default": 0.5, "min": 0.001, "max": 100.0, "step": 0.01,
+                "lamb": ("FLOAT", {"default": UCE["lamb"], "min": 0.001, "max": 100.0, "step": 0.01,
                                    "tooltip": "Pull towards the original weights where the "
                                               "prompts say nothing."}),
             },
         }
 
     def erase(self, model, clip, concepts: str, guides: str, preserve: str,
-              preserve_scale: float = 1.0, lamb: float = 0.5) -> tuple:
+              preserve_scale: float = UCE["preserve_scale"], lamb: float = UCE["lamb"]) -> tuple:
         require_text(concepts, "concepts", "a concept to erase per line, e.g. 'Van Gogh style'")
         pairs = concept_pairs("\n".join(parse_prompts(concepts)), "\n".join(parse_prompts(guides)))
         keep = parse_prompts(preserve)
@@ -56,7 +59,8 @@ class UCEErase:
         with bridge.autograd_enabled():
             den = bridge.ComfyDenoiser(model, clip, 512, 512, prompts=prompts)  # CLIP first
             bridge.load_for_compute(model)
-            adapter = uce_edit(den, pairs, keep, preserve_scale=preserve_scale, lamb=lamb)
+            adapter = uce_edit(den, pairs, keep, erase_scale=UCE["erase_scale"],
+                               preserve_scale=preserve_scale, lamb=lamb)
         adapter.meta.update(backend="comfyui",
                             base_model_fingerprint=bridge.fingerprint(model, adapter.names))
         return (adapter,)

@@ -7,16 +7,18 @@ import logging
 from spare_core.adapter import UnlearnAdapter
 from spare_core.loop import UnlearnConfig, unlearn
 from spare_core.probe.adversarial import AdversarialConceptTask
+from spare_core.recipes import RECIPES
 from spare_core.tasks import ConceptTask, PoolConfig
 from spare_core.objectives import make_objective
 from spare_core.timesteps import GAP_BINS, TIMESTEP_SAMPLERS
 
 from . import comfy_bridge as bridge
 from .adapter_nodes import require_adapter
-from .common import (ADAPTER, CATEGORY, MEMORY_INPUTS, SEED, parse_prompts, require_text,
-                     size_input)
+from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, SEED, node_guidance,
+                     parse_prompts, require_text, size_input)
 
 log = logging.getLogger(__name__)
+SPARE = RECIPES["spare"]
 
 
 def objective_names() -> list[str]:
@@ -83,24 +85,28 @@ class SelfDistillUnlearn:
                 "preserve": ("STRING", {"default": "a photo of a cat\na landscape painting",
                                         "multiline": True,
                                         "tooltip": "Prompts to keep unchanged, one per line."}),
-                "steps": ("INT", {"default": 200, "min": 1, "max": 100000}),
-                "lr": ("FLOAT", {"default": 1e-3, "min": 1e-7, "max": 1.0, "step": 1e-5,
+                "steps": ("INT", {"default": SPARE.steps, "min": 1, "max": 100000,
+                                  "tooltip": "Training steps."}),
+                "lr": ("FLOAT", {"default": SPARE.lr, "min": 1e-7, "max": 1.0, "step": 1e-5,
                                  "round": False, "tooltip": "AdamW learning rate of the adapter."}),
                 "timestep_sampler": (list(TIMESTEP_SAMPLERS), {
-                    "default": "concept",
+                    "default": SPARE.timestep_sampler,
                     "tooltip": "concept: spend steps where the concept changes the prediction most."}),
                 "objective": (objective_names(), {"default": "self_distill"}),
                 "seed": SEED,
             },
             "optional": {
-                "batch_size": ("INT", {"default": 2, "min": 1, "max": 64}),
+                "batch_size": ("INT", {"default": SPARE.batch_size, "min": 1, "max": 64,
+                                       "tooltip": "Latents per training step, forget and "
+                                                  "preserve each."}),
                 "width": size_input(),
                 "height": size_input(),
-                "pool_size": ("INT", {"default": 8, "min": 1, "max": 512,
-                                      "tooltip": "Latents generated per prompt for training."}),
-                "pool_steps": ("INT", {"default": 25, "min": 1, "max": 1000,
+                "pool_size": ("INT", {"default": SPARE.num_samples, "min": 1, "max": 512,
+                                      "tooltip": "Images generated per concept and per "
+                                                 "preserved prompt for training."}),
+                "pool_steps": ("INT", {"default": SPARE.sample_steps, "min": 1, "max": 1000,
                                        "tooltip": "DDIM steps per generated latent."}),
-                "cfg": ("FLOAT", {"default": 7.5, "min": 0.0, "max": 30.0, "step": 0.1}),
+                "cfg": CFG_INPUT,
                 "adversarial": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Experimental: train against the prompt attack (as Probe Erasure "
@@ -118,8 +124,9 @@ class SelfDistillUnlearn:
 
     def run(self, model, clip, adapter: UnlearnAdapter, concept: str, surrogate: str,
             preserve: str, steps: int, lr: float, timestep_sampler: str, objective: str,
-            seed: int, batch_size: int = 2, width: int = 512, height: int = 512,
-            pool_size: int = 8, pool_steps: int = 25, cfg: float = 7.5, adversarial: bool = False,
+            seed: int, batch_size: int = SPARE.batch_size, width: int = 512, height: int = 512,
+            pool_size: int = SPARE.num_samples, pool_steps: int = SPARE.sample_steps,
+            cfg: float = -1.0, adversarial: bool = False,
             micro_batch: int = 1, gradient_checkpointing: bool = True) -> tuple[UnlearnAdapter]:
         adapter = require_adapter(adapter)
         # empty: the concept the adapter's saliency was computed for, so the artist types it once
@@ -135,7 +142,8 @@ class SelfDistillUnlearn:
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         task = ConceptTask(concept, surrogate, keep,
-                           pool=PoolConfig(size=pool_size, steps=pool_steps, guidance=cfg,
+                           pool=PoolConfig(size=pool_size, steps=pool_steps,
+                                           guidance=node_guidance(cfg, model),
                                            batch_size=int(micro_batch)))
         task.validate()
         pairs = task.pairs
@@ -143,7 +151,13 @@ class SelfDistillUnlearn:
             raise ValueError("adversarial training runs the prompt attack, which needs the one "
                              "CLIP of an SD1.x/SD2.x checkpoint; switch adversarial off for "
                              f"{bridge.model_family(model)}")
-        config = UnlearnConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        # a step of batch_size latents in micro-batches of micro_batch (gradients accumulated):
+        # the recipe's batch at the memory of the micro-batch
+        accum = -(-int(batch_size) // min(int(micro_batch), int(batch_size)))
+        config = UnlearnConfig(steps=int(steps), lr=float(lr),
+                               batch_size=-(-int(batch_size) // accum), grad_accum=accum,
                                seed=int(seed), timestep_sampler=timestep_sampler,
                                gradient_checkpointing=bool(gradient_checkpointing),
                                backward_per_term=True)  # forget, then preserve: a lower peak

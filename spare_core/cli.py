@@ -14,6 +14,9 @@ from contextlib import nullcontext
 
 from . import cli_args as A
 from .cli_args import CONCEPT_METHODS, DATA_METHODS, METHOD_NAMES
+from .recipes import FAMILY_GUIDANCE, LOCALIZATIONS, RECIPES, pool_guidance, recipe
+
+_SPARE = RECIPES["spare"]
 
 DESCRIPTION = ("Make text-to-image diffusion models forget a concept or a set of images "
                "(SPARE: saliency + sparse LoRA + self-distillation; SalUn, ESD, SISS, ...). "
@@ -58,28 +61,39 @@ def _add_unlearn(sub) -> None:
                         "weights (what one ships: nothing to unplug)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out, --grid and --merged-out if they exist")
-    p.add_argument("--steps", type=A.positive_int, default=200, help="training steps")
+    p.add_argument("--steps", type=A.positive_int, default=None,
+                   help=f"training steps (default: the method's recipe, spare {_SPARE.steps})")
     p.add_argument("--lr", type=A.positive_float, default=None,
-                   help="learning rate (default: 1e-3 for spare, the paper's lr x steps budget "
-                        "for the others)")
-    p.add_argument("--batch-size", type=A.positive_int, default=4,
-                   help="latents per training step (forget and keep each)")
-    p.add_argument("--rank", type=A.positive_int, default=4, help="LoRA rank (spare)")
+                   help=f"learning rate (default: the method's recipe, spare {_SPARE.lr}; the "
+                        "others their paper's lr x steps budget)")
+    p.add_argument("--batch-size", type=A.positive_int, default=None,
+                   help="latents per training step, forget and keep each (default: the method's "
+                        f"recipe, spare {_SPARE.batch_size})")
+    p.add_argument("--module-selection", choices=LOCALIZATIONS, default=None,
+                   help="which modules the LoRA adapts (spare; spare_core.localize; default "
+                        f"{_SPARE.hparams['module_selection']})")
+    p.add_argument("--rank", type=A.positive_int, default=None,
+                   help=f"LoRA rank (spare; default {_SPARE.hparams['rank']})")
     p.add_argument("--alpha", type=A.positive_float, default=None,
                    help="LoRA alpha (spare; default: the rank, i.e. scale 1)")
-    p.add_argument("--module-fraction", type=A.fraction, default=0.25,
-                   help="share of Linear/Conv2d modules adapted, ranked by saliency (spare)")
+    p.add_argument("--module-fraction", type=A.fraction, default=None,
+                   help="share of the candidate modules a ranked or random selection adapts "
+                        f"(spare; default {_SPARE.hparams['module_fraction']})")
     p.add_argument("--mask-fraction", type=A.fraction, default=None,
-                   help="element sparsity in (0, 1] (default: spare dense LoRA, salun 0.5)")
+                   help="share of each adapted weight's elements kept by a saliency mask, in "
+                        "(0, 1] (default: spare none, i.e. a dense LoRA; salun 0.5)")
     p.add_argument("--param", type=A.key_value, action="append", default=[], metavar="KEY=VALUE",
                    help="any other option of the method (repeatable), e.g. --param eta=2 for esd, "
                         "--param lambda_=0.5 for siss; see spare_core.methods.METHODS")
-    p.add_argument("--num-samples", type=A.positive_int, default=16,
-                   help="concept images generated for saliency and training")
-    p.add_argument("--sample-steps", type=A.positive_int, default=25,
-                   help="DDIM steps to generate them (and the grid)")
-    p.add_argument("--guidance", type=A.nonnegative_float, default=7.5,
-                   help="classifier-free guidance of those samples")
+    p.add_argument("--num-samples", type=A.positive_int, default=None,
+                   help="images generated per concept (and per preserved prompt) for training "
+                        f"(default: the method's recipe, spare {_SPARE.num_samples})")
+    p.add_argument("--sample-steps", type=A.positive_int, default=None,
+                   help="DDIM steps to generate them and the grid (default: the method's "
+                        f"recipe, spare {_SPARE.sample_steps})")
+    p.add_argument("--guidance", type=A.nonnegative_float, default=None,
+                   help="classifier-free guidance of those samples (default: by model family: "
+                        + ", ".join(f"{k} {v}" for k, v in FAMILY_GUIDANCE.items()) + ")")
     p.add_argument("--timestep-sampler", choices=["concept", "uniform"], default=None,
                    help="training timesteps (default: concept for spare, uniform for the others)")
     p.add_argument("--seed", type=A.seed, default=0, help="seed of sampling and training")
@@ -141,8 +155,9 @@ def method_hparams(a: argparse.Namespace) -> dict:
 
     hp = {}
     if a.method == "spare":
-        hp.update(rank=a.rank, alpha=a.alpha, module_fraction=a.module_fraction,
-                  mask_fraction=a.mask_fraction)
+        given = dict(rank=a.rank, alpha=a.alpha, module_fraction=a.module_fraction,
+                     mask_fraction=a.mask_fraction, module_selection=a.module_selection)
+        hp.update({k: v for k, v in given.items() if v is not None})
     elif a.method == "salun" and a.mask_fraction is not None:
         hp["mask_fraction"] = a.mask_fraction
     hp.update(parse_options(a.param, "--param"))
@@ -249,6 +264,9 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
     den = load_denoiser(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     if a.device == "cpu":
         apply_threads(den)
+    # unset sampling flags: the method's recipe, the family's guidance (also for --grid)
+    a.sample_steps = a.sample_steps or recipe(a.method).sample_steps
+    a.guidance = pool_guidance(getattr(den, "family", "sd")) if a.guidance is None else a.guidance
     vae = None
     if os.path.isdir(os.path.join(a.model, "vae")):
         from diffusers import AutoencoderKL

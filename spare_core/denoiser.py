@@ -140,6 +140,8 @@ class DiffusersDenoiser:
     works with an fp32 text encoder, and a UNet stored in fp8 (diffusers' layerwise casting)
     runs with ``compute_dtype=torch.bfloat16``."""
 
+    family = "sd"  # the model family (spare_core.recipes rules: guidance, size)
+
     def __init__(self, unet: nn.Module, text_encoder: nn.Module | None, tokenizer, scheduler,
                  compute_dtype: torch.dtype | None = None,
                  allow_added_conditioning: bool = False) -> None:

@@ -39,88 +39,43 @@ from torch import Tensor
 from .denoiser import Denoiser
 from .loop import UnlearnConfig, UnlearnResult, unlearn
 from .objectives import make_objective
+from .recipes import RECIPES, Recipe, pool_guidance
 from .spare import phase_callback
 from .tasks import concept_pairs
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What a method is made of and its defaults.
+    """What a method is made of: its objective (registry name in
+    :data:`spare_core.objectives.OBJECTIVES`, ``""`` for the closed-form UCE) and its
+    :class:`~spare_core.recipes.Recipe` of defaults (the one config every front end reads)."""
 
-    Attributes:
-        kind: ``"concept"`` (concept / surrogate / preserve prompts) or ``"data"`` (forget and
-            keep image sets).
-        objective: registry name in :data:`spare_core.objectives.OBJECTIVES`.
-        hparams: method hyperparameters accepted as keyword arguments by :func:`run_method`,
-            with their defaults.
-        paper_lr, paper_steps: the reference run the default learning rate is scaled from
-            (None: not scaled).
-        reference: where the defaults come from.
-    """
-
-    kind: str
     objective: str
-    hparams: dict = field(default_factory=dict)
-    paper_lr: float | None = None
-    paper_steps: int | None = None
-    default_lr: float | None = None
-    reference: str = ""
+    recipe: Recipe
+
+    @property
+    def kind(self) -> str:
+        return self.recipe.kind
+
+    @property
+    def hparams(self):
+        return self.recipe.hparams
+
+    @property
+    def reference(self) -> str:
+        return self.recipe.reference
 
     def lr_for(self, steps: int) -> float | None:
         """The default learning rate at ``steps`` (None for a closed-form method: UCE)."""
-        if self.paper_lr is None:
-            return None if self.default_lr is None else float(self.default_lr)
-        return self.paper_lr * self.paper_steps / steps
+        return self.recipe.lr_for(steps)
 
 
-_PARAM = {"parameterization": "full", "rank": 4, "lora_alpha": None}
+_OBJECTIVES = {"spare": "self_distill", "salun": "salun_rl", "esd": "esd", "esd_u": "esd",
+               "uce": "", "siss": "siss", "neggrad": "neggrad", "erasediff": "erasediff",
+               "naive_deletion": "naive_deletion"}
 
-METHODS: dict[str, MethodSpec] = {
-    "spare": MethodSpec(
-        "concept", "self_distill",
-        {"rank": 4, "alpha": None, "module_fraction": 0.25, "mask_fraction": None,
-         "module_selection": "saliency", "forget_weight": 1.0, "preserve_weight": 1.0,
-         "adversarial": False, "adv_every": 5, "adv_steps": 5, "adv_fraction": 0.5},
-        default_lr=1e-3, reference="spare_core.spare.spare_unlearn defaults"),
-    "salun": MethodSpec(
-        "concept", "salun_rl",
-        {"mask_fraction": 0.5, "mask_scope": "global", "alpha": 0.5, "label": "surrogate",
-         "target_model": "teacher", **_PARAM},
-        paper_lr=1e-5, paper_steps=600,
-        reference="SalUn SD: random_label.py --alpha 0.5 --lr 1e-5 --epochs 5 (about 120 "
-                  "steps/epoch), mask with_0.5 (top 50%)"),
-    "esd": MethodSpec(
-        "concept", "esd", {"eta": 1.0, "preserve_weight": 0.0, **_PARAM},
-        paper_lr=1e-5, paper_steps=1000,
-        reference="ESD train-esd.py: --train_method xattn, negative_guidance 1, lr 1e-5, "
-                  "1000 iterations"),
-    "esd_u": MethodSpec(
-        "concept", "esd", {"eta": 1.0, "preserve_weight": 0.0, **_PARAM},
-        paper_lr=1e-5, paper_steps=1000,
-        reference="ESD train-esd.py: --train_method noxattn, negative_guidance 1, lr 1e-5, "
-                  "1000 iterations"),
-    "uce": MethodSpec(
-        "concept", "", {"erase_scale": 1.0, "preserve_scale": 1.0, "lamb": 0.5},
-        reference="UCE (Gandikota et al., WACV 2024): closed-form edit of cross-attention "
-                  "to_k/to_v, erase -> guide, preserve list; scales are the engine's defaults "
-                  "(spare_core.uce)"),
-    "siss": MethodSpec(
-        "data", "siss", {"lambda_": 0.5, "forget_scale": 0.1, "normalize": "relative", **_PARAM},
-        paper_lr=5e-5, paper_steps=300,
-        reference="SISS delete_tshirt.yaml: lambd 0.5, lr 5e-5, 300 steps; forget gradient at "
-                  "10% of the keep gradient's norm (README)"),
-    "neggrad": MethodSpec(
-        "data", "neggrad", {"scale": 1.0, **_PARAM}, paper_lr=5e-5, paper_steps=300,
-        reference="SISS code simple_neg_del (superfactor 1), same run settings as SISS"),
-    "erasediff": MethodSpec(
-        "data", "erasediff", {"lambda_": 0.1, "eta": 0.1, "dynamic": False, **_PARAM},
-        paper_lr=1e-4, paper_steps=280,
-        reference="EraseDiff DDPM: lr 1e-4, lambda_bome 0.1, eta_bome 0.1, 4 epochs x 2 "
-                  "S-steps x ~35 steps"),
-    "naive_deletion": MethodSpec(
-        "data", "naive_deletion", dict(_PARAM), paper_lr=5e-5, paper_steps=300,
-        reference="SISS code naive_del, same run settings as SISS"),
-}
+METHODS: dict[str, MethodSpec] = {name: MethodSpec(_OBJECTIVES[name], r)
+                                  for name, r in RECIPES.items()}
 
 CONCEPT_METHODS = tuple(n for n, s in METHODS.items() if s.kind == "concept")
 DATA_METHODS = tuple(n for n, s in METHODS.items() if s.kind == "data")
@@ -180,9 +135,10 @@ def run_method(name: str, denoiser: Denoiser, *,
                concept: str | None = None, surrogate: str = "", preserve: Sequence[str] = (),
                forget=None, keep=None, forget_prompts=None, keep_prompts=None,
                encode: Callable[[Tensor], Tensor] | None = None,
-               steps: int = 100, lr: float | None = None, batch_size: int = 4,
-               grad_accum: int = 1, seed: int = 0, timestep_sampler: str | None = None,
-               num_samples: int = 16, sample_steps: int = 25, guidance: float = 3.0,
+               steps: int | None = None, lr: float | None = None,
+               batch_size: int | None = None, grad_accum: int = 1, seed: int = 0,
+               timestep_sampler: str | None = None, num_samples: int | None = None,
+               sample_steps: int | None = None, guidance: float | None = None,
                clip_x0: float | None = None,
                progress: Callable[[int, int, float], None] | None = None,
                should_stop: Callable[[], bool] | None = None,
@@ -202,8 +158,12 @@ def run_method(name: str, denoiser: Denoiser, *,
 
     ``**hparams`` are the method's own hyperparameters (``METHODS[name].hparams``, e.g.
     ``run_method("siss", ..., lambda_=0.5, forget_scale=0.1)``); unknown ones raise ValueError.
-    ``lr=None`` takes the method's step-scaled default (module docstring). Everything is
-    validated before any sampling or training.
+    Every setting left None takes the method's recipe (:mod:`spare_core.recipes`, the one
+    config of defaults every front end reads): ``steps``, ``batch_size``, ``num_samples``,
+    ``sample_steps``, ``timestep_sampler``, ``lr`` (the paper's step-scaled rate where the
+    recipe sets none; module docstring); ``guidance`` follows the model family
+    (:func:`~spare_core.recipes.pool_guidance`). Everything is validated before any sampling or
+    training.
 
     Memory controls (see :class:`~spare_core.loop.UnlearnConfig`): ``gradient_checkpointing``,
     ``backward_per_term`` and ``saliency_batch_size`` (latents per saliency micro-batch).
@@ -221,10 +181,17 @@ def run_method(name: str, denoiser: Denoiser, *,
     hp = {**spec.hparams, **hparams}
     if name == "uce":  # closed form: no training loop, steps and learning rate do not apply
         return _run_uce(denoiser, concept, surrogate, preserve, forget, keep, hp)
+    rec = spec.recipe
+    steps = rec.steps if steps is None else steps
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     lr = spec.lr_for(steps) if lr is None else lr
-    sampler = timestep_sampler or ("concept" if name == "spare" else "uniform")
+    sampler = timestep_sampler or rec.timestep_sampler
+    batch_size = rec.batch_size if batch_size is None else batch_size
+    num_samples = rec.num_samples if num_samples is None else num_samples
+    sample_steps = rec.sample_steps if sample_steps is None else sample_steps
+    if guidance is None:
+        guidance = pool_guidance(getattr(denoiser, "family", "sd"))
     config = UnlearnConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                            seed=seed, timestep_sampler=sampler,
                            gradient_checkpointing=gradient_checkpointing,
@@ -299,7 +266,8 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
                         sample_steps=sample_steps, guidance=guidance, clip_x0=clip_x0,
                         rank=hp["rank"], alpha=hp["alpha"], module_fraction=hp["module_fraction"],
                         mask_fraction=hp["mask_fraction"],
-                        module_selection=hp["module_selection"], steps=config.steps, lr=config.lr,
+                        module_selection=hp["module_selection"], budget=hp["budget"],
+                        steps=config.steps, lr=config.lr,
                         batch_size=config.batch_size, timestep_sampler=config.timestep_sampler,
                         forget_weight=hp["forget_weight"], preserve_weight=hp["preserve_weight"],
                         seed=config.seed, progress=progress, should_stop=should_stop,

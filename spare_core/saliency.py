@@ -190,6 +190,7 @@ def compute_saliency(denoiser: Denoiser, concept: str | Sequence[str], latents: 
                      timesteps: Tensor | None = None, batch_size: int = 8,
                      modules: Sequence[str] | None = None, seed: int = 0,
                      element_scores: bool = True, gradient_checkpointing: bool = False,
+                     target_prompts: str | Sequence[str] | None = None,
                      progress: Callable[[int, int], None] | None = None,
                      should_stop: Callable[[], bool] | None = None) -> Saliency:
     """Accumulate ``grad_W`` of the denoising MSE on ``latents`` ``[N, C, H, W]`` of the concept,
@@ -208,6 +209,12 @@ def compute_saliency(denoiser: Denoiser, concept: str | Sequence[str], latents: 
     loss scaling (gradients of the UNet underflow float16 otherwise). The UNet runs in eval mode;
     its weights, ``requires_grad`` flags, ``.grad`` fields and mode are restored afterwards.
     Raises :class:`SaliencyError` if a loss or gradient is not finite.
+
+    ``target_prompts`` (one, or one per latent; ``""`` is the unconditional prompt) replaces the
+    regression target: the MSE is then to the model's own prediction (no gradient) under those
+    prompts instead of to the noise. With the surrogates, that is the gradient of SPARE's first
+    self-distillation step (the concept's prediction pulled toward the surrogate's), which ranks
+    the weights that move the concept rather than those that denoise its images.
     """
     prompts = [concept] if isinstance(concept, str) else list(concept)
     if not prompts or any(not p or not p.strip() for p in prompts):
@@ -220,6 +227,11 @@ def compute_saliency(denoiser: Denoiser, concept: str | Sequence[str], latents: 
                          f"got {list(latents.shape)}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if target_prompts is not None:
+        target_prompts = [target_prompts] if isinstance(target_prompts, str) else list(target_prompts)
+        if len(target_prompts) not in (1, latents.shape[0]):
+            raise ValueError(f"give one target prompt, or one per latent ({latents.shape[0]}); "
+                             f"got {len(target_prompts)}")
     check_checkpointing(denoiser, gradient_checkpointing)
     unet = denoiser.unet
     targets = adaptable_modules(unet)
@@ -240,6 +252,8 @@ def compute_saliency(denoiser: Denoiser, concept: str | Sequence[str], latents: 
         timesteps = torch.randint(0, T, (n,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
     context = per_latent_context(denoiser, prompts, n)
+    target_context = (None if target_prompts is None
+                      else per_latent_context(denoiser, target_prompts, n))
     fp16 = torch.float16 in storage or dtype == torch.float16
 
     saved_flags = {p: p.requires_grad for p in unet.parameters()}
@@ -257,7 +271,7 @@ def compute_saliency(denoiser: Denoiser, concept: str | Sequence[str], latents: 
             with checkpointing(denoiser, gradient_checkpointing):
                 sums = _accumulate(denoiser, weights, latents, timesteps, noise, context,
                                    batch_size, scale, element_scores, dev, dtype, progress,
-                                   should_stop)
+                                   should_stop, target_context)
             if sums is not None:
                 break
             if not fp16:
@@ -287,7 +301,8 @@ def compute_saliency(denoiser: Denoiser, concept: str | Sequence[str], latents: 
 
 
 def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_size, scale,
-                element_scores, dev, dtype, progress, should_stop) -> dict[str, Tensor] | None:
+                element_scores, dev, dtype, progress, should_stop,
+                target_context=None) -> dict[str, Tensor] | None:
     """One pass over the micro-batches; the summed gradients, or None if one overflowed."""
     # running sums in system RAM: the device holds one weight's gradient at a time
     acc_dtype = torch.float32 if element_scores else torch.bfloat16
@@ -314,7 +329,12 @@ def _accumulate(denoiser, weights, latents, timesteps, noise, context, batch_siz
             t = timesteps[lo:lo + batch_size]
             eps = noise[lo:lo + batch_size].float()
             x_t = proc.q_sample(x0.float(), t, eps).to(dev, dtype)
-            target = proc.target(x0.float(), eps).to(dev)  # the family's own training target
+            if target_context is None:  # the family's own training target
+                target = proc.target(x0.float(), eps).to(dev)
+            else:  # the model's own prediction under the target prompts (the objective's pull)
+                with torch.no_grad():
+                    rows = context_rows(target_context, lo, x0.shape[0], n).to(dev)
+                    target = prediction(denoiser, x_t, t.to(dev), rows).float()
             with torch.enable_grad():
                 pred = prediction(denoiser, x_t, t.to(dev),
                                   context_rows(context, lo, x0.shape[0], n).to(dev))

@@ -9,27 +9,38 @@ import torch
 from .adapter import UnlearnAdapter
 from .denoiser import Denoiser
 from .loop import UnlearnConfig, unlearn
-from .saliency import Saliency, check_gradient_storage, compute_saliency
+from .recipes import RECIPES, pool_guidance
+from .localize import (check_ranking_inputs, needs_saliency, rank_for_budget, ranking_saliency,
+                       select_modules)
+from .saliency import Saliency, check_gradient_storage
 from .sampling import sample
-from .sparse_lora import check_rank, check_selection, sparse_lora_from_saliency
+from .sparse_lora import check_rank, check_selection, sparse_lora_on
 from .tasks import ConceptTask, PoolConfig
 
 
 @dataclass
 class SpareResult:
     adapter: UnlearnAdapter
-    saliency: Saliency
+    saliency: Saliency | None  # None for localisations that rank nothing (text_kv, random, all)
     history: dict
 
 
+_R = RECIPES["spare"]
+_H = _R.hparams
+
+
 def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
-                  preserve: Sequence[str] = (), *, num_samples: int = 16, sample_steps: int = 25,
-                  guidance: float = 3.0, clip_x0: float | None = None, rank: int = 4,
-                  alpha: float | None = None, module_fraction: float = 0.25,
-                  mask_fraction: float | None = None, module_selection: str = "saliency",
-                  steps: int = 100, lr: float = 1e-3, batch_size: int = 4,
-                  timestep_sampler: str = "concept",
-                  forget_weight: float = 1.0, preserve_weight: float = 1.0, seed: int = 0,
+                  preserve: Sequence[str] = (), *, num_samples: int = _R.num_samples,
+                  sample_steps: int = _R.sample_steps, guidance: float | None = None,
+                  clip_x0: float | None = None, rank: int = _H["rank"],
+                  alpha: float | None = _H["alpha"],
+                  module_fraction: float = _H["module_fraction"],
+                  mask_fraction: float | None = _H["mask_fraction"],
+                  module_selection: str = _H["module_selection"], budget: int | None = None,
+                  steps: int = _R.steps, lr: float = _R.lr, batch_size: int = _R.batch_size,
+                  timestep_sampler: str = _R.timestep_sampler,
+                  forget_weight: float = _H["forget_weight"],
+                  preserve_weight: float = _H["preserve_weight"], seed: int = 0,
                   saliency_batch_size: int = 8, gradient_checkpointing: bool = False,
                   backward_per_term: bool = False, adversarial=None,
                   progress: Callable[[int, int, float], None] | None = None,
@@ -39,6 +50,8 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     Several concepts at once: one per line in ``concept``, their surrogates one per line (or one
     for all) in ``surrogate``; ``num_samples`` are drawn per concept.
 
+    Defaults are SPARE's recipe (:data:`spare_core.recipes.RECIPES`, the config every front end
+    reads); ``guidance`` None follows the model family (:func:`~spare_core.recipes.pool_guidance`).
     All arguments are checked before any generation or training. Returns the trained adapter
     (not attached: apply it with ``adapter.attach(denoiser.unet)`` or save it), the saliency
     map and the training history. Memory controls: ``saliency_batch_size`` (latents per saliency
@@ -47,11 +60,17 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     only when ``mask_fraction`` asks for an element mask. ``phase_progress(what, done, total)``
     reports the phases before training (``"concept samples"``, ``"saliency"``, ``"preserve pool
     i"``, ``"timestep gaps"``); ``progress(step, steps, loss)`` the training steps.
-    ``module_selection="random"`` adapts as many random modules instead of the most salient ones
-    (an ablation control; see ``sparse_lora_from_saliency``). ``adversarial`` (True or an
+    ``module_selection`` is the localisation (:mod:`spare_core.localize`: ``saliency``,
+    ``objective``, ``contrastive``, ``text_kv``, ``random``, ``all``); only the rankings compute a
+    saliency map (``result.saliency`` is None otherwise, unless an element mask needs one).
+    ``budget`` (trainable parameters) replaces ``rank`` with the rank whose LoRA on the chosen
+    modules comes closest to it (:func:`~spare_core.localize.rank_for_budget`), so
+    localisations compare at equal size. ``adversarial`` (True or an
     :class:`~spare_core.probe.adversarial.AdversarialConfig`) trains against the prompt attack
     (:mod:`spare_core.probe.adversarial`); its seconds are in ``history["attack_seconds"]``.
     """
+    if guidance is None:
+        guidance = pool_guidance(getattr(denoiser, "family", "sd"))
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
     task = concept_task = ConceptTask(concept, surrogate, list(preserve), pool=pool)
     if adversarial:
@@ -65,9 +84,16 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                            gradient_checkpointing=gradient_checkpointing,
                            backward_per_term=backward_per_term)
     config.validate()
-    check_rank(denoiser.unet, rank)
-    check_gradient_storage(denoiser.unet)
+    if budget is None:
+        check_rank(denoiser.unet, rank)
+    elif not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive number of parameters, got {budget!r}")
     check_selection(module_selection)
+    element_masks = mask_fraction is not None and mask_fraction < 1.0
+    check_ranking_inputs(module_selection, concept_task.preserve,
+                         element_masks and needs_saliency(module_selection))
+    if needs_saliency(module_selection) or element_masks:
+        check_gradient_storage(denoiser.unet)
     if not (0.0 < module_fraction <= 1.0):
         raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
     if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
@@ -78,16 +104,24 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     latents = sample(denoiser, prompts, steps=sample_steps, guidance=guidance,
                      method="ddim", generator=gen, clip_x0=clip_x0,
                      callback=phase_callback(phase_progress, "concept samples"))
-    element_masks = mask_fraction is not None and mask_fraction < 1.0
-    sal = compute_saliency(denoiser, prompts, latents, seed=seed, should_stop=should_stop,
-                           batch_size=saliency_batch_size, element_scores=element_masks,
-                           gradient_checkpointing=gradient_checkpointing,
-                           progress=phase_callback(phase_progress, "saliency"))
-    adapter = sparse_lora_from_saliency(denoiser.unet, sal, rank=rank, alpha=alpha,
-                                        module_fraction=module_fraction,
-                                        mask_fraction=mask_fraction,
-                                        selection=module_selection, seed=seed)
-    adapter.meta.update(method="spare", surrogate=surrogate)
+    sal = None
+    if needs_saliency(module_selection) or element_masks:
+        ranking = module_selection if needs_saliency(module_selection) else "saliency"
+        surrogates = [s for _, s in concept_task.pairs for _ in range(num_samples)]
+        sal = ranking_saliency(denoiser, ranking, prompts, latents, surrogates=surrogates,
+                               preserve=concept_task.preserve, element_scores=element_masks,
+                               seed=seed, should_stop=should_stop, batch_size=saliency_batch_size,
+                               gradient_checkpointing=gradient_checkpointing,
+                               progress=phase_callback(phase_progress, "saliency"))
+    modules = select_modules(denoiser.unet, module_selection, saliency=sal,
+                             fraction=module_fraction, seed=seed)
+    if budget is not None:
+        rank = rank_for_budget(denoiser.unet, modules, budget)
+    adapter = sparse_lora_on(denoiser.unet, modules, rank=rank, alpha=alpha, saliency=sal,
+                             mask_fraction=mask_fraction, seed=seed, selection=module_selection,
+                             clamp_rank=budget is not None)
+    adapter.meta.update(method="spare", concept="\n".join(dict.fromkeys(prompts)),
+                        surrogate=surrogate)
     concept_task.concept_latents = latents
     res = unlearn(denoiser, adapter, task, "self_distill", config,
                   objective_kwargs={"forget_weight": forget_weight, "preserve_weight": preserve_weight},

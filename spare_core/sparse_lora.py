@@ -10,6 +10,7 @@ from .adapter import UnlearnAdapter, init_sparse_lora
 from .families import IO_LAYERS, adaptable_modules
 
 IO_CONVS = IO_LAYERS  # the name the API has used since the UNet-only days
+from .localize import RANKED, select_modules  # noqa: E402
 from .saliency import Saliency
 
 
@@ -28,14 +29,8 @@ def check_rank(unet: nn.Module, rank: int, exclude: tuple[str, ...] = IO_CONVS) 
                              f"at most {limit}); choose a lower rank")
 
 
-MODULE_SELECTIONS = ("saliency", "random")
-
-
-def check_selection(selection: str) -> None:
-    """ValueError unless ``selection`` is one of :data:`MODULE_SELECTIONS`."""
-    if selection not in MODULE_SELECTIONS:
-        raise ValueError(f"module selection must be one of {list(MODULE_SELECTIONS)}, "
-                         f"got {selection!r}")
+from .localize import LOCALIZATIONS as MODULE_SELECTIONS  # noqa: E402
+from .localize import check_localization as check_selection  # noqa: E402,F401
 
 
 def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int = 4,
@@ -55,27 +50,48 @@ def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int 
         exclude: modules never adapted. Default: the UNet's input and output convolutions, which
             every denoising gradient passes through (they rank high for any concept), so adapting
             them would shift every output rather than the concept's.
-        selection: ``"saliency"`` (SPARE) adapts the top-ranked modules; ``"random"`` adapts as
-            many modules drawn uniformly at random (seeded) from the same candidates, the
-            control that tells what the saliency ranking itself is worth.
+        selection: a localisation of :mod:`spare_core.localize`: ``"saliency"`` (and
+            ``"objective"`` / ``"contrastive"``, whose maps the caller computed) adapt the
+            top-ranked modules; ``"random"`` as many modules drawn at random (seeded) from the
+            same candidates, the control that tells what a ranking is worth; ``"text_kv"`` the
+            projections that read the text; ``"all"`` every candidate.
         rank: must fit every chosen layer; checked before anything is allocated.
     """
     check_selection(selection)
-    if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
-        raise ValueError(f"sparsity (mask fraction) must be in (0, 1], got {mask_fraction}")
     if top_modules is None and module_fraction is not None and not (0.0 < module_fraction <= 1.0):
         raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
-    modules = saliency.top_modules(count=top_modules,
-                                   fraction=None if top_modules is not None else module_fraction,
-                                   reduce=module_reduce, exclude=exclude)
-    if selection == "random":
-        pool = [n for n in saliency.modules if n not in set(exclude)]
+    if top_modules is not None and selection in RANKED:
+        modules = saliency.top_modules(count=top_modules, reduce=module_reduce, exclude=exclude)
+    elif top_modules is not None and selection == "random":
+        pool = [n for n in adaptable_modules(unet) if n not in set(exclude)]
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-        modules = [pool[i] for i in order[:len(modules)].tolist()]
+        modules = [pool[i] for i in order[:top_modules].tolist()]
+    else:
+        modules = select_modules(unet, selection, saliency=saliency,
+                                 fraction=1.0 if module_fraction is None else module_fraction,
+                                 seed=seed, exclude=exclude)
+    return sparse_lora_on(unet, modules, rank=rank, alpha=alpha, saliency=saliency,
+                          mask_fraction=mask_fraction, mask_scope=mask_scope, seed=seed,
+                          selection=selection)
+
+
+def sparse_lora_on(unet: nn.Module, modules: list[str], *, rank: int = 4,
+                   alpha: float | None = None, saliency: Saliency | None = None,
+                   mask_fraction: float | None = None, mask_scope: str = "layer", seed: int = 0,
+                   selection: str = "", clamp_rank: bool = False) -> UnlearnAdapter:
+    """LoRA of ``rank`` on ``modules``; with ``mask_fraction`` < 1 each update is multiplied by
+    the mask of ``saliency``'s most salient elements (which then needs element scores).
+    ``clamp_rank``: a layer whose weight cannot hold ``rank`` gets the largest rank it allows
+    (else ValueError)."""
+    if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
+        raise ValueError(f"sparsity (mask fraction) must be in (0, 1], got {mask_fraction}")
     masks = None
     if mask_fraction is not None and mask_fraction < 1.0:
+        if saliency is None:
+            raise ValueError("an element mask (mask_fraction < 1) needs a saliency map")
         masks = saliency.mask(fraction=mask_fraction, scope=mask_scope, modules=modules)
-    meta = {"concept": saliency.concept, "rank": str(rank),
+    meta = {"concept": "" if saliency is None else saliency.concept, "rank": str(rank),
             "mask_fraction": "" if mask_fraction is None else repr(mask_fraction),
             "module_count": str(len(modules)), "module_selection": selection}
-    return init_sparse_lora(unet, modules, rank=rank, alpha=alpha, masks=masks, seed=seed, meta=meta)
+    return init_sparse_lora(unet, modules, rank=rank, alpha=alpha, masks=masks, seed=seed,
+                            meta=meta, clamp_rank=clamp_rank)

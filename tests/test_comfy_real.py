@@ -259,7 +259,7 @@ def tiny_workflow(wf: dict | None = None) -> dict:
         if kind == "KSampler":
             inputs["steps"] = 4
         if kind == "ComputeSaliency":
-            inputs.update(samples=2, top_k=8, sample_steps=3)
+            inputs.update(samples=2, sample_steps=3)
         if kind == "SelfDistillUnlearn":
             inputs.update(steps=6, lr=1e-2, batch_size=1, pool_size=2, pool_steps=3)
         if kind == "SaveUnlearnAdapter":
@@ -392,7 +392,7 @@ def masked_adapter(comfy) -> str:
                                     "SelfDistillUnlearn", "SaveUnlearnAdapter")]
     run = keep(wf, ids)
     run[ids[1]]["inputs"]["element_scores"] = True  # per-weight scores, needed for masks
-    run[ids[2]]["inputs"]["sparsity"] = 0.5
+    run[ids[2]]["inputs"]["mask_fraction"] = 0.5  # keep half of each weight's elements
     run[ids[3]]["inputs"]["steps"] = 3
     run[ids[4]]["inputs"]["filename_prefix"] = "spare/test_masked"
     history, messages = comfy.run(run)

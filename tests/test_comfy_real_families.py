@@ -51,8 +51,8 @@ key.
 
 The shipped SDXL and Flux workflows (workflows/api/spare_erase_concept_{sdxl,flux}.api.json) are
 queued headless with their nodes, links and settings as shipped; TINY_RUN lists what the copy
-changes: file names, 64x64 px, step counts (KSampler 3; ComputeSaliency 2 samples of 2 steps, top
-8 modules; SelfDistillUnlearn 3 steps at lr 1e-2, batch 1, pools of 1 latent of 2 steps). SDXL:
+changes: file names, 64x64 px, step counts (KSampler 3; ComputeSaliency 2 samples of 2 steps;
+SelfDistillUnlearn 3 steps at lr 1e-2, batch 1, pools of 1 latent of 2 steps). SDXL:
 CheckpointLoaderSimple on tiny_sdxl_ckpt. Flux: UNETLoader on tiny_flux, VAELoader on
 tiny_flux_ae, and one substitution: the DualCLIPLoader(clip_l, t5xxl, type flux) node keeps its
 class but loads (tiny_clip_l, tiny_clip_g, type sd3): CLIP-L's and CLIP-G's sequences side by
@@ -274,10 +274,12 @@ def test_family_unlearns_and_its_lora_loads_in_the_stock_loader(comfy, family):
 
     run = loaders(family)
     run["3"] = {"class_type": "ComputeSaliency", "inputs": {
-        "model": ["1", 0], "clip": ["2", 0], "concept": CONCEPT, "samples": 1, "top_k": 6,
-        "seed": 0, "width": 64, "height": 64, "sample_steps": 2, "cfg": 2.0}}
+        "model": ["1", 0], "clip": ["2", 0], "concept": CONCEPT, "samples": 1,
+        "ranking": "objective", "surrogate": SURROGATE, "seed": 0, "width": 64, "height": 64,
+        "sample_steps": 2, "cfg": 2.0}}
     run["4"] = {"class_type": "SparseLoRAInit", "inputs": {
-        "model": ["1", 0], "saliency": ["3", 0], "rank": 2, "alpha": 2.0, "sparsity": 0.0, "seed": 0}}
+        "model": ["1", 0], "saliency": ["3", 0], "module_selection": "objective",
+        "module_fraction": 0.15, "rank": 2, "alpha": 2.0, "mask_fraction": 1.0, "seed": 0}}
     run["5"] = {"class_type": "SelfDistillUnlearn", "inputs": {
         "model": ["1", 0], "clip": ["2", 0], "adapter": ["4", 0], "concept": "",
         "surrogate": SURROGATE, "preserve": "", "steps": 4, "lr": 2e-2,
@@ -478,7 +480,7 @@ TINY_RUN = {  # class_type: the inputs set in the copy of a shipped API prompt (
     "DualCLIPLoader": {"clip_name1": "tiny_clip_l.safetensors",
                        "clip_name2": "tiny_clip_g.safetensors", "type": "sd3"},
     "KSampler": {"steps": 3},
-    "ComputeSaliency": {"samples": 2, "top_k": 8, "sample_steps": 2},
+    "ComputeSaliency": {"samples": 2, "sample_steps": 2},
     "SelfDistillUnlearn": {"steps": 3, "lr": 1e-2, "batch_size": 1, "pool_size": 1,
                            "pool_steps": 2},
 }

@@ -17,6 +17,10 @@ from spare_core.families.unet import adaptable_modules
 from spare_core.sparse_lora import IO_CONVS
 
 SIZE = dict(width=64, height=64)  # 8x8 latents, the tiny UNet's sample size
+# the tiny UNet has 81 candidate modules (adaptable, less conv_in/conv_out): 0.15 of them is 12
+TOP_FRACTION, TOP_COUNT = 0.15, 12
+INIT = dict(module_selection="saliency", module_fraction=TOP_FRACTION, rank=2, alpha=2.0,
+            mask_fraction=1.0, seed=0)
 CONCEPT, SURROGATE = "a red circle", "a blue square"
 
 
@@ -30,10 +34,9 @@ def env(tmp_path_factory):
     nodes = load_pack().NODE_CLASS_MAPPINGS
     model, clip = host.load_checkpoint(seed=0)
     (sal,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT,
-                      samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, element_scores=True,
-                      **SIZE)
-    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, rank=2, alpha=2.0,
-                       sparsity=0.0, seed=0)
+                      samples=2, ranking="saliency", seed=0, sample_steps=3, cfg=3.0,
+                      element_scores=True, **SIZE)
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, **INIT)
     # concept left empty, as in the shipped workflow: taken from the adapter's saliency map
     (trained,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
                           concept="", surrogate=SURROGATE, preserve="a green line\n\n# note",
@@ -87,7 +90,7 @@ def test_saliency_scores_every_weight(env):
     for name, s in sal.scores.items():
         assert s.shape == mods[name].weight.shape and (s >= 0).all()
     assert sum(float(s.sum()) for s in sal.scores.values()) > 0
-    assert sal.concept == CONCEPT and sal.num_samples == 2 and sal.meta["top_k"] == "12"
+    assert sal.concept == CONCEPT and sal.num_samples == 2 and sal.meta["ranking"] == "saliency"
     assert sal.meta["model_fingerprint"] == model_fingerprint(model.model.diffusion_model)
 
 
@@ -95,16 +98,18 @@ def test_progress_reaches_the_end(env, tmp_path):
     host, nodes = env["host"], env["nodes"]
     host.progress.clear()
     host.run(nodes["ComputeSaliency"], model=env["model"], clip=env["clip"], concept=CONCEPT,
-             samples=2, top_k=3, seed=0, sample_steps=3, **SIZE)
+             samples=2, ranking="saliency", seed=0, sample_steps=3, **SIZE)
     assert host.progress[-1] == (5, 5)  # 3 sampling steps + 2 saliency samples
     values = [v for v, _ in host.progress]
     assert values == sorted(values)
 
 
-def test_sparse_lora_follows_top_k(env):
+def test_sparse_lora_follows_the_saliency_ranking(env):
     sal, init = env["sal"], env["init"]
     assert isinstance(init, UnlearnAdapter)
-    assert init.names == sal.top_modules(count=12, exclude=IO_CONVS)
+    assert init.names == sal.top_modules(fraction=TOP_FRACTION, exclude=IO_CONVS)
+    assert len(init.names) == TOP_COUNT
+    assert init.meta["module_selection"] == "saliency"
     assert all(init[n].mask is None for n in init.names)
     assert all(float(d.abs().max()) == 0.0 for d in init.merged().values())  # starts as identity
     total = sum(p.numel() for p in env["model"].model.diffusion_model.parameters())
@@ -113,10 +118,11 @@ def test_sparse_lora_follows_top_k(env):
         env["model"].model.diffusion_model, init.names)
 
 
-def test_sparse_lora_sparsity_masks_the_most_salient_elements(env):
+def test_sparse_lora_mask_fraction_keeps_the_most_salient_elements(env):
     sal = env["sal"]
     (ad,) = env["host"].run(env["nodes"]["SparseLoRAInit"], model=env["model"], saliency=sal,
-                            rank=2, alpha=2.0, sparsity=0.75, seed=0)
+                            **{**INIT, "mask_fraction": 0.25})
+    assert ad.names == env["init"].names
     for n in ad.names:
         mask, scores = ad[n].mask, sal.scores[n]
         kept = float(mask.float().mean())
@@ -216,8 +222,8 @@ def test_save_load_round_trip_and_stock_lora_loader(env):
 
 def test_element_masked_adapter_saves_full_difference_keys(env):
     host, nodes, model = env["host"], env["nodes"], env["model"]
-    (ad,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=env["sal"], rank=2,
-                     alpha=2.0, sparsity=0.5, seed=0)
+    (ad,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=env["sal"],
+                     **{**INIT, "mask_fraction": 0.5})
     with torch.no_grad():
         for n in ad.names:
             ad[n].lora_B.normal_()
@@ -238,7 +244,7 @@ def test_preview_image(env):
     assert img.dtype == torch.float32 and img.shape == (1, 28 + 16 * 10 + 8, 900, 3)
     assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
     orange = ((img[0, ..., 0] > 0.8) & (img[0, ..., 1] < 0.5) & (img[0, ..., 2] < 0.3)).sum()
-    assert int(orange) > 0  # the top-k modules are highlighted
+    assert int(orange) > 0  # the top module_fraction of the modules are highlighted
 
 
 def test_context_lengths_are_repeated_without_changing_attention(env):
@@ -282,7 +288,7 @@ def _expect(env, node, match, **inputs):
 
 def test_bad_inputs_fail_early_with_the_fix(env):
     m, c, sal, ad = env["model"], env["clip"], env["sal"], env["init"]
-    sal_args = dict(model=m, clip=c, samples=2, top_k=3, seed=0, **SIZE)
+    sal_args = dict(model=m, clip=c, samples=2, ranking="saliency", seed=0, **SIZE)
     _expect(env, "ComputeSaliency", "concept prompt is empty", concept="  ", **sal_args)
     _expect(env, "ComputeSaliency", "CLIP input is empty",
             **{**sal_args, "clip": None, "concept": CONCEPT})
@@ -291,13 +297,15 @@ def test_bad_inputs_fail_early_with_the_fix(env):
     flow, _ = env["host"].load_checkpoint(model_type=ModelType.FLOW)
     _expect(env, "ComputeSaliency", "eps and v-prediction",
             **{**sal_args, "model": flow, "concept": CONCEPT})
-    init_args = dict(model=m, saliency=sal, rank=2, alpha=2.0, seed=0)
-    _expect(env, "SparseLoRAInit", "sparsity must be in", sparsity=1.0, **init_args)
-    _expect(env, "SparseLoRAInit", "rank 999 is larger",
-            **{**init_args, "rank": 999, "sparsity": 0.0})
+    init_args = dict(model=m, saliency=sal, **INIT)
+    for bad in (0.0, 1.5):
+        _expect(env, "SparseLoRAInit", r"mask_fraction must be in \(0, 1\] \(1 = dense",
+                **{**init_args, "mask_fraction": bad})
+    _expect(env, "SparseLoRAInit", r"module_fraction must be in \(0, 1\]",
+            **{**init_args, "module_fraction": 0.0})
+    _expect(env, "SparseLoRAInit", "alpha must be >= 0", **{**init_args, "alpha": -1.0})
     other, _ = env["host"].load_checkpoint(channels=(8, 16))
-    _expect(env, "SparseLoRAInit", "different layer",
-            **{**init_args, "model": other, "sparsity": 0.0})
+    _expect(env, "SparseLoRAInit", "different layer", **{**init_args, "model": other})
     _expect(env, "ApplyUnlearnAdapter", "different layer", model=other, adapter=ad, strength=1.0)
     _expect(env, "ApplyUnlearnAdapter", "adapter input is empty", model=m, adapter=None,
             strength=1.0)
@@ -364,7 +372,7 @@ def test_interrupt_during_saliency(env):
     host.interrupt_after(2)  # during the generation of the concept images
     with pytest.raises(InterruptProcessingException):
         host.run(nodes["ComputeSaliency"], model=model, clip=env["clip"], concept=CONCEPT,
-                 samples=4, top_k=3, seed=0, sample_steps=4, **SIZE)
+                 samples=4, ranking="saliency", seed=0, sample_steps=4, **SIZE)
     _assert_untouched(env, base)
     assert [p.requires_grad for p in model.model.diffusion_model.parameters()] == flags
 
@@ -483,7 +491,8 @@ def test_host_refusal_of_a_save_path_becomes_a_clear_error(env, monkeypatch):
 
 def test_preview_greys_the_never_adapted_io_convolutions(env):
     """The input/output convolutions are often the most salient modules, and SparseLoRAInit never
-    adapts them: their bars are grey, the top_k adapted ones orange, and the caption says so."""
+    adapts them: their bars are grey, the top module_fraction adapted ones orange, and the
+    caption says so."""
     sal, host, preview = env["sal"], env["host"], env["nodes"]["SaliencyPreview"]
     stats = {n: dict(s) for n, s in sal.stats.items()}
     io = [n for n in stats if n in IO_CONVS]
@@ -493,7 +502,8 @@ def test_preview_greys_the_never_adapted_io_convolutions(env):
         stats[n]["mean"] = top * (3 - i)  # the two highest bars
     loud = Saliency(scores=sal.scores, concept=sal.concept, num_samples=sal.num_samples,
                     meta=dict(sal.meta), stats=stats)
-    (img,) = host.run(preview, saliency=loud, reduce="mean", max_modules=16)
+    (img,) = host.run(preview, saliency=loud, reduce="mean", max_modules=16,
+                      module_fraction=TOP_FRACTION)
     chart = pack_module("chart")
     head, row, bar_x = 28, 16, int(900 * 0.45) + 2
 
@@ -502,13 +512,15 @@ def test_preview_greys_the_never_adapted_io_convolutions(env):
 
     assert [bar_color(img, i) for i in range(2)] == [chart.EXCLUDED] * 2
     colors = [bar_color(img, i) for i in range(2, 16)]
-    top_k = int(sal.meta["top_k"])
-    assert colors[:top_k] == [chart.HIGHLIGHT] * top_k  # the next top_k: adapted
-    assert set(colors[top_k:]) == {chart.BAR}
-    assert loud.top_modules(count=top_k, exclude=IO_CONVS) == loud.top_modules(count=top_k + 2)[2:]
-    caption = preview.caption(sal.concept, "mean", len(stats), top_k, True)
+    adapted = len(loud.top_modules(fraction=TOP_FRACTION, exclude=IO_CONVS))
+    assert adapted == TOP_COUNT
+    assert colors[:adapted] == [chart.HIGHLIGHT] * adapted  # the next module_fraction: adapted
+    assert set(colors[adapted:]) == {chart.BAR}
+    assert (loud.top_modules(count=adapted, exclude=IO_CONVS)
+            == loud.top_modules(count=adapted + 2)[2:])
+    caption = preview.caption(sal.concept, "mean", len(stats), adapted, True)
     assert "orange: the 12 adapted" in caption and "grey: input/output conv, never adapted" in caption
-    assert "grey" not in preview.caption(sal.concept, "mean", len(stats), top_k, False)
+    assert "grey" not in preview.caption(sal.concept, "mean", len(stats), adapted, False)
     from PIL import Image, ImageDraw, ImageFont
     draw = ImageDraw.Draw(Image.new("RGB", (900, 30)))
     assert chart._fit(draw, ImageFont.load_default(), caption, 900 - 16) == caption  # not cut
@@ -525,18 +537,18 @@ def test_apply_strength_says_it_extrapolates_past_one(env):
 
 def test_saliency_memory_controls_keep_the_ranking(env):
     """The node's defaults (micro-batch 1, gradient checkpointing, per-module scores only) rank
-    the modules as the float32 per-element run does, keep no element scores, and a sparsity that
-    needs them is refused with the fix."""
+    the modules as the float32 per-element run does, keep no element scores, and an element mask
+    (mask_fraction < 1) that needs them is refused with the fix."""
     host, nodes, model, clip, full = env["host"], env["nodes"], env["model"], env["clip"], env["sal"]
     (lean,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT,
-                       samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, **SIZE)
+                       samples=2, ranking="saliency", seed=0, sample_steps=3, cfg=3.0, **SIZE)
     assert not lean.has_elements and set(lean.modules) == set(full.modules)
     for name, st in lean.stats.items():  # bfloat16 running sums: within bf16 rounding
         assert st["mean"] == pytest.approx(full.stats[name]["mean"], rel=2e-2, abs=1e-12), name
-    assert lean.top_modules(12) == full.top_modules(12)
+    assert lean.top_modules(TOP_COUNT) == full.top_modules(TOP_COUNT)
     with pytest.raises(ValueError, match="turn on element_scores"):
-        host.run(nodes["SparseLoRAInit"], model=model, saliency=lean, rank=2, alpha=2.0,
-                 sparsity=0.5, seed=0)
+        host.run(nodes["SparseLoRAInit"], model=model, saliency=lean,
+                 **{**INIT, "mask_fraction": 0.5})
 
 
 def test_fp8_weights_train_lora_in_bf16_and_refuse_saliency_up_front(env):
@@ -547,7 +559,7 @@ def test_fp8_weights_train_lora_in_bf16_and_refuse_saliency_up_front(env):
     host.progress.clear()
     with pytest.raises(ValueError, match="float8_e4m3fn.*weight_dtype 'default'"):
         host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT, samples=2,
-                 top_k=4, seed=0, sample_steps=3, cfg=3.0, **SIZE)
+                 ranking="saliency", seed=0, sample_steps=3, cfg=3.0, **SIZE)
     assert host.progress == []  # refused before any sampling
     (trained,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=env["init"],
                           concept="", surrogate=SURROGATE, preserve="", steps=3, lr=1e-2,
@@ -615,11 +627,10 @@ def test_several_concepts_one_per_line_are_erased_in_one_adapter(env):
     concepts, surrogates = f"{CONCEPT}\n\n{SURROGATE}", "a green line\na yellow dot"
     host.progress.clear()
     (sal,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=concepts,
-                      samples=2, top_k=12, seed=0, sample_steps=3, cfg=3.0, **SIZE)
+                      samples=2, ranking="saliency", seed=0, sample_steps=3, cfg=3.0, **SIZE)
     assert host.progress[-1] == (7, 7)  # 3 sampling steps + 2 x 2 saliency samples
     assert sal.concept == f"{CONCEPT}\n{SURROGATE}" and sal.num_samples == 4
-    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, rank=2, alpha=2.0,
-                       sparsity=0.0, seed=0)
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, **INIT)
     (ad,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
                      concept="", surrogate=surrogates, preserve="a purple star", steps=30,
                      lr=2e-2, timestep_sampler="uniform", objective="self_distill", seed=0,
@@ -634,3 +645,205 @@ def test_several_concepts_one_per_line_are_erased_in_one_adapter(env):
         host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
                  concept=concepts, surrogate="a\nb\nc", preserve="", steps=1, lr=1e-2,
                  timestep_sampler="uniform", objective="self_distill", seed=0, **SIZE)
+
+
+# -------------------------------------------------------- module selections, rankings, guidance
+
+def _no_build(env, monkeypatch):
+    """Makes SparseLoRAInit's selection and LoRA construction fail the test if they run."""
+    adapter_nodes = pack_module("adapter_nodes")
+
+    def built(*args, **kwargs):
+        raise AssertionError("SparseLoRAInit selected or built modules before refusing")
+    monkeypatch.setattr(adapter_nodes, "select_modules", built)
+    monkeypatch.setattr(adapter_nodes, "sparse_lora_on", built)
+
+
+def test_fixed_selections_need_no_saliency(env):
+    """text_kv adapts exactly the cross-attention to_k / to_v projections, all every adaptable
+    module but the input/output convolutions; neither needs a SALIENCY nor reads module_fraction."""
+    from spare_core.localize import select_modules
+
+    host, nodes, model = env["host"], env["nodes"], env["model"]
+    net = model.model.diffusion_model
+    want = select_modules(net, "text_kv")
+    assert want and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in want)
+    for fraction in (TOP_FRACTION, 1.0):
+        (kv,) = host.run(nodes["SparseLoRAInit"], model=model,
+                         **{**INIT, "module_selection": "text_kv", "module_fraction": fraction})
+        assert kv.names == want
+    assert kv.meta["module_selection"] == "text_kv" and kv.meta["concept"] == ""
+    assert all(float(d.abs().max()) == 0.0 for d in kv.merged().values())  # starts as identity
+    (every,) = host.run(nodes["SparseLoRAInit"], model=model,
+                        **{**INIT, "module_selection": "all"})
+    assert set(every.names) == set(adaptable_modules(net)) - set(IO_CONVS)
+    assert len(every.names) == len(adaptable_modules(net)) - 2  # conv_in, conv_out left out
+    assert every.names == select_modules(net, "all")
+    # a SALIENCY connected anyway changes nothing for a fixed selection
+    (kv_sal,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=env["sal"],
+                         **{**INIT, "module_selection": "text_kv"})
+    assert kv_sal.names == want and kv_sal.meta["concept"] == CONCEPT
+
+
+def test_random_selection_draws_module_fraction_of_the_candidates_by_seed(env):
+    host, nodes, model = env["host"], env["nodes"], env["model"]
+    args = {**INIT, "module_selection": "random"}
+    (a,) = host.run(nodes["SparseLoRAInit"], model=model, **args)
+    (b,) = host.run(nodes["SparseLoRAInit"], model=model, **args)
+    (c,) = host.run(nodes["SparseLoRAInit"], model=model, **{**args, "seed": 1})
+    assert len(a.names) == TOP_COUNT and a.names == b.names and set(a.names) != set(c.names)
+    assert not set(a.names) & set(IO_CONVS)
+
+
+def test_rank_that_does_not_fit_a_layer_is_clamped(env):
+    host, nodes, model = env["host"], env["nodes"], env["model"]
+    mods = adaptable_modules(model.model.diffusion_model)
+    (ad,) = host.run(nodes["SparseLoRAInit"], model=model,
+                     **{**INIT, "module_selection": "all", "rank": 256, "alpha": 0.0})
+    limits = {n: min(mods[n].weight.shape[0], mods[n].weight[0].numel()) for n in ad.names}
+    assert all(ad[n].rank == min(256, limits[n]) for n in ad.names)
+    assert any(limits[n] < 256 for n in ad.names)  # the tiny UNet's layers are all narrower
+    assert all(ad[n].scale == 1.0 for n in ad.names)  # alpha 0: the (clamped) rank, scale 1
+
+
+def test_ranked_selection_without_a_matching_saliency_is_refused_with_the_fix(env, monkeypatch):
+    """saliency / objective / contrastive without a SALIENCY, or with one ranked by another loss,
+    are refused naming the fix, before any module is selected or any LoRA built; so is an
+    element mask without a SALIENCY."""
+    _no_build(env, monkeypatch)
+    m, sal = env["model"], env["sal"]
+    assert sal.meta["ranking"] == "saliency"
+    for how in ("saliency", "objective", "contrastive"):
+        _expect(env, "SparseLoRAInit",
+                f"module_selection '{how}' ranks modules by saliency: connect ComputeSaliency's "
+                "output to the saliency input",
+                model=m, **{**INIT, "module_selection": how})
+    for how in ("objective", "contrastive"):
+        _expect(env, "SparseLoRAInit",
+                f"ranked by 'saliency' but module_selection is '{how}': set ComputeSaliency's "
+                f"ranking to '{how}'",
+                model=m, saliency=sal, **{**INIT, "module_selection": how})
+    _expect(env, "SparseLoRAInit", "mask_fraction 0.5 masks weight elements by saliency: connect "
+            "ComputeSaliency's output", model=m,
+            **{**INIT, "module_selection": "text_kv", "mask_fraction": 0.5})
+    empty = Saliency({}, concept=CONCEPT, num_samples=0)
+    _expect(env, "SparseLoRAInit", "connect ComputeSaliency's output", model=m, saliency=empty,
+            **INIT)
+
+
+@pytest.fixture(scope="module")
+def objective_sal(env):
+    (sal,) = env["host"].run(env["nodes"]["ComputeSaliency"], model=env["model"],
+                             clip=env["clip"], concept=CONCEPT, samples=2, ranking="objective",
+                             seed=0, surrogate=SURROGATE, sample_steps=3, cfg=3.0, **SIZE)
+    return sal
+
+
+def test_objective_ranking_differs_from_the_plain_saliency(env, objective_sal):
+    """ranking 'objective' (the concept's prediction pulled toward the surrogate's) on the same
+    seed, images and timesteps ranks the modules otherwise than the plain denoising loss, and
+    SparseLoRAInit's 'objective' selection adapts its top modules."""
+    host, nodes, model, plain = env["host"], env["nodes"], env["model"], env["sal"]
+    obj = objective_sal
+    assert obj.meta["ranking"] == "objective" and obj.concept == CONCEPT
+    assert obj.meta["model_fingerprint"] == plain.meta["model_fingerprint"]
+    assert set(obj.modules) == set(plain.modules)
+    assert obj.top_modules(exclude=IO_CONVS) != plain.top_modules(exclude=IO_CONVS)
+    assert any(obj.stats[n]["mean"] != pytest.approx(plain.stats[n]["mean"], rel=0.05)
+               for n in obj.modules)
+    (ad,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=obj,
+                     **{**INIT, "module_selection": "objective"})
+    assert ad.names == obj.top_modules(fraction=TOP_FRACTION, exclude=IO_CONVS)
+    assert ad.meta["module_selection"] == "objective"
+
+
+def test_contrastive_ranking_needs_preserve_prompts_before_any_sampling(env, monkeypatch):
+    host, nodes = env["host"], env["nodes"]
+    saliency_nodes = pack_module("saliency_nodes")
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("sampled before refusing")
+    monkeypatch.setattr(saliency_nodes, "sample", sampled)
+    args = dict(model=env["model"], clip=env["clip"], concept=CONCEPT, samples=2,
+                ranking="contrastive", seed=0, sample_steps=3, cfg=3.0, **SIZE)
+    for preserve in ("", "  \n\n# only a note"):
+        _expect(env, "ComputeSaliency", "'contrastive' contrasts the concept with the preserved "
+                "prompts: give at least one preserve prompt", preserve=preserve, **args)
+
+
+def test_contrastive_ranking_contrasts_with_the_preserved_prompts(env):
+    host, nodes = env["host"], env["nodes"]
+    host.progress.clear()
+    (con,) = host.run(nodes["ComputeSaliency"], model=env["model"], clip=env["clip"],
+                      concept=CONCEPT, samples=2, ranking="contrastive", seed=0,
+                      preserve="a green line", sample_steps=3, cfg=3.0, **SIZE)
+    assert host.progress[-1] == (7, 7)  # 3 sampling steps + 2 passes over 2 samples
+    assert con.meta["ranking"] == "contrastive" and not con.has_elements
+    assert con.top_modules(exclude=IO_CONVS) != env["sal"].top_modules(exclude=IO_CONVS)
+    (ad,) = host.run(nodes["SparseLoRAInit"], model=env["model"], saliency=con,
+                     **{**INIT, "module_selection": "contrastive"})
+    assert ad.names == con.top_modules(fraction=TOP_FRACTION, exclude=IO_CONVS)
+
+
+class _Sampled(Exception):
+    """Raised by the recording ``sample`` once it has seen the guidance (nothing more to run)."""
+
+
+def _record_guidance(monkeypatch, module, seen):
+    def sample(*args, guidance, **kwargs):
+        seen.append(guidance)
+        raise _Sampled
+    monkeypatch.setattr(module, "sample", sample)
+
+
+@pytest.mark.parametrize("cfg,family_rule", [(-1.0, True), (0.0, False), (3.0, False)])
+def test_cfg_minus_one_samples_with_the_family_guidance(env, monkeypatch, cfg, family_rule):
+    """cfg -1 (the default) samples ComputeSaliency's images and SelfDistillUnlearn's pools with
+    the model family's guidance (spare_core.recipes.pool_guidance); any cfg >= 0 as given."""
+    import spare_core.tasks
+    from spare_core.recipes import pool_guidance
+
+    host, nodes, model, clip = env["host"], env["nodes"], env["model"], env["clip"]
+    assert nodes["ComputeSaliency"].INPUT_TYPES()["optional"]["cfg"][1]["default"] == -1.0
+    assert nodes["SelfDistillUnlearn"].INPUT_TYPES()["optional"]["cfg"][1]["default"] == -1.0
+    want = pool_guidance(pack_module("comfy_bridge").model_family(model)) if family_rule else cfg
+    assert pool_guidance("sd") == 7.5
+    seen = []
+    _record_guidance(monkeypatch, pack_module("saliency_nodes"), seen)
+    _record_guidance(monkeypatch, spare_core.tasks, seen)
+    with pytest.raises(_Sampled):
+        host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT, samples=1,
+                 ranking="saliency", seed=0, sample_steps=1, cfg=cfg, **SIZE)
+    with pytest.raises(_Sampled):
+        host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=env["init"],
+                 concept=CONCEPT, surrogate=SURROGATE, preserve="", steps=1, lr=1e-2,
+                 timestep_sampler="uniform", objective="self_distill", seed=0, pool_size=1,
+                 pool_steps=1, cfg=cfg, **SIZE)
+    assert seen == [want, want]
+
+
+def test_node_defaults_come_from_the_spare_recipe(env):
+    from spare_core.recipes import RECIPES
+
+    spare, nodes = RECIPES["spare"], env["nodes"]
+    sal = nodes["ComputeSaliency"].INPUT_TYPES()
+    assert sal["required"]["samples"][1]["default"] == spare.num_samples == 16
+    assert sal["optional"]["sample_steps"][1]["default"] == spare.sample_steps == 25
+    assert "top_k" not in sal["required"] and "top_k" not in sal.get("optional", {})
+    assert sal["required"]["ranking"][0] == ["saliency", "objective", "contrastive"]
+    assert sal["required"]["ranking"][1]["default"] == spare.hparams["module_selection"]
+    init = nodes["SparseLoRAInit"].INPUT_TYPES()["required"]
+    assert init["module_selection"][0] == ["saliency", "objective", "contrastive", "text_kv",
+                                           "random", "all"]
+    assert init["module_selection"][1]["default"] == spare.hparams["module_selection"]
+    assert init["module_fraction"][1]["default"] == spare.hparams["module_fraction"]
+    assert init["rank"][1]["default"] == spare.hparams["rank"]
+    assert init["mask_fraction"][1]["default"] == 1.0 and "sparsity" not in init
+    assert (nodes["SaliencyPreview"].INPUT_TYPES()["optional"]["module_fraction"][1]["default"]
+            == spare.hparams["module_fraction"])
+    unl = nodes["SelfDistillUnlearn"].INPUT_TYPES()
+    assert unl["required"]["steps"][1]["default"] == spare.steps == 100
+    assert unl["required"]["lr"][1]["default"] == spare.lr == 3e-3
+    assert unl["optional"]["batch_size"][1]["default"] == spare.batch_size == 8
+    assert unl["optional"]["pool_size"][1]["default"] == spare.num_samples
+    assert unl["optional"]["pool_steps"][1]["default"] == spare.sample_steps

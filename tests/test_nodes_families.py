@@ -25,6 +25,9 @@ SIZE = dict(width=64, height=64)  # 8x8 latents
 CONCEPT, SURROGATE = "a red circle", "a blue square"
 LONG = "a very long prompt that needs a second chunk of tokens"  # 64 tokens, the others 32
 FAMILIES = ("sdxl", "sd3", "flux")
+# module_fraction giving the 8 most salient of each tiny network's candidate modules (adaptable,
+# less the input/output layers): SDXL 83, SD3 22, Flux 20
+TOP8 = {"sdxl": 0.1, "sd3": 0.36, "flux": 0.4}
 
 
 def bridge():
@@ -94,10 +97,11 @@ def run(request, host):
     before = host.forward(model, x, t, **conds(model, clip, CONCEPT, n=4))
     weights = {k: v.clone() for k, v in model.model.state_dict().items()}
     (sal,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT,
-                      samples=2, top_k=8, seed=0, sample_steps=3, cfg=3.0, element_scores=True,
-                      **SIZE)
-    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, rank=2, alpha=2.0,
-                       sparsity=0.0, seed=0)
+                      samples=2, ranking="saliency", seed=0, sample_steps=3, cfg=3.0,
+                      element_scores=True, **SIZE)
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal,
+                       module_selection="saliency", module_fraction=TOP8[request.param], rank=2,
+                       alpha=2.0, mask_fraction=1.0, seed=0)
     losses = _Losses()
     log = logging.getLogger(f"{load_pack().__name__}.nodes.unlearn_node")
     log.addHandler(losses)
@@ -123,6 +127,9 @@ def test_family_trains_and_leaves_the_model(host, run):
     assert set(run["sal"].scores) == set(mods)
     assert run["sal"].meta["model_fingerprint"] == model_fingerprint(net)
     assert trained.names == run["init"].names and len(trained.names) == 8
+    assert trained.names == run["sal"].top_modules(fraction=TOP8[run["family"]],
+                                                   exclude=IO_LAYERS)
+    assert run["sal"].meta["ranking"] == "saliency"
     assert not set(trained.names) & set(IO_LAYERS)
     if run["family"] != "sdxl":  # ComfyUI's DiT names
         assert all(n.split(".")[0] in ("double_blocks", "single_blocks", "joint_blocks", "time_in",
@@ -171,14 +178,16 @@ def test_family_lora_loads_in_the_stock_loader(host, run):
 
 def test_every_module_adapted_saves_loadable_keys(host, run):
     """All adaptable modules (SD3's ComfyUI ``context_embedder`` among them, a name diffusers'
-    SD3 shares): the saved keys are still ComfyUI's ``lora_unet_*`` and all load."""
+    SD3 shares), module_selection 'all' (no SALIENCY needed) or a ranked selection at
+    module_fraction 1: the saved keys are still ComfyUI's ``lora_unet_*`` and all load."""
     model, nodes, sal = run["model"], run["nodes"], run["sal"]
     everything = len(sal.scores)
-    tuned = type(sal)(scores=sal.scores, concept=sal.concept, num_samples=sal.num_samples,
-                      meta={**sal.meta, "top_k": str(everything)}, stats=sal.stats)
-    (ad,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=tuned, rank=1, alpha=1.0,
-                     sparsity=0.0, seed=0)
+    args = dict(module_fraction=1.0, rank=1, alpha=1.0, mask_fraction=1.0, seed=0)
+    (ranked,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal,
+                         module_selection="saliency", **args)
+    (ad,) = host.run(nodes["SparseLoRAInit"], model=model, module_selection="all", **args)
     assert len(ad.names) == everything - len(set(sal.scores) & set(IO_LAYERS))
+    assert set(ranked.names) == set(ad.names)
     with torch.no_grad():
         for n in ad.names:
             ad[n].lora_B.normal_()
@@ -192,6 +201,53 @@ def test_every_module_adapted_saves_loadable_keys(host, run):
     c = conds(model, run["clip"], CONCEPT, n=4)
     torch.testing.assert_close(host.forward(via_lora, run["x"], run["t"], **c),
                                host.forward(applied, run["x"], run["t"], **c), rtol=1e-4, atol=1e-5)
+
+
+def test_text_kv_adapts_the_text_projections_of_each_family(host, run):
+    """module_selection text_kv, no SALIENCY: the projections that read the text (SDXL's
+    cross-attention to_k / to_v, the DiTs' text-stream qkv)."""
+    from spare_core.localize import select_modules
+
+    model = run["model"]
+    want = select_modules(model.model.diffusion_model, "text_kv")
+    (ad,) = host.run(run["nodes"]["SparseLoRAInit"], model=model, module_selection="text_kv",
+                     module_fraction=0.5, rank=2, alpha=0.0, mask_fraction=1.0, seed=0)
+    assert ad.names == want and not set(want) & set(IO_LAYERS)
+    if run["family"] == "sdxl":
+        assert all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in want), want
+    else:
+        assert all(n.endswith("qkv") for n in want), want
+
+
+class _Sampled(Exception):
+    """Raised by the recording ``sample`` once it has seen the guidance."""
+
+
+def test_cfg_minus_one_samples_with_the_family_guidance(host, run, monkeypatch):
+    """cfg -1 (the default): ComputeSaliency's images and SelfDistillUnlearn's pools are sampled
+    with the family's guidance (spare_core.recipes.pool_guidance: SDXL and SD3 7.0, Flux 1.0)."""
+    import spare_core.tasks
+    from spare_core.recipes import pool_guidance
+
+    seen = []
+
+    def sample(*args, guidance, **kwargs):
+        seen.append(guidance)
+        raise _Sampled
+    saliency_nodes = sys.modules[f"{load_pack().__name__}.nodes.saliency_nodes"]
+    monkeypatch.setattr(saliency_nodes, "sample", sample)
+    monkeypatch.setattr(spare_core.tasks, "sample", sample)
+    model, clip, nodes = run["model"], run["clip"], run["nodes"]
+    with pytest.raises(_Sampled):
+        host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT, samples=1,
+                 ranking="saliency", seed=0, sample_steps=1, cfg=-1.0, **SIZE)
+    with pytest.raises(_Sampled):
+        host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=run["init"],
+                 concept=CONCEPT, surrogate=SURROGATE, preserve="", steps=1, lr=1e-2,
+                 timestep_sampler="uniform", objective="self_distill", seed=0, pool_size=1,
+                 pool_steps=1, cfg=-1.0, **SIZE)
+    want = {"sdxl": 7.0, "sd3": 7.0, "flux": 1.0}[run["family"]]
+    assert pool_guidance(run["family"]) == want and seen == [want, want]
 
 
 # ---------------------------------------------------------------- the bridge per family

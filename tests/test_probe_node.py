@@ -204,9 +204,13 @@ def test_self_distill_unlearn_trains_against_the_attack(env, caplog):
     caplog.set_level(logging.INFO)
     nodes, host = env["nodes"], env["host"]
     (sal,) = host.run(nodes["ComputeSaliency"], model=env["model"], clip=env["clip"],
-                      concept=CONCEPT, samples=2, top_k=6, seed=0, sample_steps=2, cfg=3.0, **SIZE)
-    (init,) = host.run(nodes["SparseLoRAInit"], model=env["model"], saliency=sal, rank=2,
-                       alpha=2.0, sparsity=0.0, seed=0)
+                      concept=CONCEPT, samples=2, ranking="saliency", seed=0, sample_steps=2,
+                      cfg=3.0, **SIZE)
+    # 0.07 of the tiny UNet's 81 candidate modules: the 6 most salient
+    (init,) = host.run(nodes["SparseLoRAInit"], model=env["model"], saliency=sal,
+                       module_selection="saliency", module_fraction=0.07, rank=2, alpha=2.0,
+                       mask_fraction=1.0, seed=0)
+    assert len(init.names) == 6
     access = bridge().ComfyPromptAccess(env["clip"])
     calls = []
     hook = access.embedding.register_forward_hook(lambda *a: calls.append(1))

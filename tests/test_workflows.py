@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from spare_core.recipes import RECIPES
 from comfy_double import (BYPASSED, MUTED, REPO, Host, load_pack, object_info, readme_bake_entry,
                           ui_to_api, validate_api_prompt, validate_ui_workflow)
 
@@ -131,10 +132,13 @@ def test_graph_shows_before_and_after_with_the_same_sampling(api, name):
     for nid, node in api.items():
         by_type.setdefault(node["class_type"], []).append(nid)
     loader = LOADERS[name]["model"][0]
-    for needed in (loader, "CLIPTextEncode", "ComputeSaliency", "SaliencyPreview",
-                   "SparseLoRAInit", "SelfDistillUnlearn", "ApplyUnlearnAdapter",
-                   "SaveUnlearnAdapter", "VAEDecode"):
+    for needed in (loader, "CLIPTextEncode", "SparseLoRAInit", "SelfDistillUnlearn",
+                   "ApplyUnlearnAdapter", "SaveUnlearnAdapter", "VAEDecode"):
         assert needed in by_type, needed
+    # the recipe's module selection needs no saliency map: no Compute Saliency is run for it
+    init = api[by_type["SparseLoRAInit"][0]]["inputs"]
+    assert init["module_selection"] == RECIPES["spare"].hparams["module_selection"]
+    assert "ComputeSaliency" not in by_type and "saliency" not in init
     samplers = [api[n]["inputs"] for n in by_type["KSampler"]]
     assert len(samplers) == 2 and len(by_type["SaveImage"]) == 2
     before, after = sorted(samplers, key=lambda s: api[s["model"][0]]["class_type"] != loader)
@@ -143,16 +147,15 @@ def test_graph_shows_before_and_after_with_the_same_sampling(api, name):
     assert same == {k: v for k, v in after.items() if k != "model"}
     trained = api[by_type["SelfDistillUnlearn"][0]]["inputs"]
     assert api[trained["adapter"][0]]["class_type"] == "SparseLoRAInit"
-    concept = api[by_type["ComputeSaliency"][0]]["inputs"]["concept"]
-    assert trained["concept"] == ""  # typed once: SelfDistillUnlearn takes the saliency's concept
+    concept = trained["concept"]  # typed once, in Self-Distill Unlearn
     positive = api[before["positive"][0]]
     if positive["class_type"] == "FluxGuidance":  # Flux: the prompt's guidance value
         positive = api[positive["inputs"]["conditioning"][0]]
     prompt = positive["inputs"]["text"]
     assert concept and concept.lower() in prompt.lower()  # the images show the concept
     if name.endswith("flux"):  # Flux-dev: distilled guidance, so CFG 1 everywhere
-        assert before["cfg"] == 1.0 and trained["cfg"] == 1.0
-        assert api[by_type["ComputeSaliency"][0]]["inputs"]["cfg"] == 1.0
+        assert before["cfg"] == 1.0
+    assert trained["cfg"] == -1.0  # the family's guidance (spare_core.recipes.pool_guidance)
     size = 512 if name == "spare_erase_concept" else 1024
     assert trained["width"] == trained["height"] == size
 
@@ -171,9 +174,9 @@ def test_node_defaults_are_valid(info):
 @pytest.mark.parametrize("break_it, expected", [
     (lambda wf: wf["14"]["inputs"].pop("surrogate"), "missing required input 'surrogate'"),
     (lambda wf: wf["14"]["inputs"].update(stepz=3), "no such input"),
-    (lambda wf: wf["15"]["inputs"].update(adapter=["10", 0]), "UNLEARN_ADAPTER input linked to a SALIENCY"),
+    (lambda wf: wf["15"]["inputs"].update(adapter=["1", 0]), "UNLEARN_ADAPTER input linked to a MODEL"),
     (lambda wf: wf["14"]["inputs"].update(objective="forget_everything"), "is not one of"),
-    (lambda wf: wf["13"]["inputs"].update(sparsity=1.5), "> max"),
+    (lambda wf: wf["13"]["inputs"].update(mask_fraction=1.5), "> max"),
     (lambda wf: wf["19"].update(class_type="SaveUnlearnAdaptor"), "unknown node type"),
 ], ids=["missing input", "unknown input", "wrong link type", "bad combo", "out of range",
         "unknown node"])
@@ -260,7 +263,7 @@ PROBE_NODES = ["ProbeErasure", "VAEDecode", "PreviewImage", "VAEDecode", "Previe
 
 def test_probe_group_holds_a_bypassed_probe_of_the_patched_model(ui, api, info, name):
     """SD1.x only (the prompt attack needs one CLIP): the optional group probes Apply's MODEL
-    against the loader's, on the concept typed in Compute Saliency, and decodes both of its
+    against the loader's, on the concept typed in Self-Distill Unlearn, and decodes both of its
     LATENTs for preview; bypassed, so the shipped run does not spend the attack's time. Enabled,
     the frontend queues the API twin plus these five nodes, which validate."""
     group = [g for g in ui["groups"] if g["title"].startswith(PROBE)]
@@ -286,8 +289,8 @@ def test_probe_group_holds_a_bypassed_probe_of_the_patched_model(ui, api, info, 
                           ("ApplyUnlearnAdapter", 0), "clip": loader["clip"]}
     assert fed(decode_found) == {"samples": ("ProbeErasure", 1), "vae": loader["vae"]}
     assert fed(decode_plain) == {"samples": ("ProbeErasure", 2), "vae": loader["vae"]}
-    saliency = next(n for n in ui["nodes"] if n["type"] == "ComputeSaliency")
-    assert probe["widgets_values"][0] == saliency["widgets_values"][0]  # the same concept
+    trained = next(n for n in ui["nodes"] if n["type"] == "SelfDistillUnlearn")
+    assert probe["widgets_values"][0] == trained["widgets_values"][0]  # the same concept
 
     enabled = copy.deepcopy(ui)
     for n in enabled["nodes"]:

@@ -56,12 +56,10 @@ class CanvasBench:
                 "preserve": [concept_prompt(c) for c in keep]}
 
     def settings(self, method: str, steps: int, seed: int) -> dict:
-        from ..digits.bench import method_settings
+        from ..digits.bench import model_settings
         from . import metrics as M
 
-        spare = dict(num_samples=16, sample_steps=25, guidance=M.SAMPLE_GUIDANCE, clip_x0=1.0,
-                     rank=4, module_fraction=0.5, steps=steps, lr=3e-3, batch_size=8, seed=seed)
-        return method_settings(spare, method)
+        return model_settings(M.SAMPLE_GUIDANCE, steps, seed)
 
     def load(self) -> tuple:
         from . import metrics as M

@@ -12,26 +12,23 @@ def default_surrogate(forget: int) -> int:
     return (int(forget) + 1) % 10
 
 
-def spare_digits_defaults(steps: int, seed: int) -> dict:
-    """SPARE settings for the 8x8 digits model (pixel space: predicted x0 clipped to [-1, 1]).
+def model_settings(guidance: float, steps: int, seed: int) -> dict:
+    """What an embedded model adds to every method's recipe (:mod:`spare_core.recipes`): its
+    sampler's guidance, the clip of predicted x0 to [-1, 1] (pixel space), and the bench's
+    step budget and seed. Everything else is the recipe's, so the bench runs what ships."""
+    return dict(guidance=guidance, clip_x0=1.0, steps=steps, seed=seed)
 
-    Measured (forget 3 -> 4, 100 steps, 20 images per digit): module_fraction 0.25 gave UA 0.95
-    but only 5% of the images became the surrogate; 0.5 gave UA 1.0, RA 1.0, 100% surrogate."""
+
+def spare_digits_defaults(steps: int, seed: int) -> dict:
+    """SPARE on the 8x8 digits model: its recipe (spare_core.recipes) and the model's rules
+    (:func:`model_settings`), as ``spare_unlearn`` keywords."""
+    from ..recipes import RECIPES
     from . import metrics as M
 
-    return dict(num_samples=32, sample_steps=25, guidance=M.SAMPLE_GUIDANCE, clip_x0=1.0, rank=4,
-                module_fraction=0.5, steps=steps, lr=3e-3, batch_size=8, seed=seed)
-
-
-SHARED_SETTINGS = ("num_samples", "sample_steps", "guidance", "clip_x0", "batch_size", "steps",
-                   "seed")
-"""What every method takes from SPARE's bench settings (the same concept pool, sampler, batch
-and step budget); the rest of SPARE's (rank, module fraction, lr) are its own."""
-
-
-def method_settings(spare: dict, method: str) -> dict:
-    """``run_method`` settings of ``method`` given SPARE's bench settings ``spare``."""
-    return spare if method == "spare" else {k: spare[k] for k in SHARED_SETTINGS}
+    r = RECIPES["spare"]
+    return {**model_settings(M.SAMPLE_GUIDANCE, steps, seed),
+            **{k: v for k, v in r.run().items() if k != "steps"}, "lr": r.lr,
+            **{k: r.hparams[k] for k in ("rank", "module_fraction", "module_selection")}}
 
 
 def digit_metrics(den, classifier, forget: int, n: int, seed: int, steps: int,
@@ -94,7 +91,9 @@ class DigitsBench:
                 "preserve": [prompt_for(k) for k in range(10) if k != d]}
 
     def settings(self, method: str, steps: int, seed: int) -> dict:
-        return method_settings(spare_digits_defaults(steps, seed), method)
+        from . import metrics as M
+
+        return model_settings(M.SAMPLE_GUIDANCE, steps, seed)
 
     def load(self) -> tuple:
         from . import metrics as M

@@ -37,6 +37,19 @@ def is_cross_attention(name: str) -> bool:
     return unet.is_cross_attention(name) or dit.is_text_attention(name)
 
 
+def is_text_projection(name: str) -> bool:
+    """The projections that read the text: a UNet's cross-attention ``attn2.to_k`` / ``to_v``
+    (diffusers and CompVis / ComfyUI names), a DiT's text-stream key/value projections
+    (diffusers ``attn.add_k_proj`` / ``add_v_proj``; ComfyUI's fused text ``qkv``: Flux
+    ``txt_attn.qkv``, SD3 ``context_block.attn.qkv``)."""
+    parts = name.split(".")
+    if unet.is_cross_attention(name):
+        return parts[-1] in ("to_k", "to_v")
+    if parts[-1] in ("add_k_proj", "add_v_proj"):
+        return True
+    return parts[-1] == "qkv" and dit.is_text_attention(name)
+
+
 def is_output_layer(name: str) -> bool:
     return dit.is_output_layer(name) if dit.is_dit_name(name) else unet.is_output_layer(name)
 

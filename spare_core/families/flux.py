@@ -26,6 +26,8 @@ class FluxDenoiser(FlowTransformerDenoiser):
         guidance: the distilled-guidance value put into every encoded context.
     """
 
+    family = "flux"  # the model family (spare_core.recipes rules: guidance, size)
+
     def __init__(self, transformer: nn.Module, encode, scheduler,
                  latent_shape: tuple[int, int, int], guidance: float = 3.5,
                  compute_dtype: torch.dtype | None = None) -> None:

@@ -27,6 +27,8 @@ class SD3Denoiser(FlowTransformerDenoiser):
         latent_shape: ``(C, H, W)`` of one latent (default from the transformer's config).
     """
 
+    family = "sd3"  # the model family (spare_core.recipes rules: guidance, size)
+
     def __init__(self, transformer: nn.Module, encode, scheduler,
                  latent_shape: tuple[int, int, int] | None = None,
                  compute_dtype: torch.dtype | None = None) -> None:

@@ -27,6 +27,8 @@ class SDXLDenoiser(DiffusersDenoiser):
             UCE refuses this denoiser.
     """
 
+    family = "sdxl"  # the model family (spare_core.recipes rules: guidance, size)
+
     def __init__(self, unet: nn.Module, encode, scheduler, vae_scale_factor: int = 8,
                  image_size: tuple[int, int] | None = None,
                  compute_dtype: torch.dtype | None = None, tokenizer=None) -> None:

@@ -1,0 +1,201 @@
+"""A resumable sweep of concept-bench runs: (method variant, target, seed) jobs, one row each.
+
+Each finished job appends one JSON line to ``<out>/rows-<shard>.jsonl`` (flushed and fsynced), so
+a sweep that is stopped resumes where it was: a job whose key is already in any rows file is
+skipped. Run shards side by side, one torch thread each (two on this 2-core box):
+
+    python benchmarks/sweep.py --model canvas --methods spare,spare:module_selection=all \\
+        --forget stripes,heart --seeds 0,1 --out benchmarks/runs/loc --shard 0/2 &
+    python benchmarks/sweep.py ... --shard 1/2 &
+    python benchmarks/sweep.py ... --report        # tables from whatever has finished
+
+Methods and options are ``spare bench``'s (``name:key=value``). ``--report`` prints per-target
+rows (mean ± std over seeds), then each variant's mean over targets; the original model's
+rows come from the same runs (same seeds, same sampler).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def jobs(methods: list[str], targets: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
+    """Every (label, target, seed), seed-major so that an early report covers every variant."""
+    return [(m, t, s) for s in seeds for t in targets for m in ["original"] + methods]
+
+
+def parse_targets(model: str, text: str) -> list:
+    """Targets erased one at a time (a sweep may mix styles and objects)."""
+    from spare_core.cli_args import forget_targets
+
+    return [forget_targets(model, t)[0] for t in text.split(",") if t.strip()]
+
+
+def key(model: str, steps: int, label: str, target: str, seed: int) -> str:
+    return f"{model}|{steps}|{label}|{target}|{seed}"
+
+
+def load_rows(out: str) -> dict[str, dict]:
+    rows = {}
+    if not os.path.isdir(out):
+        return rows
+    for name in sorted(os.listdir(out)):
+        if name.startswith("rows-") and name.endswith(".jsonl"):
+            with open(os.path.join(out, name)) as f:
+                for line in f:
+                    line = line.strip()
+                    if line:
+                        r = json.loads(line)
+                        rows[r["key"]] = r
+    return rows
+
+
+def run(a) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from spare_core.bench import adapter_bytes, parse_methods, run_concept_method
+    from spare_core.cli_args import CONCEPT_METHODS
+    from spare_core.embedded import get
+
+    bench = get(a.model)
+    targets = parse_targets(a.model, a.forget)
+    labels = [m.strip() for m in a.methods.split(",") if m.strip()]
+    variants = {v.label: v for v in parse_methods(",".join(labels), CONCEPT_METHODS)}
+    shard, shards = (int(x) for x in a.shard.split("/"))
+    done = load_rows(a.out)
+    todo = [j for i, j in enumerate(jobs(labels, targets, a.seed_list)) if i % shards == shard
+            and key(a.model, a.steps, *j) not in done]
+    print(f"shard {shard}/{shards}: {len(todo)} jobs to run", flush=True)
+    if not todo:
+        return
+    os.makedirs(a.out, exist_ok=True)
+    den, clf = bench.load()
+    steps_eval = bench.sample_steps
+    path = os.path.join(a.out, f"rows-{shard}.jsonl")
+    for label, target, seed in todo:
+        t0 = time.perf_counter()
+        values = {}
+        if label == "original":
+            m = bench.measure(den, clf, [target], a.n, seed, steps_eval)
+        else:
+            v = variants[label]
+            res = run_concept_method(v.name, den, [target], steps=a.steps, seed=seed,
+                                     options=v.options, model=a.model)
+            values.update(seconds=time.perf_counter() - t0,
+                          trainable=res.adapter.num_trainable(),
+                          adapter_kB=adapter_bytes(res.adapter) / 1024)
+            with res.adapter.applied(den.unet):
+                m = bench.measure(den, clf, [target], a.n, seed, steps_eval)
+        values.update({k: float(m[k]) for k in bench.metric_keys if k in m})
+        row = {"key": key(a.model, a.steps, label, target, seed), "model": a.model,
+               "steps": a.steps, "label": label, "target": str(target), "seed": seed,
+               "values": values}
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        shown = "  ".join(f"{k}={v:.3f}" for k, v in values.items() if isinstance(v, float))
+        print(f"[{shard}] {label} {target} seed {seed}: {shown} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def report(a) -> str:
+    """Markdown: per (variant, target) mean ± std over seeds, then per variant the mean over
+    targets (of the per-target means), for the rows of this model and step count."""
+    import statistics
+
+    rows = [r for r in load_rows(a.out).values()
+            if r["model"] == a.model and r["steps"] == a.steps]
+    if a.methods:
+        wanted = ["original"] + [m.strip() for m in a.methods.split(",") if m.strip()]
+        rows = [r for r in rows if r["label"] in wanted]
+    else:
+        wanted = list(dict.fromkeys(r["label"] for r in rows))
+    targets = ([str(t) for t in parse_targets(a.model, a.forget)] if a.forget
+               else list(dict.fromkeys(r["target"] for r in rows)))
+    cols = ["UA", "RA", "IRA", "CRA", "UA_para", "to_surrogate", "FD", "FD_forget", "FD_retain",
+            "seconds", "trainable"]
+    cols = [c for c in cols if any(c in r["values"] for r in rows)]
+    by = {}
+    for r in rows:
+        if r["target"] in targets and r["seed"] in a.seed_list:
+            by.setdefault((r["label"], r["target"]), []).append(r["values"])
+
+    def cell(vals: list[dict], c: str) -> tuple[str, float | None]:
+        xs = [v[c] for v in vals if c in v]
+        if not xs:
+            return "", None
+        mean = statistics.fmean(xs)
+        prec = 0 if c == "trainable" else 1 if c in ("seconds",) or c.startswith("FD") else 3
+        txt = f"{mean:.{prec}f}"
+        if len(xs) > 1 and c != "trainable":
+            txt += f" ± {statistics.stdev(xs):.{prec}f}"
+        return txt, mean
+
+    out = ["| method | target | seeds | " + " | ".join(cols) + " |",
+           "|" + "---|" * (len(cols) + 3)]
+    means: dict[str, dict[str, list[float]]] = {}
+    for t in targets:
+        for label in wanted:
+            vals = by.get((label, t))
+            if not vals:
+                continue
+            cells = []
+            for c in cols:
+                txt, mean = cell(vals, c)
+                cells.append(txt)
+                if mean is not None:
+                    means.setdefault(label, {}).setdefault(c, []).append(mean)
+            out.append(f"| {label} | {t} | {len(vals)} | " + " | ".join(cells) + " |")
+    summary = [c for c in ("UA", "RA", "IRA", "CRA", "UA_para", "FD", "seconds", "trainable")
+               if c in cols]
+    out += ["", f"Mean over targets ({', '.join(targets)}); 'min UA' is the lowest target's mean:",
+            "", "| method | targets | " + " | ".join(summary) + " | min UA |",
+            "|" + "---|" * (len(summary) + 3)]
+    for label in wanted:
+        if label not in means:
+            continue
+        m = means[label]
+        n_t = len(m.get(summary[0], []))
+        vals = []
+        for c in summary:
+            xs = m.get(c, [])
+            prec = 0 if c == "trainable" else 1 if c in ("seconds", "FD") else 3
+            vals.append(f"{statistics.fmean(xs):.{prec}f}" if xs else "")
+        low = f"{min(m['UA']):.3f}" if m.get("UA") else ""
+        out.append(f"| {label} | {n_t} | " + " | ".join(vals) + f" | {low} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="canvas")
+    p.add_argument("--methods", default="")
+    p.add_argument("--forget", default="")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--n", type=int, default=2, help="samples per prompt (bench --n)")
+    p.add_argument("--out", required=True, help="folder of the rows files")
+    p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report", action="store_true", help="print the tables and exit")
+    a = p.parse_args(argv)
+    a.seed_list = [int(s) for s in a.seeds.split(",") if s.strip()]
+    if a.report:
+        print(report(a))
+        return 0
+    if not a.methods or not a.forget:
+        p.error("--methods and --forget are needed to run jobs")
+    run(a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
