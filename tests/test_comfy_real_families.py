@@ -35,8 +35,9 @@ with CLIP-L + T5-XXL (DualCLIPLoader type flux), but T5-XXL is a fixed 4.7 B-par
 large to build and run on a CPU test machine, so Flux gets the same SD3-type CLIP-L: a
 4096-wide sequence and a 2048-wide pooled vector, which the tiny Flux (vec_in_dim 2048) takes.
 
-For each family, through ComfyUI's HTTP/websocket API: ComputeSaliency -> SparseLoRAInit ->
-SelfDistillUnlearn -> SaveUnlearnAdapter; then the saved LoRA in the stock LoraLoaderModelOnly
+For each family, through ComfyUI's HTTP/websocket API: ComputeSaliency (ranking objective) ->
+SparseLoRAInit (module_selection objective) -> SelfDistillUnlearn (concept left empty: the
+saliency's) -> SaveUnlearnAdapter; then the saved LoRA in the stock LoraLoaderModelOnly
 (no "lora key not loaded" in ComfyUI's log) samples, with the stock KSampler, the same latents as
 LoadUnlearnAdapter -> ApplyUnlearnAdapter, and different ones from the unpatched model.
 
@@ -50,9 +51,10 @@ latents change; the same adapter under the other prefix is reported "lora key no
 key.
 
 The shipped SDXL and Flux workflows (workflows/api/spare_erase_concept_{sdxl,flux}.api.json) are
-queued headless with their nodes, links and settings as shipped; TINY_RUN lists what the copy
-changes: file names, 64x64 px, step counts (KSampler 3; ComputeSaliency 2 samples of 2 steps;
-SelfDistillUnlearn 3 steps at lr 1e-2, batch 1, pools of 1 latent of 2 steps). SDXL:
+queued headless with their nodes, links and settings as shipped (SparseLoRAInit's text_kv
+selection, no saliency map: the concept is typed once, in SelfDistillUnlearn); TINY_RUN lists
+what the copy changes: file names, 64x64 px, step counts (KSampler 3; SelfDistillUnlearn 3 steps
+at lr 1e-2, batch 1, pools of 1 latent of 2 steps). SDXL:
 CheckpointLoaderSimple on tiny_sdxl_ckpt. Flux: UNETLoader on tiny_flux, VAELoader on
 tiny_flux_ae, and one substitution: the DualCLIPLoader(clip_l, t5xxl, type flux) node keeps its
 class but loads (tiny_clip_l, tiny_clip_g, type sd3): CLIP-L's and CLIP-G's sequences side by
@@ -64,9 +66,9 @@ blocks, d_ff 10240, 4.76 B parameters) whatever the file holds: a narrower T5 fi
 "size mismatch", a shallower one loads with the other blocks reported "clip missing" and left
 uninitialised, and one T5-XXL encode (256 tokens, about 2.4 TFLOP) takes about half a minute on a
 CPU thread, with 9.5 GB of fp16 weights. The test asserts: the run succeeds with no "clip
-missing" or "lora key not loaded" in the log, the Before/After images and the saliency chart are
-written, the After image differs from the Before one, and the LoRA (``lora_unet_`` keys) and the
-native adapter (with the concept) are in models/loras.
+missing" or "lora key not loaded" in the log, the Before/After images (and no other) are written,
+the After image differs from the Before one, and the LoRA (``lora_unet_`` keys) and the native
+adapter (with SelfDistillUnlearn's concept) are in models/loras.
 """
 from __future__ import annotations
 
@@ -480,7 +482,6 @@ TINY_RUN = {  # class_type: the inputs set in the copy of a shipped API prompt (
     "DualCLIPLoader": {"clip_name1": "tiny_clip_l.safetensors",
                        "clip_name2": "tiny_clip_g.safetensors", "type": "sd3"},
     "KSampler": {"steps": 3},
-    "ComputeSaliency": {"samples": 2, "sample_steps": 2},
     "SelfDistillUnlearn": {"steps": 3, "lr": 1e-2, "batch_size": 1, "pool_size": 1,
                            "pool_steps": 2},
 }
@@ -502,8 +503,8 @@ def shipped_tiny(variant: str) -> tuple[dict, dict]:
 def test_shipped_workflow_runs_headless(comfy, variant):
     """workflows/api/spare_erase_concept_<variant>.api.json queued as shipped (its nodes, links
     and settings; only the file names, sizes and step counts of TINY_RUN swapped): it writes the
-    before/after images, the saliency chart, the LoRA and the native adapter, and the after
-    image differs from the before one (same prompt, seed and sampler)."""
+    before/after images, the LoRA and the native adapter (with SelfDistillUnlearn's concept), and
+    the after image differs from the before one (same prompt, seed and sampler)."""
     import numpy as np
     from PIL import Image
     from safetensors import safe_open
@@ -532,7 +533,7 @@ def test_shipped_workflow_runs_headless(comfy, variant):
             path = comfy.output_file(item)
             assert os.path.isfile(path), path
             images[wf[nid]["_meta"]["title"]] = np.asarray(Image.open(path).convert("RGB"))
-    assert set(images) == {"Before", "After", "Where the concept lives"}, sorted(images)
+    assert set(images) == {"Before", "After"}, sorted(images)
     before, after = images["Before"].astype(int), images["After"].astype(int)
     assert before.shape == after.shape == (64, 64, 3)
     changed = float(np.abs(after - before).mean())
@@ -545,7 +546,7 @@ def test_shipped_workflow_runs_headless(comfy, variant):
     keys = load_file(os.path.join(loras, lora)).keys()
     assert keys and all(k.startswith("lora_unet_") for k in keys), sorted(keys)[:4]
     with safe_open(os.path.join(loras, lora.replace(".safetensors", ".spare.safetensors")), "pt") as f:
-        assert f.metadata()["concept"] == wf[node_of(wf, "ComputeSaliency")]["inputs"]["concept"]
+        assert f.metadata()["concept"] == wf[node_of(wf, "SelfDistillUnlearn")]["inputs"]["concept"]
     progress_by_node(messages, wf)
     losses = re.findall(r"SelfDistillUnlearn: 3 steps .* loss (\S+) -> (\S+)", log)
     print(f"\n{variant} workflow ran in {took:.0f}s: images {sorted(images)}; after vs before "

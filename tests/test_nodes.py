@@ -831,7 +831,9 @@ def test_node_defaults_come_from_the_spare_recipe(env):
     assert sal["optional"]["sample_steps"][1]["default"] == spare.sample_steps == 25
     assert "top_k" not in sal["required"] and "top_k" not in sal.get("optional", {})
     assert sal["required"]["ranking"][0] == ["saliency", "objective", "contrastive"]
-    assert sal["required"]["ranking"][1]["default"] == spare.hparams["module_selection"]
+    ranked = spare.hparams["module_selection"] in sal["required"]["ranking"][0]
+    assert sal["required"]["ranking"][1]["default"] == (
+        spare.hparams["module_selection"] if ranked else "saliency")
     init = nodes["SparseLoRAInit"].INPUT_TYPES()["required"]
     assert init["module_selection"][0] == ["saliency", "objective", "contrastive", "text_kv",
                                            "random", "all"]

@@ -112,7 +112,7 @@ def run(request, host):
                               concept="", surrogate=SURROGATE, preserve="a green line",
                               steps=24, lr=2e-2, timestep_sampler="uniform",
                               objective="self_distill", seed=0, batch_size=2, pool_size=2,
-                              pool_steps=3, cfg=3.0, **SIZE)
+                              pool_steps=3, cfg=3.0, micro_batch=2, **SIZE)  # one draw of 2
     finally:
         log.removeHandler(losses)
         log.setLevel(level)
