@@ -26,6 +26,12 @@ class ModelMismatchError(ValueError):
     """The adapter was made for another model."""
 
 
+# The strength a native file may carry (metadata ``strength``, applied on top of the Apply node's
+# own -2..2): save_adapter writes 1.0 unless the API changed ``adapter.strength``. 10 leaves 5x the
+# node's range for deliberate extrapolation, while a hand-edited 1e308 (or inf/nan), which would
+# turn every image the adapter touches into noise, is refused at load time.
+MAX_FILE_STRENGTH = 10.0
+
 # A module claiming more weight elements than this (without a UNet to check it against) is refused
 # before anything is allocated: 2**28 is 20x the largest weight of SD1.x/SD2.x/SDXL UNets.
 MAX_CLAIMED_ELEMENTS = 2 ** 28
@@ -127,6 +133,11 @@ def save_adapter(adapter: UnlearnAdapter, path: str, unet: nn.Module | None = No
 
     if not path.endswith(".safetensors"):
         raise ValueError(f"adapter files are .safetensors; got {path!r}")
+    s = float(adapter.strength)
+    if not (math.isfinite(s) and abs(s) <= MAX_FILE_STRENGTH):
+        raise ValueError(f"adapter.strength is {s!r}; a file may carry a strength in "
+                         f"[-{MAX_FILE_STRENGTH:g}, {MAX_FILE_STRENGTH:g}] (load_adapter refuses "
+                         "others): set adapter.strength = 1.0 and scale at apply time instead")
     tensors, m = adapter.to_tensors()
     m.update({k: str(v) for k, v in meta.items()})
     m["format"] = FORMAT
@@ -194,6 +205,37 @@ def _check_layout_against_file(path: str, layout: Mapping[str, dict],
             need(f"{n}.values", shape)
 
 
+def _check_strength(path: str, meta: Mapping[str, str]) -> None:
+    """The ``strength`` metadata (absent: 1.0) is a finite number within
+    :data:`MAX_FILE_STRENGTH`."""
+    raw = meta.get("strength", "1.0")
+    try:
+        s = float(raw)
+    except ValueError:
+        s = None
+    if s is not None and math.isfinite(s) and abs(s) <= MAX_FILE_STRENGTH:
+        return
+    what = ("is not a number" if s is None else "is not finite" if not math.isfinite(s) else
+            f"is outside [-{MAX_FILE_STRENGTH:g}, {MAX_FILE_STRENGTH:g}]")
+    raise AdapterFileError(
+        f"{path!r}: metadata strength {raw!r} {what}, so the adapter would turn images into "
+        "noise (the file was edited or damaged); set its 'strength' metadata back to 1.0 (the "
+        "trained update; scale at apply time with ApplyUnlearnAdapter's strength) or re-save the "
+        "adapter from its training run")
+
+
+def _check_finite(path: str, tensors: Mapping[str, Tensor]) -> None:
+    """Every floating-point tensor holds only finite values (no NaN, no inf)."""
+    for k, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise AdapterFileError(
+                f"{path!r}: tensor {k!r} holds {nan} NaN and {inf} inf values, so the adapter "
+                "would turn images into noise (training diverged, or the file was edited or "
+                "damaged); re-save the adapter from a training run whose loss stayed finite "
+                "(lower lr), or re-download the file")
+
+
 def _check_claimed_size(path: str, layout: Mapping[str, dict]) -> None:
     """Without a UNet: no module may claim more than :data:`MAX_CLAIMED_ELEMENTS` weight
     elements, nor all of them together more than 8x that (a sparse full delta allocates a
@@ -212,12 +254,16 @@ def load_adapter(path: str, unet: nn.Module | None = None, strict: bool = True) 
 
     The metadata is checked against the file's tensor shapes and against ``unet`` (without one:
     no module may claim more than :data:`MAX_CLAIMED_ELEMENTS` weight elements) before any
-    tensor is read or allocated, so a crafted file cannot make it allocate arbitrary memory."""
+    tensor is read or allocated, so a crafted file cannot make it allocate arbitrary memory. A
+    file whose ``strength`` metadata is not finite or beyond :data:`MAX_FILE_STRENGTH`, or whose
+    tensors hold NaN or inf, is refused (AdapterFileError naming the file and the fix) before an
+    adapter is built, so nothing it holds is ever applied."""
     shapes, meta = read_safetensors_header(path)
     if meta.get("format") != FORMAT or "modules" not in meta:
         raise AdapterFileError(f"{path!r} is not a SPARE adapter (format={meta.get('format')!r}); "
                                "a ComfyUI/kohya LoRA loads with LoraLoader instead")
     layout = _layout(path, meta)
+    _check_strength(path, meta)
     _check_layout_against_file(path, layout, shapes)
     if unet is not None:
         try:
@@ -227,6 +273,7 @@ def load_adapter(path: str, unet: nn.Module | None = None, strict: bool = True) 
     else:
         _check_claimed_size(path, layout)
     tensors, meta = read_safetensors(path)
+    _check_finite(path, tensors)
     try:
         adapter = UnlearnAdapter.from_tensors(tensors, meta)
     except (KeyError, ValueError) as e:

@@ -213,6 +213,66 @@ def test_load_adapter_checks_metadata_against_the_file(den, tmp_path):
         load_adapter(_crafted(tmp_path, den, lambda layout: layout[LINEAR].update(shape=[-1, 4])))
 
 
+def _lying(tmp_path, den, lie: str) -> str:
+    """A saved adapter edited by hand: ``"nan"``/``"inf"`` written into one tensor, or
+    ``"strength=<text>"`` as its strength metadata."""
+    from safetensors.torch import save_file
+
+    from spare_core.files import read_safetensors
+
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(_adapter(den, True), path, unet=den.unet)
+    tensors, meta = read_safetensors(path)
+    if lie.startswith("strength="):
+        meta["strength"] = lie.split("=", 1)[1]
+    else:
+        tensors[f"{CONV}.lora_B"][0, 0] = float(lie)
+    bad = str(tmp_path / "lying.safetensors")
+    save_file(tensors, bad, metadata=meta)
+    return bad
+
+
+# (the lie, what the refusal says)
+LIES = [("nan", r"holds 1 NaN and 0 inf values.*re-save the adapter"),
+        ("inf", r"holds 0 NaN and 1 inf values.*re-save the adapter"),
+        ("strength=1e308", r"strength '1e308' is outside \[-10, 10\].*back to 1.0"),
+        ("strength=-11", r"strength '-11' is outside \[-10, 10\]"),
+        ("strength=inf", r"strength 'inf' is not finite"),
+        ("strength=nan", r"strength 'nan' is not finite"),
+        ("strength=lots", r"strength 'lots' is not a number")]
+
+
+@pytest.mark.parametrize("lie,match", LIES)
+def test_load_adapter_refuses_files_that_lie(den, tmp_path, monkeypatch, lie, match):
+    from spare_core.adapter import UnlearnAdapter
+
+    path = _lying(tmp_path, den, lie)
+
+    def never(*_a, **_k):
+        raise AssertionError("an adapter was built from a lying file")
+    monkeypatch.setattr(UnlearnAdapter, "from_tensors", classmethod(never))
+    for unet in (None, den.unet):
+        with pytest.raises(AdapterFileError, match=match) as e:
+            load_adapter(path, unet=unet)
+        assert "lying.safetensors" in str(e.value)
+
+
+def test_strength_bounds_are_inclusive_and_saving_refuses_beyond(den, tmp_path):
+    from spare_core.files import MAX_FILE_STRENGTH
+
+    ad = _adapter(den, False)
+    path = str(tmp_path / "a.safetensors")
+    for s in (MAX_FILE_STRENGTH, -MAX_FILE_STRENGTH, 0.0):
+        ad.strength = s
+        save_adapter(ad, path)
+        assert load_adapter(path).strength == s
+    for s in (MAX_FILE_STRENGTH * 1.01, float("inf"), float("nan")):
+        ad.strength = s
+        with pytest.raises(ValueError, match="set adapter.strength = 1.0"):
+            save_adapter(ad, str(tmp_path / "b.safetensors"))
+    assert not (tmp_path / "b.safetensors").exists()
+
+
 def test_from_pretrained_refuses_pickle_weights(tmp_path):
     from spare_core import DiffusersDenoiser
 

@@ -342,6 +342,41 @@ def test_load_errors_name_the_fix(env):
         os.remove(bad)
 
 
+@pytest.mark.parametrize("lie,match", [
+    ("nan", r"lying\.spare\.safetensors.*holds 1 NaN and 0 inf values.*re-save the adapter"),
+    ("inf", r"lying\.spare\.safetensors.*holds 0 NaN and 1 inf values.*re-save the adapter"),
+    ("strength=1e308", r"lying\.spare\.safetensors.*strength '1e308' is outside \[-10, 10\]"
+                       r".*back to 1\.0")])
+def test_load_refuses_files_that_lie(env, lie, match):
+    """A native file edited by hand (NaN or inf in a tensor, an absurd strength) is refused by
+    LoadUnlearnAdapter with its name and the fix, before any adapter reaches a model."""
+    from safetensors.torch import save_file
+
+    host, trained = env["host"], env["trained"]
+    from spare_core.files import read_safetensors, save_adapter
+    good = os.path.join(host.loras, "good.spare.safetensors")
+    bad = os.path.join(host.loras, "lying.spare.safetensors")
+    save_adapter(trained, good)
+    try:
+        tensors, meta = read_safetensors(good)
+        if lie.startswith("strength="):
+            meta["strength"] = lie.split("=", 1)[1]
+        else:
+            key = next(k for k in sorted(tensors) if k.endswith(".lora_B"))
+            tensors[key].view(-1)[0] = float(lie)
+        save_file(tensors, bad, metadata=meta)
+        assert "lying.spare.safetensors" in env["nodes"]["LoadUnlearnAdapter"].INPUT_TYPES()[
+            "required"]["adapter_name"][0]
+        _expect(env, "LoadUnlearnAdapter", match, adapter_name="lying.spare.safetensors")
+        (ok,) = env["host"].run(env["nodes"]["LoadUnlearnAdapter"],
+                                adapter_name="good.spare.safetensors")
+        assert ok.names == trained.names  # the unedited file still loads
+    finally:
+        for p in (good, bad):
+            if os.path.exists(p):
+                os.remove(p)
+
+
 def _assert_untouched(env, base):
     host, model = env["host"], env["model"]
     unet = model.model.diffusion_model
