@@ -25,9 +25,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 
-def jobs(methods: list[str], targets: list[str], seeds: list[int]) -> list[tuple[str, str, int]]:
-    """Every (label, target, seed), seed-major so that an early report covers every variant."""
-    return [(m, t, s) for s in seeds for t in targets for m in ["original"] + methods]
+def jobs(methods: list[str], targets: list[str], seeds: list[int],
+         shard: int = 0, shards: int = 1) -> list[tuple[str, str, int]]:
+    """Shard ``shard`` of ``shards`` of every (label, target, seed), seed-major so that an
+    early report covers every variant. The original model's rows and each variant's rows are
+    dealt out separately, so every shard gets its share of the long training runs."""
+    groups = [[("original", t, s) for s in seeds for t in targets]]
+    groups += [[(m, t, s) for s in seeds for t in targets] for m in methods]
+    mine = [j for g in groups for i, j in enumerate(g) if i % shards == shard]
+    order = {j: k for k, j in enumerate((m, t, s) for s in seeds for t in targets
+                                        for m in ["original"] + methods)}
+    return sorted(mine, key=order.__getitem__)
 
 
 def parse_targets(model: str, text: str) -> list:
@@ -70,8 +78,8 @@ def run(a) -> None:
     variants = {v.label: v for v in parse_methods(",".join(labels), CONCEPT_METHODS)}
     shard, shards = (int(x) for x in a.shard.split("/"))
     done = load_rows(a.out)
-    todo = [j for i, j in enumerate(jobs(labels, targets, a.seed_list)) if i % shards == shard
-            and key(a.model, a.steps, *j) not in done]
+    todo = [j for j in jobs(labels, targets, a.seed_list, shard, shards)
+            if key(a.model, a.steps, *j) not in done]
     print(f"shard {shard}/{shards}: {len(todo)} jobs to run", flush=True)
     if not todo:
         return

@@ -83,7 +83,7 @@ _CONCEPT_RUN = dict(steps=100, batch_size=8, num_samples=16, sample_steps=25)
 _DATA_RUN = dict(steps=100, batch_size=4, num_samples=16, sample_steps=25,
                  timestep_sampler="uniform")
 
-SPARE_LOCALIZATION = {"module_selection": "text_kv", "module_fraction": 0.5, "rank": 8}
+SPARE_LOCALIZATION = {"module_selection": "all", "module_fraction": 0.5, "rank": 2}
 """SPARE's localisation and adapter size (benchmarks/RESULTS.md, "Localisation")."""
 
 RECIPES: dict[str, Recipe] = {

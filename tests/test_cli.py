@@ -232,7 +232,7 @@ def test_ctrl_c_exits_130_with_one_line(tmp_path):
 
 
 def test_phases_each_get_a_bar_and_libraries_stay_quiet(pipe_dir, tmp_path, capsys):
-    # a ranked selection, so the saliency phase runs too (the recipe's text_kv needs none)
+    # a ranked selection, so the saliency phase runs too (the recipe's selection needs none)
     assert main(_args(pipe_dir, str(tmp_path / "a.safetensors"), "--preserve", "a tree",
                       "--module-selection", "saliency")) == 0
     err = capsys.readouterr().err

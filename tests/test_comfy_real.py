@@ -16,7 +16,7 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
    name; loaded as ComfyUI loads any pack), checks ``/object_info`` against the pack and the
    stock-node table of the unit tests;
 3. validates and queues the shipped API workflow (sizes and steps made tiny: SparseLoRAInit's
-   ``text_kv`` selection, no saliency map, the concept typed once in SelfDistillUnlearn), follows
+   shipped selection (``all``, no saliency map), the concept typed once in SelfDistillUnlearn), follows
    progress on the websocket and checks ``/history``, the files written and that the adapter sits
    on the cross-attention to_k / to_v projections only;
 4. checks that the saved LoRA in the stock LoraLoader samples the same latents as
@@ -37,7 +37,7 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
    adapters change the concept's samples alike; at a batch of 2 (2 accumulated micro-batches vs
    one piece) both train and move the samples by a similar amount;
 10. loads the UNet alone with the stock UNETLoader at weight_dtype fp8_e4m3fn: ComputeSaliency
-    fails at once naming the fix; the shipped path (SparseLoRAInit ``text_kv`` on the fp8 UNet ->
+    fails at once naming the fix; the shipped path (SparseLoRAInit's shipped selection on the fp8 UNet ->
     SelfDistillUnlearn) trains on it, and so does a LoRA placed by a saliency map of the normally
     loaded checkpoint;
 11. enables the UI workflow's bypassed *Probe the erasure* group and queues what the frontend
@@ -60,6 +60,7 @@ import uuid
 
 import pytest
 
+from spare_core.recipes import RECIPES
 from comfy_double import (BYPASSED, FILE_LIST, REPO, STOCK_NODES, Host, load_pack, node_info,
                           readme_bake_entry, ui_to_api, validate_api_prompt,
                           validate_ui_workflow)
@@ -207,7 +208,7 @@ def comfy(tmp_path_factory):
 def progress_by_node(messages: list, wf: dict) -> dict:
     """``{node id: [(value, max), ...]}`` of the websocket's progress messages; asserts that the
     training bar reached its end, and the saliency bar where the graph has ComputeSaliency (the
-    shipped workflows do not: their text_kv selection needs no saliency map)."""
+    shipped workflows do not: their selection needs no saliency map)."""
     progress: dict = {}
     for m in messages:
         if m["type"] == "progress":
@@ -301,7 +302,7 @@ def keep(wf: dict, ids: list[str]) -> dict:
 def saliency_node(wf: dict, model: list | None = None, **inputs) -> dict:
     """A ComputeSaliency node (ranking ``saliency``, tiny sizes) for the concept the workflow's
     SelfDistillUnlearn erases, on the workflow's checkpoint (or ``model``): the shipped workflows
-    adapt text_kv, which needs no saliency map, so the tests that need one add it."""
+    adapt the recipe's selection, which needs no saliency map, so the tests that need one add it."""
     ck = node_of(wf, "CheckpointLoaderSimple")
     return {"class_type": "ComputeSaliency", "inputs": {
         "model": model or [ck, 0], "clip": [ck, 1],
@@ -319,9 +320,27 @@ def saliency_init(wf: dict, saliency: str, **inputs) -> dict:
         **init["inputs"], "module_selection": "saliency", "saliency": [saliency, 0], **inputs}}
 
 
+SHIPPED = RECIPES["spare"].hparams["module_selection"]
+
+
 def is_text_kv(module: str) -> bool:
     """A cross-attention key/value projection of the SD UNet (what text_kv adapts)."""
     return module.endswith((".attn2.to_k", ".attn2.to_v"))
+
+
+def is_shipped_selection(mods: list[str]) -> bool:
+    """The adapter's modules (ComfyUI names) are what the recipe's selection picks: text_kv
+    every cross-attention to_k / to_v and nothing else; all every module but the UNet's input
+    and output convolutions, attention and ResNet layers alike."""
+    if not mods:
+        return False
+    if SHIPPED == "text_kv":
+        return all(is_text_kv(m) for m in mods) and {m.rsplit(".", 1)[1] for m in mods} == {
+            "to_k", "to_v"}
+    if SHIPPED == "all":
+        return (not {"input_blocks.0.0", "out.2"} & set(mods)
+                and any(".attn2.to_k" in m for m in mods) and any(".in_layers." in m for m in mods))
+    raise AssertionError(f"no check for the shipped selection {SHIPPED!r}")
 
 
 # ------------------------------------------------------------------ tests
@@ -410,11 +429,10 @@ def test_workflow_runs_and_writes_its_outputs(comfy, erased):
     from safetensors import safe_open
     with safe_open(native, "pt") as f:  # concept typed once, in SelfDistillUnlearn
         assert f.metadata()["concept"] == wf[node_of(wf, "SelfDistillUnlearn")]["inputs"]["concept"]
-    # the shipped selection, text_kv: every cross-attention to_k / to_v, nothing else
-    assert wf[node_of(wf, "SparseLoRAInit")]["inputs"]["module_selection"] == "text_kv"
+    # the shipped selection (the recipe's), on the modules it names
+    assert wf[node_of(wf, "SparseLoRAInit")]["inputs"]["module_selection"] == SHIPPED
     mods = _adapter_modules(comfy, lora)
-    assert mods and all(is_text_kv(m) for m in mods), sorted(mods)
-    assert {m.rsplit(".", 1)[1] for m in mods} == {"to_k", "to_v"}, sorted(mods)
+    assert is_shipped_selection(mods), sorted(mods)
     progress = progress_by_node(messages, wf)
     print(f"outputs: {sorted(images)}, {lora}; progress updates: "
           f"{ {wf[k]['class_type']: len(v) for k, v in progress.items()} }")
@@ -729,7 +747,7 @@ def _adapter_modules(comfy, lora: str) -> set[str]:
 
 def test_memory_controls_on_and_off_both_train(comfy, erased):
     """ComputeSaliency + SparseLoRAInit (module_selection saliency: the ranked path, which the
-    shipped text_kv workflow skips) + SelfDistillUnlearn with the memory controls explicitly
+    shipped workflow skips) + SelfDistillUnlearn with the memory controls explicitly
     on (micro_batch 1, gradient checkpointing, no per-weight scores) and explicitly off (every
     image at once, no checkpointing, per-weight scores kept). At a training batch of 1 the
     controls change only how the saliency images and the pools are batched: both adapters move
@@ -813,7 +831,7 @@ def _unet_only_file(comfy) -> str:
 def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
     """The UNet loaded by the stock UNETLoader with weight_dtype fp8_e4m3fn: ComputeSaliency
     fails at once, naming the fix (weight_dtype 'default'), before any progress. LoRAs train on
-    it (ComfyUI computes in its manual-cast dtype): the shipped path, SparseLoRAInit ``text_kv``
+    it (ComfyUI computes in its manual-cast dtype): the shipped path, SparseLoRAInit's shipped selection
     on the fp8 UNet itself -> SelfDistillUnlearn, and a LoRA placed by a saliency map of the
     normally loaded checkpoint (module_selection ``saliency``)."""
     wf = tiny_workflow()
@@ -845,10 +863,10 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
 
     trains = keep(wf, [ck, "2", "3", node_of(wf, "EmptyLatentImage")])
     trains["70"] = fp8
-    # the shipped path on the fp8 UNet: SparseLoRAInit text_kv -> SelfDistillUnlearn
+    # the shipped path on the fp8 UNet: SparseLoRAInit (the recipe's selection) -> Unlearn
     trains[init] = {"class_type": "SparseLoRAInit", "inputs": {**wf[init]["inputs"],
                                                                "model": ["70", 0]}}
-    assert trains[init]["inputs"]["module_selection"] == "text_kv"
+    assert trains[init]["inputs"]["module_selection"] == SHIPPED
     trains[unl] = {"class_type": "SelfDistillUnlearn", "inputs": {
         **wf[unl]["inputs"], "model": ["70", 0], "steps": 4, "seed": 31}}
     # a LoRA placed by the saliency map of the normally loaded checkpoint, trained on fp8
@@ -856,7 +874,7 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
     trains["81"] = saliency_init(wf, "80")
     trains["82"] = {"class_type": "SelfDistillUnlearn", "inputs": {
         **wf[unl]["inputs"], "model": ["70", 0], "adapter": ["81", 0], "steps": 4, "seed": 31}}
-    branches = {"text_kv": (unl, "74", "75", "76"), "saliency": ("82", "84", "85", "86")}
+    branches = {"shipped": (unl, "74", "75", "76"), "saliency": ("82", "84", "85", "86")}
     for name, (u, save, apply, sample) in branches.items():
         trains[save] = {"class_type": "SaveUnlearnAdapter", "inputs": {
             "adapter": [u, 0], "filename_prefix": f"spare/fp8_{name}", "keep_native": True}}
@@ -882,8 +900,8 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
         assert ups and all(v.isfinite().all() for v in tensors.values()), name
         trained = max(float(v.abs().max()) for v in ups)  # lora_B starts at zero
         mods = _adapter_modules(comfy, lora)
-        if name == "text_kv":
-            assert mods and all(is_text_kv(m) for m in mods), sorted(mods)
+        if name == "shipped":
+            assert is_shipped_selection(mods), sorted(mods)
         effect = float((_latent(comfy, history, sample + "0") - base).abs().max())
         print(f"{name} LoRA on the fp8 UNet ({len(mods)} modules): {len(steps)} progress "
               f"updates, max |lora_B| {trained:.2e}, effect on the fp8 model's latents "

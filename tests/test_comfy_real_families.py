@@ -51,7 +51,7 @@ latents change; the same adapter under the other prefix is reported "lora key no
 key.
 
 The shipped SDXL and Flux workflows (workflows/api/spare_erase_concept_{sdxl,flux}.api.json) are
-queued headless with their nodes, links and settings as shipped (SparseLoRAInit's text_kv
+queued headless with their nodes, links and settings as shipped (SparseLoRAInit's shipped
 selection, no saliency map: the concept is typed once, in SelfDistillUnlearn); TINY_RUN lists
 what the copy changes: file names, 64x64 px, step counts (KSampler 3; SelfDistillUnlearn 3 steps
 at lr 1e-2, batch 1, pools of 1 latent of 2 steps). SDXL:

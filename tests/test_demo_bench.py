@@ -47,7 +47,7 @@ def test_demo_writes_grid_and_metrics(tmp_path, capsys):
     for phase in ("evaluate before", "SPARE: concept samples", "SPARE: preserve pool 9",
                   "SPARE: timestep gaps", "SPARE: training", "evaluate after"):
         assert phase in err, phase
-    assert "SPARE: saliency" not in err  # the recipe's text_kv ranks no modules
+    assert "SPARE: saliency" not in err  # the recipe's selection ranks no modules
     assert "Loading weights" not in err
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["before"]) == {"UA", "RA", "FD_forget", "FD_retain"} and m["forget"] == FORGET
@@ -119,10 +119,9 @@ def test_bench_variants_change_the_run_and_label_the_row(capsys):
     from spare_core.cli import main
     from spare_core.methods import CONCEPT_METHODS
 
-    (base, abl) = parse_methods("spare,spare:timestep_sampler=uniform:module_selection=all",
-                                CONCEPT_METHODS)
+    (base, abl) = parse_methods("spare,spare:timestep_sampler=uniform:rank=4", CONCEPT_METHODS)
     assert base.options == {} and abl.name == "spare"
-    assert abl.options == {"timestep_sampler": "uniform", "module_selection": "all"}
+    assert abl.options == {"timestep_sampler": "uniform", "rank": 4}  # the recipe's is 2
     den = M.load_default_model()
     runs = [run_concept_method("spare", den, 7, steps=1, seed=0, options=v.options)
             for v in (base, abl)]

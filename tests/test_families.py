@@ -14,8 +14,11 @@ from spare_core.export import to_comfy_lora, to_diffusers_lora
 from spare_core.families import IO_LAYERS, adaptable_modules, denoiser_from_pipeline, dit
 from spare_core.families.flow import flow_process
 from spare_core.localize import select_modules
+from spare_core.recipes import RECIPES
 from spare_core.process import process_of
 from tiny_families import tiny_family_denoiser
+
+SHIPPED = RECIPES["spare"].hparams
 
 FAMILIES = ("sdxl", "sd3", "flux")
 
@@ -102,8 +105,8 @@ def test_dit_module_sets():
 @pytest.mark.parametrize("method", ["spare", "esd", "salun"])
 def test_concept_methods_train_on_each_family(family, method):
     """A concept method runs end to end: the loss falls, the adapter moves the model on the
-    concept, and (SPARE, its recipe's text_kv) it touches only the projections that read the
-    text, with no saliency pass."""
+    concept, and (SPARE) it touches only the modules its recipe's selection names, with no
+    saliency pass (the shipped selection ranks nothing)."""
     name, pipe, den = family
     before = {k: v.clone() for k, v in den.unet.state_dict().items()}
     res = run_method(method, den, concept="a cat", surrogate="a dog", preserve=["a bird"],
@@ -116,7 +119,8 @@ def test_concept_methods_train_on_each_family(family, method):
     assert all(torch.equal(before[k], after[k]) for k in before)  # the base model is untouched
     if method == "spare":
         assert not set(res.adapter.names) & set(IO_LAYERS)
-        assert res.adapter.names == select_modules(den.unet, "text_kv")
+        assert res.adapter.names == select_modules(den.unet, SHIPPED["module_selection"],
+                                                   fraction=SHIPPED["module_fraction"])
         assert res.saliency is None
     with res.adapter.applied(den.unet):
         moved = _probe(den)

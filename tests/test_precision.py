@@ -110,7 +110,7 @@ def test_fp8_storage_trains_lora_in_bf16_and_saliency_is_refused_before_sampling
     with pytest.raises(ValueError, match="float8_e4m3fn cannot hold.*weight_dtype 'default'"):
         spare_unlearn(den, "a cat", "a dog", steps=1, module_selection="saliency")
     assert calls == []  # refused before any prompt was encoded or image sampled
-    # the shipped selection (text_kv) needs no weight gradient: SPARE runs on fp8 weights
+    # the shipped selection ranks nothing, so needs no weight gradient: SPARE runs on fp8 weights
     res = spare_unlearn(den, "a cat", "a dog", ["the sea"], steps=2, num_samples=2,
                         sample_steps=2, batch_size=2, timestep_sampler="uniform")
     assert res.saliency is None and res.history["compute_dtype"] == "bfloat16"
