@@ -44,7 +44,7 @@ from spare_core import compute_saliency, run_method, sample, unlearn  # noqa: E4
 from spare_core.memory import TensorPeak, full_weight_bytes  # noqa: E402
 from spare_core.families.unet import adaptable_modules  # noqa: E402
 from spare_core.saliency import Saliency  # noqa: E402
-from spare_core.localize import select_modules  # noqa: E402
+from spare_core.localize import lora_size, select_modules  # noqa: E402
 from spare_core.recipes import RECIPES  # noqa: E402
 from spare_core.sparse_lora import sparse_lora_on  # noqa: E402
 from spare_core.timesteps import concept_gaps  # noqa: E402
@@ -216,6 +216,9 @@ def main(argv=None) -> int:
               f"parameters, {a.dtype} weights "
               f"{weights / 2**30:.2f} GB; {a.size} px ({a.size // 8}x{a.size // 8} latents); "
               f"device {a.device}")
+        shipped = select_modules(den.unet, SELECTION, saliency=fake_saliency(den), fraction=FRACTION)
+        print(f"the recipe's LoRA ({SELECTION}, rank {RANK}): {len(shipped)} modules, "
+              f"{lora_size(den.unet, shipped, RANK):,} trainable parameters")
         print(f"  {'phase':<22}{'setting':<44}{'device':>8}{'host':>8}{'seconds':>9}   (GB)")
         if "sampling" in phases:
             for mb, label in ((1, "shipped: micro_batch 1 (2 with CFG)"),

@@ -29,6 +29,16 @@ MEMORY_INPUTS = {
 """Optional inputs of the nodes that run the UNet with gradients (memory controls)."""
 
 
+def prompts_input(default: str, tooltip: str) -> tuple:
+    """A multiline STRING of prompts (one per line)."""
+    return ("STRING", {"default": default, "multiline": True, "tooltip": tooltip})
+
+
+SURROGATE_DEFAULT = "a painting"
+PRESERVE_DEFAULT = "a photo of a cat\na landscape painting"
+"""The surrogate and preserved prompts every node that takes them starts with."""
+
+
 def size_input(default: int = 512) -> tuple:
     return ("INT", {"default": default, "min": 64, "max": 2048, "step": 8,
                     "tooltip": "Image size of the latents generated for the concept (pixels)."})

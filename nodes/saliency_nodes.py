@@ -12,8 +12,9 @@ from spare_core.tasks import ConceptTask
 
 from . import comfy_bridge as bridge
 from .chart import bar_chart, drawn, to_image_tensor
-from .common import (CATEGORY, CFG_INPUT, MEMORY_INPUTS, MODULE_FRACTION_INPUT, SALIENCY, SEED,
-                     node_guidance, parse_prompts, require_text, size_input)
+from .common import (CATEGORY, CFG_INPUT, MEMORY_INPUTS, MODULE_FRACTION_INPUT, PRESERVE_DEFAULT,
+                     SALIENCY, SEED, SURROGATE_DEFAULT, node_guidance, parse_prompts,
+                     prompts_input, require_text, size_input)
 
 SPARE = RECIPES["spare"]
 DEFAULT_RANKING = (SPARE.hparams["module_selection"]
@@ -55,14 +56,12 @@ class ComputeSaliency:
                 "seed": SEED,
             },
             "optional": {
-                "surrogate": ("STRING", {"default": "a painting", "multiline": True,
-                                         "tooltip": "ranking objective: what the concept turns "
-                                                    "into (one per concept line, or one for all; "
-                                                    "empty = unconditional)."}),
-                "preserve": ("STRING", {"default": "a photo of a cat\na landscape painting",
-                                        "multiline": True,
-                                        "tooltip": "ranking contrastive: prompts to keep, one per "
-                                                   "line."}),
+                "surrogate": prompts_input(SURROGATE_DEFAULT,
+                                           "ranking objective: what the concept turns into (one "
+                                           "per concept line, or one for all; empty = "
+                                           "unconditional)."),
+                "preserve": prompts_input(PRESERVE_DEFAULT,
+                                          "ranking contrastive: prompts to keep, one per line."),
                 "width": size_input(),
                 "height": size_input(),
                 "sample_steps": ("INT", {"default": SPARE.sample_steps, "min": 1, "max": 1000,
@@ -79,7 +78,7 @@ class ComputeSaliency:
         }
 
     def compute(self, model, clip, concept: str, samples: int, ranking: str, seed: int,
-                surrogate: str = "a painting", preserve: str = "", width: int = 512,
+                surrogate: str = SURROGATE_DEFAULT, preserve: str = "", width: int = 512,
                 height: int = 512, sample_steps: int = SPARE.sample_steps, cfg: float = -1.0,
                 micro_batch: int = 1, gradient_checkpointing: bool = True,
                 element_scores: bool = False) -> tuple[Saliency]:

@@ -14,8 +14,9 @@ from spare_core.timesteps import GAP_BINS, TIMESTEP_SAMPLERS
 
 from . import comfy_bridge as bridge
 from .adapter_nodes import require_adapter
-from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, SEED, node_guidance,
-                     parse_prompts, require_text, size_input)
+from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, PRESERVE_DEFAULT, SEED,
+                     SURROGATE_DEFAULT, node_guidance, parse_prompts, prompts_input, require_text,
+                     size_input)
 
 log = logging.getLogger(__name__)
 SPARE = RECIPES["spare"]
@@ -78,13 +79,12 @@ class SelfDistillUnlearn:
                 "concept": ("STRING", {"default": "", "multiline": True,
                                        "tooltip": "The concept to forget (several: one per line). Empty: the concept of "
                                                   "the adapter's saliency map (ComputeSaliency)."}),
-                "surrogate": ("STRING", {"default": "a painting", "multiline": True,
-                                         "tooltip": "What the concept should turn into; empty = "
-                                                    "unconditional. Several concepts: one "
-                                                    "surrogate per line, or one for all."}),
-                "preserve": ("STRING", {"default": "a photo of a cat\na landscape painting",
-                                        "multiline": True,
-                                        "tooltip": "Prompts to keep unchanged, one per line."}),
+                "surrogate": prompts_input(SURROGATE_DEFAULT,
+                                           "What the concept should turn into; empty = "
+                                           "unconditional. Several concepts: one surrogate per "
+                                           "line, or one for all."),
+                "preserve": prompts_input(PRESERVE_DEFAULT,
+                                          "Prompts to keep unchanged, one per line."),
                 "steps": ("INT", {"default": SPARE.steps, "min": 1, "max": 100000,
                                   "tooltip": "Training steps."}),
                 "lr": ("FLOAT", {"default": SPARE.lr, "min": 1e-7, "max": 1.0, "step": 1e-5,

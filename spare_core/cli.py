@@ -14,7 +14,7 @@ from contextlib import nullcontext
 
 from . import cli_args as A
 from .cli_args import CONCEPT_METHODS, DATA_METHODS, METHOD_NAMES
-from .recipes import FAMILY_GUIDANCE, LOCALIZATIONS, RECIPES, pool_guidance, recipe
+from .recipes import FAMILY_GUIDANCE, LOCALIZATIONS, RECIPES, guidance_for, recipe
 
 _SPARE = RECIPES["spare"]
 
@@ -266,7 +266,7 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
         apply_threads(den)
     # unset sampling flags: the method's recipe, the family's guidance (also for --grid)
     a.sample_steps = a.sample_steps or recipe(a.method).sample_steps
-    a.guidance = pool_guidance(getattr(den, "family", "sd")) if a.guidance is None else a.guidance
+    a.guidance = guidance_for(den, a.guidance)
     vae = None
     if os.path.isdir(os.path.join(a.model, "vae")):
         from diffusers import AutoencoderKL

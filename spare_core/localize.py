@@ -65,28 +65,33 @@ def text_projections(unet: nn.Module) -> list[str]:
 
 
 def select_modules(unet: nn.Module, how: str, *, saliency=None, fraction: float = 0.25,
-                   seed: int = 0, exclude: Sequence[str] = IO_LAYERS) -> list[str]:
+                   count: int | None = None, seed: int = 0, reduce: str = "mean",
+                   exclude: Sequence[str] = IO_LAYERS) -> list[str]:
     """Module names of ``unet`` for localisation ``how`` (:data:`LOCALIZATIONS`).
 
     ``saliency``: a :class:`~spare_core.saliency.Saliency` whose module scores rank the modules
     (``saliency``, ``objective``, ``contrastive``: the caller computed it with the matching
     loss, see :func:`spare_core.saliency.compute_saliency`); ``fraction`` of the candidates are
-    kept for those and for ``random``."""
+    kept for those and for ``random`` (or exactly ``count`` of them, when given); ``reduce``
+    (``mean`` / ``max``) turns a ranking's element scores into module scores."""
     check_localization(how)
     if how == "text_kv":
         return text_projections(unet)
     pool = candidates(unet, exclude)
     if how == "all":
         return pool
-    if not (0.0 < fraction <= 1.0):
-        raise ValueError(f"module fraction must be in (0, 1], got {fraction}")
-    count = max(1, round(fraction * len(pool)))
+    if count is None:
+        if not (0.0 < fraction <= 1.0):
+            raise ValueError(f"module fraction must be in (0, 1], got {fraction}")
+        count = max(1, round(fraction * len(pool)))
+    elif count < 1:
+        raise ValueError(f"module count must be >= 1, got {count}")
     if how == "random":
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
         return [pool[i] for i in order[:count].tolist()]
     if saliency is None:
         raise ValueError(f"module selection {how!r} ranks modules by saliency: compute it first")
-    return saliency.top_modules(count=count, exclude=exclude)
+    return saliency.top_modules(count=count, reduce=reduce, exclude=exclude)
 
 
 def contrast(concept, preserve):

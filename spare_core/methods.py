@@ -39,7 +39,7 @@ from torch import Tensor
 from .denoiser import Denoiser
 from .loop import UnlearnConfig, UnlearnResult, unlearn
 from .objectives import make_objective
-from .recipes import RECIPES, Recipe, pool_guidance
+from .recipes import RECIPES, Recipe, guidance_for
 from .spare import phase_callback
 from .tasks import concept_pairs
 
@@ -190,8 +190,7 @@ def run_method(name: str, denoiser: Denoiser, *,
     batch_size = rec.batch_size if batch_size is None else batch_size
     num_samples = rec.num_samples if num_samples is None else num_samples
     sample_steps = rec.sample_steps if sample_steps is None else sample_steps
-    if guidance is None:
-        guidance = pool_guidance(getattr(denoiser, "family", "sd"))
+    guidance = guidance_for(denoiser, guidance)
     config = UnlearnConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                            seed=seed, timestep_sampler=sampler,
                            gradient_checkpointing=gradient_checkpointing,

@@ -86,6 +86,15 @@ _DATA_RUN = dict(steps=100, batch_size=4, num_samples=16, sample_steps=25,
 SPARE_LOCALIZATION = {"module_selection": "all", "module_fraction": 0.5, "rank": 2}
 """SPARE's localisation and adapter size (benchmarks/RESULTS.md, "Localisation")."""
 
+def _esd(train_method: str) -> Recipe:
+    """ESD-x (``xattn``) and ESD-u (``noxattn``): one recipe, two module sets (spare_core.esd)."""
+    return Recipe("concept", lr=None, timestep_sampler="uniform", **_CONCEPT_RUN,
+                  hparams={"eta": 1.0, "preserve_weight": 0.0, **_FULL},
+                  paper_lr=1e-5, paper_steps=1000,
+                  reference=f"ESD train-esd.py: --train_method {train_method}, negative_guidance "
+                            "1, lr 1e-5, 1000 iterations")
+
+
 RECIPES: dict[str, Recipe] = {
     "spare": Recipe(
         "concept", lr=3e-3, timestep_sampler="concept", **_CONCEPT_RUN,
@@ -101,18 +110,8 @@ RECIPES: dict[str, Recipe] = {
         paper_lr=1e-5, paper_steps=600,
         reference="SalUn SD: random_label.py --alpha 0.5 --lr 1e-5 --epochs 5 (about 120 "
                   "steps/epoch), mask with_0.5 (top 50%)"),
-    "esd": Recipe(
-        "concept", lr=None, timestep_sampler="uniform", **_CONCEPT_RUN,
-        hparams={"eta": 1.0, "preserve_weight": 0.0, **_FULL},
-        paper_lr=1e-5, paper_steps=1000,
-        reference="ESD train-esd.py: --train_method xattn, negative_guidance 1, lr 1e-5, "
-                  "1000 iterations"),
-    "esd_u": Recipe(
-        "concept", lr=None, timestep_sampler="uniform", **_CONCEPT_RUN,
-        hparams={"eta": 1.0, "preserve_weight": 0.0, **_FULL},
-        paper_lr=1e-5, paper_steps=1000,
-        reference="ESD train-esd.py: --train_method noxattn, negative_guidance 1, lr 1e-5, "
-                  "1000 iterations"),
+    "esd": _esd("xattn"),
+    "esd_u": _esd("noxattn"),
     "uce": Recipe(
         "concept", steps=None, lr=None, batch_size=_CONCEPT_RUN["batch_size"],
         num_samples=_CONCEPT_RUN["num_samples"], sample_steps=_CONCEPT_RUN["sample_steps"],
@@ -158,6 +157,12 @@ def pool_guidance(family: str) -> float:
     guidance-distilled Flux.1 samples without it (1.0; its own guidance input carries the
     distilled scale), the others at their usual scale."""
     return FAMILY_GUIDANCE.get(family, FAMILY_GUIDANCE["sd"])
+
+
+def guidance_for(denoiser, guidance: float | None = None) -> float:
+    """``guidance`` when given, else :func:`pool_guidance` of the denoiser's ``family`` (a
+    backend without one is read as SD1.x/SD2.x)."""
+    return pool_guidance(getattr(denoiser, "family", "sd")) if guidance is None else guidance
 
 
 def image_size(family: str) -> int:

@@ -9,7 +9,7 @@ import torch
 from .adapter import UnlearnAdapter
 from .denoiser import Denoiser
 from .loop import UnlearnConfig, unlearn
-from .recipes import RECIPES, pool_guidance
+from .recipes import RECIPES, guidance_for
 from .localize import (check_ranking_inputs, needs_saliency, rank_for_budget, ranking_saliency,
                        select_modules)
 from .saliency import Saliency, check_gradient_storage
@@ -69,8 +69,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     :class:`~spare_core.probe.adversarial.AdversarialConfig`) trains against the prompt attack
     (:mod:`spare_core.probe.adversarial`); its seconds are in ``history["attack_seconds"]``.
     """
-    if guidance is None:
-        guidance = pool_guidance(getattr(denoiser, "family", "sd"))
+    guidance = guidance_for(denoiser, guidance)
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
     task = concept_task = ConceptTask(concept, surrogate, list(preserve), pool=pool)
     if adversarial:

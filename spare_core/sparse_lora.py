@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from .adapter import UnlearnAdapter, init_sparse_lora
 from .families import IO_LAYERS, adaptable_modules
 
 IO_CONVS = IO_LAYERS  # the name the API has used since the UNet-only days
-from .localize import RANKED, select_modules  # noqa: E402
+from .localize import select_modules  # noqa: E402
 from .saliency import Saliency
 
 
@@ -60,16 +59,10 @@ def sparse_lora_from_saliency(unet: nn.Module, saliency: Saliency, *, rank: int 
     check_selection(selection)
     if top_modules is None and module_fraction is not None and not (0.0 < module_fraction <= 1.0):
         raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
-    if top_modules is not None and selection in RANKED:
-        modules = saliency.top_modules(count=top_modules, reduce=module_reduce, exclude=exclude)
-    elif top_modules is not None and selection == "random":
-        pool = [n for n in adaptable_modules(unet) if n not in set(exclude)]
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))
-        modules = [pool[i] for i in order[:top_modules].tolist()]
-    else:
-        modules = select_modules(unet, selection, saliency=saliency,
-                                 fraction=1.0 if module_fraction is None else module_fraction,
-                                 seed=seed, exclude=exclude)
+    modules = select_modules(unet, selection, saliency=saliency,
+                             fraction=1.0 if module_fraction is None else module_fraction,
+                             count=top_modules, seed=seed, reduce=module_reduce,
+                             exclude=exclude)
     return sparse_lora_on(unet, modules, rank=rank, alpha=alpha, saliency=saliency,
                           mask_fraction=mask_fraction, mask_scope=mask_scope, seed=seed,
                           selection=selection)

@@ -37,18 +37,15 @@ from torch import Tensor
 from .adapter import MaskedFullDelta, UnlearnAdapter
 from .conditioning import text_sequence
 from .denoiser import Denoiser
-from .families import adaptable_modules
+from .families import adaptable_modules, is_text_projection
 from .families.unet import is_cross_attention
-
-KV = ("to_k", "to_v")
-
 
 def uce_modules(net: torch.nn.Module) -> list[str]:
     """Cross-attention key/value projections (``attn2.to_k`` / ``attn2.to_v``, diffusers and
     CompVis names alike); ValueError naming the supported families when there are none (a DiT),
     so callers can check a network before encoding any prompt."""
-    names = [n for n in adaptable_modules(net)
-             if is_cross_attention(n) and n.rsplit(".", 1)[-1] in KV]
+    names = [n for n in adaptable_modules(net)  # the UNet's text projections, not a DiT's
+             if is_cross_attention(n) and is_text_projection(n)]
     if not names:
         raise ValueError("UCE edits cross-attention key/value projections (attn2.to_k/to_v), "
                          "which this network has none of: it applies to SD1.x, SD2.x and SDXL "
