@@ -12,6 +12,11 @@ skipped. Run shards side by side, one torch thread each (two on this 2-core box)
 Methods and options are ``spare bench``'s (``name:key=value``). ``--report`` prints per-target
 rows (mean ± std over seeds), then each variant's mean over targets; the original model's
 rows come from the same runs (same seeds, same sampler).
+
+Budget curves (``--checkpoints 25,50,100,200,400``): each job trains once for the largest
+count at the variant's (constant) ``lr`` and is measured at every checkpoint, one row per
+checkpoint keyed by its step count; ``--report --checkpoints ...`` prints each variant's
+curve and the first checkpoint whose mean UA reaches 0.95, with its wall seconds.
 """
 from __future__ import annotations
 
@@ -78,8 +83,11 @@ def run(a) -> None:
     variants = {v.label: v for v in parse_methods(",".join(labels), CONCEPT_METHODS)}
     shard, shards = (int(x) for x in a.shard.split("/"))
     done = load_rows(a.out)
+    checkpoints = a.checkpoint_list
+    last = checkpoints[-1] if checkpoints else a.steps
     todo = [j for j in jobs(labels, targets, a.seed_list, shard, shards)
-            if key(a.model, a.steps, *j) not in done]
+            if key(a.model, last, *j) not in done
+            and not (checkpoints and j[0] == "original")]  # a curve has no original rows
     print(f"shard {shard}/{shards}: {len(todo)} jobs to run", flush=True)
     if not todo:
         return
@@ -87,9 +95,23 @@ def run(a) -> None:
     den, clf = bench.load()
     steps_eval = bench.sample_steps
     path = os.path.join(a.out, f"rows-{shard}.jsonl")
+    def write(row: dict) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
     for label, target, seed in todo:
         t0 = time.perf_counter()
         values = {}
+        if checkpoints:
+            for row in curve(bench, den, clf, variants[label], target, seed, checkpoints,
+                             a.model, a.n, steps_eval):
+                write(row)
+                shown = "  ".join(f"{k}={v:.3f}" for k, v in row["values"].items())
+                print(f"[{shard}] {label} {target} seed {seed} @{row['steps']}: {shown}",
+                      flush=True)
+            continue
         if label == "original":
             m = bench.measure(den, clf, [target], a.n, seed, steps_eval)
         else:
@@ -99,19 +121,87 @@ def run(a) -> None:
             values.update(seconds=time.perf_counter() - t0,
                           trainable=res.adapter.num_trainable(),
                           adapter_kB=adapter_bytes(res.adapter) / 1024)
-            with res.adapter.applied(den.unet):
+            with res.adapter.applied_to(den):
                 m = bench.measure(den, clf, [target], a.n, seed, steps_eval)
         values.update({k: float(m[k]) for k in bench.metric_keys if k in m})
         row = {"key": key(a.model, a.steps, label, target, seed), "model": a.model,
                "steps": a.steps, "label": label, "target": str(target), "seed": seed,
                "values": values}
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write(row)
         shown = "  ".join(f"{k}={v:.3f}" for k, v in values.items() if isinstance(v, float))
         print(f"[{shard}] {label} {target} seed {seed}: {shown} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def curve(bench, den, clf, variant, target, seed: int, checkpoints: list[int], model: str,
+          n: int, steps_eval: int) -> list[dict]:
+    """One run of ``variant`` for ``checkpoints[-1]`` steps, measured at every checkpoint
+    with the adapter as trained so far: the rows a run of each checkpoint's length would give
+    at the same (constant) learning rate, since nothing in the loop depends on the step count
+    once ``lr`` is given. ``seconds`` is the wall time to the checkpoint (preparation and
+    training), measurements excluded. Measuring runs without gradient and on a forked RNG, so
+    the training it interrupts draws what it would have drawn."""
+    import torch
+
+    from spare_core.bench import run_concept_method
+
+    if "lr" not in variant.options:
+        raise SystemExit(f"--checkpoints needs an explicit lr in {variant.label!r} (a recipe "
+                         "without one scales its lr to the step count)")
+    rows, t0, paused = [], time.perf_counter(), 0.0
+    wanted = set(checkpoints)
+
+    def at_step(step: int, _total: int, loss: float) -> None:
+        nonlocal paused
+        if step not in wanted:
+            return
+        t1 = time.perf_counter()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            m = bench.measure(den, clf, [target], n, seed, steps_eval)
+        values = {"seconds": t1 - t0 - paused, "loss": float(loss)}
+        values.update({k: float(m[k]) for k in bench.metric_keys if k in m})
+        rows.append({"key": key(model, step, variant.label, str(target), seed), "model": model,
+                     "steps": step, "label": variant.label, "target": str(target),
+                     "seed": seed, "values": values})
+        paused += time.perf_counter() - t1
+
+    run_concept_method(variant.name, den, [target], steps=checkpoints[-1], seed=seed,
+                       options={**variant.options, "progress": at_step}, model=model)
+    return rows
+
+
+def curve_report(a) -> str:
+    """Markdown: per variant and checkpoint, the mean over targets and seeds of UA / IRA /
+    CRA / UA_para / seconds, then each variant's first checkpoint whose mean UA reaches 0.95."""
+    import statistics
+
+    rows = [r for r in load_rows(a.out).values() if r["model"] == a.model]
+    if a.methods:
+        rows = [r for r in rows if r["label"] in [m.strip() for m in a.methods.split(",")]]
+    if a.forget:
+        targets = {str(t) for t in parse_targets(a.model, a.forget)}
+        rows = [r for r in rows if r["target"] in targets]
+    rows = [r for r in rows if r["seed"] in a.seed_list]
+    cols = [c for c in ("UA", "RA", "IRA", "CRA", "UA_para", "FD", "FD_retain", "seconds")
+            if any(c in r["values"] for r in rows)]
+    by: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        by.setdefault((r["label"], r["steps"]), []).append(r)
+    out = ["| method | steps | runs | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 3)]
+    first: dict[str, str] = {}
+    for (label, steps) in sorted(by, key=lambda k: (list(dict.fromkeys(
+            r["label"] for r in rows)).index(k[0]), k[1])):
+        rs = by[(label, steps)]
+        mean = {c: statistics.fmean(r["values"][c] for r in rs if c in r["values"]) for c in cols}
+        prec = {c: 1 if c.startswith("FD") or c == "seconds" else 3 for c in cols}
+        out.append(f"| {label} | {steps} | {len(rs)} | "
+                   + " | ".join(f"{mean[c]:.{prec[c]}f}" for c in cols) + " |")
+        if label not in first and mean.get("UA", 0.0) >= 0.95:
+            first[label] = f"{steps} steps, {mean['seconds']:.0f} s"
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    out += ["", "| method | first checkpoint with mean UA >= 0.95 |", "|---|---|"]
+    out += [f"| {label} | {first.get(label, 'not reached')} |" for label in labels]
+    return "\n".join(out)
 
 
 def report(a) -> str:
@@ -193,11 +283,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder of the rows files")
     p.add_argument("--shard", default="0/1", help="i/n: run every n-th job from the i-th")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--checkpoints", default="",
+                   help="budget curve: train for the largest of these step counts and measure "
+                        "at each (e.g. 25,50,100,200,400); the variant must give lr")
     p.add_argument("--report", action="store_true", help="print the tables and exit")
     a = p.parse_args(argv)
     a.seed_list = [int(s) for s in a.seeds.split(",") if s.strip()]
+    a.checkpoint_list = sorted({int(s) for s in a.checkpoints.split(",") if s.strip()})
     if a.report:
-        print(report(a))
+        print(curve_report(a) if a.checkpoint_list else report(a))
         return 0
     if not a.methods or not a.forget:
         p.error("--methods and --forget are needed to run jobs")

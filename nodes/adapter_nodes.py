@@ -6,7 +6,7 @@ import logging
 from spare_core.adapter import UnlearnAdapter
 from spare_core.families.unet import adaptable_modules
 from spare_core.localize import select_modules
-from spare_core.recipes import LOCALIZATIONS, RANKED, RECIPES
+from spare_core.recipes import LOCALIZATIONS, RANKED, RECIPES, UNET_LOCALIZATIONS
 from spare_core.saliency import Saliency
 from spare_core.sparse_lora import sparse_lora_on
 
@@ -58,7 +58,7 @@ class SparseLoRAInit:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model to adapt (left unchanged)."}),
-                "module_selection": (list(LOCALIZATIONS), {
+                "module_selection": (list(UNET_LOCALIZATIONS), {
                     "default": SPARE.hparams["module_selection"],
                     "tooltip": "Which modules the LoRA adapts; the ranked ones (saliency, "
                                "objective, contrastive) need the SALIENCY input computed with "
@@ -86,8 +86,15 @@ class SparseLoRAInit:
              alpha: float, mask_fraction: float, seed: int,
              saliency: Saliency | None = None) -> tuple[UnlearnAdapter]:
         if module_selection not in LOCALIZATIONS:
-            raise ValueError(f"module_selection must be one of {list(LOCALIZATIONS)}, got "
+            raise ValueError(f"module_selection must be one of {list(UNET_LOCALIZATIONS)}, got "
                              f"{module_selection!r}")
+        if module_selection not in UNET_LOCALIZATIONS:
+            raise ValueError(f"module_selection {module_selection!r} adapts the CLIP text "
+                             "encoder, which the nodes do not carry into an adapter yet: train it "
+                             "with the API or the CLI (spare unlearn --model PIPELINE_FOLDER "
+                             "--module-selection text_encoder --format comfy) and load that LoRA "
+                             "with the stock LoraLoader (its CLIP input), or choose text_kv to "
+                             "edit the UNet's text projections")
         if not 0.0 < module_fraction <= 1.0:
             raise ValueError(f"module_fraction must be in (0, 1], got {module_fraction}")
         if not 0.0 < mask_fraction <= 1.0:
@@ -165,6 +172,10 @@ class ApplyUnlearnAdapter:
 
     def apply(self, model, adapter: UnlearnAdapter, strength: float) -> tuple:
         adapter = require_adapter(adapter)
+        if adapter.root != "unet":
+            raise ValueError("this adapter edits the CLIP text encoder, which ApplyUnlearnAdapter "
+                             "cannot patch (it takes no CLIP): save it with SaveUnlearnAdapter and "
+                             "load that LoRA with the stock LoraLoader (MODEL and CLIP)")
         try:
             adapter.check_compatible(bridge.diffusion_model(model))
         except ValueError as e:

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import logging
 
+from spare_core.data_task import probe_summary
 from spare_core.memory import format_bytes, full_weight_bytes
 from spare_core.methods import DATA_METHODS, METHODS, run_method
+from spare_core.recipes import RECIPES
 from spare_core.families.unet import adaptable_modules
 
 from . import comfy_bridge as bridge
 from .common import ADAPTER, CATEGORY, MEMORY_INPUTS, SEED
 
 log = logging.getLogger(__name__)
+
+_SISS = RECIPES["siss"]  # the default method's recipe: the widgets' defaults (one config)
 
 
 def check_full_weights_fit(model) -> None:
@@ -28,7 +32,9 @@ def check_full_weights_fit(model) -> None:
 class DataUnlearn:
     """Trains an adapter so the model stops generating the forget images while the keep images
     stay modelled. SISS (importance-sampled mixture, the default) and its baselines NegGrad,
-    EraseDiff and naive deletion; images are encoded with the VAE, prompts are optional."""
+    EraseDiff and naive deletion; images are encoded with the VAE, prompts are optional.
+    Training stops early once the forget images are no longer memorised (their denoising loss
+    reaches that of keep images held out of training), so the model is not damaged further."""
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
@@ -46,19 +52,25 @@ class DataUnlearn:
                 "forget_images": ("IMAGE", {"tooltip": "The training images to forget."}),
                 "keep_images": ("IMAGE", {"tooltip": "Images to keep (same size as the forget images)."}),
                 "method": (list(DATA_METHODS), {"default": "siss"}),
-                "steps": ("INT", {"default": 100, "min": 1, "max": 100000}),
+                "steps": ("INT", {"default": _SISS.steps, "min": 1, "max": 100000,
+                                  "tooltip": "Step budget (the early stop may end sooner)."}),
                 "lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
-                                 "tooltip": "0 = the method's default: its paper's lr x steps, spread "
-                                            "over these steps."}),
+                                 "tooltip": "0 = the method's recipe (spare_core.recipes)."}),
                 "parameterization": (["lora", "full"], {
-                    "default": "lora",
+                    "default": _SISS.hparams["parameterization"],
                     "tooltip": "lora: low-rank adapter on every UNet layer (small file); full: "
                                "every weight, as in the papers (file as large as the UNet)."}),
                 "seed": SEED,
             },
             "optional": {
-                "rank": ("INT", {"default": 8, "min": 1, "max": 256, "tooltip": "LoRA rank."}),
-                "batch_size": ("INT", {"default": 2, "min": 1, "max": 64}),
+                "rank": ("INT", {"default": _SISS.hparams["rank"], "min": 1, "max": 256,
+                                 "tooltip": "LoRA rank."}),
+                "batch_size": ("INT", {"default": _SISS.batch_size, "min": 1, "max": 64}),
+                "early_stop_every": ("INT", {
+                    "default": _SISS.hparams["early_stop_every"], "min": 0, "max": 100000,
+                    "tooltip": "Every N steps, compare the forget images' denoising loss with "
+                               "held-out keep images' and stop once it is no longer lower (the "
+                               "images are no longer memorised). 0 = train every step."}),
                 "forget_prompt": ("STRING", {"default": "", "multiline": False,
                                              "tooltip": "Caption of the forget images (empty = none)."}),
                 "keep_prompt": ("STRING", {"default": "", "multiline": False,
@@ -68,9 +80,10 @@ class DataUnlearn:
         }
 
     def run(self, model, clip, vae, forget_images, keep_images, method: str, steps: int,
-            lr: float, parameterization: str, seed: int, rank: int = 8, batch_size: int = 2,
-            forget_prompt: str = "", keep_prompt: str = "",
-            gradient_checkpointing: bool = True) -> tuple:
+            lr: float, parameterization: str, seed: int, rank: int = _SISS.hparams["rank"],
+            batch_size: int = _SISS.batch_size, forget_prompt: str = "", keep_prompt: str = "",
+            gradient_checkpointing: bool = True,
+            early_stop_every: int = _SISS.hparams["early_stop_every"]) -> tuple:
         if method not in DATA_METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {list(DATA_METHODS)}")
         if forget_images.shape[1:3] != keep_images.shape[1:3]:
@@ -83,7 +96,7 @@ class DataUnlearn:
                              "images (e.g. ImageScale) to the model's resolution")
         bridge.check_inputs(model, clip, width, height)
         forget_prompt, keep_prompt = (forget_prompt or "").strip(), (keep_prompt or "").strip()
-        hp = {"parameterization": parameterization}
+        hp = {"parameterization": parameterization, "early_stop_every": int(early_stop_every)}
         if parameterization == "lora":
             hp["rank"] = int(rank)
         else:
@@ -95,20 +108,26 @@ class DataUnlearn:
                                        prompts=[forget_prompt, keep_prompt])  # CLIP first
             bridge.load_for_compute(model)
             bar = bridge.Progress(steps)
+            tick = bar.phase(0, steps)
             result = run_method(method, den, forget=forget, keep=keep,
                                 forget_prompts=forget_prompt or None,
                                 keep_prompts=keep_prompt or None, steps=int(steps),
                                 lr=float(lr) if lr > 0 else None, batch_size=int(batch_size),
-                                seed=int(seed), progress=bar.phase(0, steps),
+                                seed=int(seed), progress=tick,
                                 should_stop=bridge.should_stop,
                                 gradient_checkpointing=bool(gradient_checkpointing), **hp)
+            tick(steps, steps)  # an early stop ends the run: the bar too
         adapter = result.adapter
         adapter.to("cpu")  # ComfyUI caches node outputs where its memory manager cannot see them
         adapter.meta.update(method=method, forget_images=str(len(forget)),
                             keep_images=str(len(keep)), forget_prompt=forget_prompt,
                             steps=str(steps), lr=repr(result.history["lr"]),
-                            parameterization=parameterization)
+                            parameterization=parameterization,
+                            steps_trained=str(len(result.history.get("loss", []))),
+                            stopped_at=str(result.history.get("stopped_at")))
         losses = result.history.get("loss", [])
+        if result.history.get("probe"):
+            log.info("DataUnlearn %s: %s", method, probe_summary(result.history))
         log.info("DataUnlearn %s: %d steps in %.1fs, %d trainable parameters (%s), loss %.4g -> %.4g",
                  method, len(losses), result.history.get("seconds", 0.0), adapter.num_trainable(),
                  METHODS[method].objective, losses[0] if losses else float("nan"),

@@ -20,6 +20,7 @@ from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, PRESERVE_DEFAU
 
 log = logging.getLogger(__name__)
 SPARE = RECIPES["spare"]
+PER_CONCEPT = ("shared", "sum", "ties")  # several concepts: one adapter, or one each then fused
 
 
 def objective_names() -> list[str]:
@@ -48,8 +49,8 @@ class PoolProgress:
     """Maps the task's ``(what, done, total)`` preparation callbacks onto consecutive bar
     phases: ``span`` units per latent pool, ``GAP_BINS`` for the timestep gaps."""
 
-    def __init__(self, bar: bridge.Progress, span: int) -> None:
-        self.bar, self.span, self.start, self.width, self.current = bar, span, 0, 0, None
+    def __init__(self, bar: bridge.Progress, span: int, start: int = 0) -> None:
+        self.bar, self.span, self.start, self.width, self.current = bar, span, start, 0, None
 
     def __call__(self, what: str, done: int, total: int) -> None:
         if what != self.current:
@@ -119,6 +120,13 @@ class SelfDistillUnlearn:
                                "check with Probe Erasure. "
                                "SD1.x/SD2.x only."}),
                 **MEMORY_INPUTS,
+                "per_concept": (list(PER_CONCEPT), {
+                    "default": "shared",
+                    "tooltip": "Several concepts (one per line): 'shared' trains them together "
+                               "in one adapter; 'sum' / 'ties' train a copy of the adapter per "
+                               "concept (the other concepts join its preserved prompts), one "
+                               "after the other, and fuse them: the sum of the deltas, or "
+                               "TIES-merging. Each concept gets the full steps."}),
             },
         }
 
@@ -127,7 +135,8 @@ class SelfDistillUnlearn:
             seed: int, batch_size: int = SPARE.batch_size, width: int = 512, height: int = 512,
             pool_size: int = SPARE.num_samples, pool_steps: int = SPARE.sample_steps,
             cfg: float = -1.0, adversarial: bool = False,
-            micro_batch: int = 1, gradient_checkpointing: bool = True) -> tuple[UnlearnAdapter]:
+            micro_batch: int = 1, gradient_checkpointing: bool = True,
+            per_concept: str = "shared") -> tuple[UnlearnAdapter]:
         adapter = require_adapter(adapter)
         # empty: the concept the adapter's saliency was computed for, so the artist types it once
         concept = (concept or "").strip() or adapter.meta.get("concept", "")
@@ -147,6 +156,13 @@ class SelfDistillUnlearn:
                                            batch_size=int(micro_batch)))
         task.validate()
         pairs = task.pairs
+        if per_concept not in PER_CONCEPT:
+            raise ValueError(f"per_concept must be one of {list(PER_CONCEPT)}, got {per_concept!r}")
+        tasks = [task]
+        if per_concept != "shared" and len(pairs) > 1:  # one task per concept, the others kept
+            from spare_core.concept_list import plan_jobs
+            tasks = [ConceptTask(j.concept, j.surrogate, list(j.preserve), pool=task.pool)
+                     for j in plan_jobs(pairs, keep)]
         if adversarial and bridge.model_family(model) != "sd":
             raise ValueError("adversarial training runs the prompt attack, which needs the one "
                              "CLIP of an SD1.x/SD2.x checkpoint; switch adversarial off for "
@@ -173,19 +189,29 @@ class SelfDistillUnlearn:
                         "it to forget %r", made_for, concept)
 
         obj = make_objective(objective)
-        preserve_pools = len(keep) if getattr(obj, "uses_preserve", True) else 0
-        pools = pool_steps * (len(pairs) + preserve_pools) + (GAP_BINS if timestep_sampler == "concept" else 0)
+        uses_preserve = getattr(obj, "uses_preserve", True)
+        gaps = GAP_BINS if timestep_sampler == "concept" else 0
+        pools = [pool_steps * (len(t.pairs) + (len(t.preserve) if uses_preserve else 0)) + gaps
+                 for t in tasks]
         with bridge.autograd_enabled():
-            trained = copy_adapter(adapter)
             den = bridge.ComfyDenoiser(model, clip, width, height,
                                        prompts=[*dict.fromkeys(x for pair in pairs for x in pair), *keep])  # CLIP first
             bridge.load_for_compute(model)
-            bar = bridge.Progress(pools + steps)
-            if adversarial:
-                task = AdversarialConceptTask(task, seed=int(seed))
-            result = unlearn(den, trained, task, objective=obj, config=config,
-                             progress=bar.phase(pools, steps), should_stop=bridge.should_stop,
-                             prepare_progress=PoolProgress(bar, pool_steps))
+            bar = bridge.Progress(sum(pools) + steps * len(tasks))
+            parts, start = [], 0
+            for one, n_pool in zip(tasks, pools):
+                trained = copy_adapter(adapter)
+                if adversarial:
+                    one = AdversarialConceptTask(one, seed=int(seed))
+                result = unlearn(den, trained, one, objective=obj, config=config,
+                                 progress=bar.phase(start + n_pool, steps),
+                                 should_stop=bridge.should_stop,
+                                 prepare_progress=PoolProgress(bar, pool_steps, start))
+                parts.append(trained)
+                start += n_pool + steps
+        if len(parts) > 1:
+            from spare_core.fusion import fuse_sum, fuse_ties
+            trained = (fuse_sum if per_concept == "sum" else fuse_ties)(parts)
         trained.to("cpu")  # ComfyUI caches node outputs where its memory manager cannot see them
         losses = result.history.get("loss", [])
         ignored = result.history.get("ignored", [])
@@ -195,7 +221,7 @@ class SelfDistillUnlearn:
                             method="spare" if objective == "self_distill" else f"sparse_lora+{objective}",
                             objective=objective, steps=str(steps), lr=repr(float(lr)),
                             timestep_sampler=timestep_sampler, adversarial=str(bool(adversarial)).lower(),
-                            final_loss=repr(losses[-1]) if losses else "")
+                            final_loss=repr(losses[-1]) if losses else "", per_concept=per_concept)
         log.info("SelfDistillUnlearn: %d steps in %.1fs, %d trainable parameters, loss %.4g -> %.4g",
                  len(losses), result.history.get("seconds", 0.0), trained.num_trainable(),
                  losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))

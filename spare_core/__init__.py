@@ -33,6 +33,8 @@ _EXPORTS = {
     "spare": ("SpareResult", "spare_unlearn"),
     "data_task": ("DataTask", "load_image_folder"),
     "methods": ("METHODS", "run_method"),
+    "multi_concept": ("ConceptJobError", "unlearn_concepts"),
+    "fusion": ("FUSIONS", "fuse_least_squares", "fuse_sum", "fuse_ties"),
     "tasks": ("ConceptTask", "PoolConfig"),
     "timesteps": ("ConceptSampler", "UniformSampler", "make_timestep_sampler"),
 }
@@ -70,6 +72,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .loop import (NonFiniteLoss, UnlearnCancelled, UnlearnConfig, UnlearnResult,  # noqa: F401
                        unlearn)
     from .methods import METHODS, run_method  # noqa: F401
+    from .multi_concept import ConceptJobError, unlearn_concepts  # noqa: F401
+    from .fusion import FUSIONS, fuse_least_squares, fuse_sum, fuse_ties  # noqa: F401
     from .objectives import OBJECTIVES, make_objective  # noqa: F401
     from .saliency import Saliency, compute_saliency, load_saliency, save_saliency  # noqa: F401
     from .sampling import q_sample, sample  # noqa: F401

@@ -6,6 +6,11 @@ Two delta kinds share one mechanism:
 - :class:`MaskedFullDelta` (SalUn's own parameterization): a trainable value per masked element,
   every other element of the weight stays bit-identical.
 
+What an adapter edits is its ``root`` (metadata ``root``): the denoising network (``"unet"``,
+also every file without the field) or, for the ``text_encoder`` localisation, the first block of
+the CLIP text encoder (``"text_encoder"``, :mod:`spare_core.text_encoder`); ``root_of(denoiser)``
+/ ``applied_to(denoiser)`` pick the module. Below, "UNet" stands for either.
+
 How an attached adapter reaches the UNet (``attach(unet, mode=...)``):
 - ``"unmerged"`` (default): a forward hook adds the adapter's own branch to each module's output,
   ``y = W x + s * B(A x)`` for a dense LoRA (as peft does), ``y = W x + delta x`` otherwise. The
@@ -36,6 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .families.unet import adaptable_modules
+from .text_encoder import TEXT_ENCODER, UNET, adapted_network, root_module
 
 
 def _fan_in(shape: torch.Size | tuple[int, ...]) -> int:
@@ -238,6 +244,22 @@ class UnlearnAdapter(nn.Module):
     def num_trainable(self) -> int:
         return sum(self[n].num_trainable() for n in self.names)
 
+    @property
+    def root(self) -> str:
+        """What the adapter edits: ``"unet"`` (the denoising network; files without the field)
+        or ``"text_encoder"`` (the CLIP text encoder's first block)."""
+        return self.meta.get("root", UNET)
+
+    def network(self, model) -> nn.Module:
+        """The module whose names this adapter addresses, from the module it is attached to (a
+        text encoder resolves to its text transformer) or from a denoiser (by :attr:`root`)."""
+        return adapted_network(model, self.root)
+
+    def root_of(self, denoiser) -> nn.Module:
+        """What this adapter attaches to on ``denoiser``: ``denoiser.unet``, or its
+        ``text_encoder`` for a text-encoder adapter (ValueError for a backend without one)."""
+        return root_module(denoiser, self.root)
+
     @contextmanager
     def disabled(self) -> Iterator[None]:
         """Temporarily switch the adapter off (the teacher's view of the same UNet)."""
@@ -249,7 +271,15 @@ class UnlearnAdapter(nn.Module):
 
     def check_compatible(self, unet: nn.Module) -> None:
         """Raise a clear error if a module is missing or has another weight shape."""
-        check_shapes_fit({n: self[n].weight_shape for n in self.names}, unet)
+        try:
+            check_shapes_fit({n: self[n].weight_shape for n in self.names}, self.network(unet))
+        except ValueError as e:
+            if self.root != TEXT_ENCODER:
+                raise
+            raise ValueError(f"{e}; this adapter edits the first block of a CLIP text encoder: "
+                             "attach it to denoiser.text_encoder (adapter.applied_to(denoiser)), "
+                             "or load its LoRA export with the text encoder (ComfyUI: the stock "
+                             "LoraLoader's CLIP)") from e
 
     def attach(self, unet: nn.Module, mode: str = "unmerged") -> "UnlearnAdapter":
         """Patch ``unet`` (in place, reversibly) and move the adapter to its device.
@@ -261,7 +291,7 @@ class UnlearnAdapter(nn.Module):
         if id(unet) in self._attached:
             raise RuntimeError("this adapter is already attached to this UNet")
         self.check_compatible(unet)
-        mods = adaptable_modules(unet)
+        mods = adaptable_modules(self.network(unet))
         for n in self.names:
             if parametrize.is_parametrized(mods[n], "weight"):
                 raise RuntimeError(f"{n} already carries a weight parametrization; "
@@ -290,7 +320,7 @@ class UnlearnAdapter(nn.Module):
         for h in handles:
             h.remove()
         if mode == "merged":
-            mods = adaptable_modules(unet)
+            mods = adaptable_modules(self.network(unet))
             for n in self.names:
                 m = mods.get(n)
                 if m is not None and parametrize.is_parametrized(m, "weight"):
@@ -304,6 +334,12 @@ class UnlearnAdapter(nn.Module):
             yield self
         finally:
             self.detach(unet)
+
+    def applied_to(self, denoiser, mode: str = "unmerged"):
+        """``with adapter.applied_to(denoiser):`` :meth:`applied` on what the adapter edits
+        (:meth:`root_of`: the UNet, or the text encoder, which ``denoiser.encode`` then runs
+        through)."""
+        return self.applied(self.root_of(denoiser), mode)
 
     # ---- native serialization (the file I/O and validation live in files.py) ----
     def to_tensors(self) -> tuple[dict[str, Tensor], dict[str, str]]:

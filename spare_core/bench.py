@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 
 from . import cli_args as A
 from .cli_args import CONCEPT_METHODS, DATA_METHODS, EMBEDDED_NAMES
+from .recipes import RECIPES
 
 # torch, the models and the metrics are imported inside the functions: ``spare bench --help`` and
 # argument errors need none of them.
 SAMPLE_STEPS = 50  # == spare_core.digits.metrics.SAMPLE_STEPS (tests/test_demo_bench.py checks)
+CONCEPT_STEPS = RECIPES["spare"].steps  # the concept recipes' budget (all 100)
 
 
 @dataclass
@@ -58,7 +60,7 @@ def run_concept_method(name: str, den, forget, *, steps: int, seed: int, surroga
 
 
 # what a bench variant (``name:key=value``) may set besides the method's own hyperparameters
-RUN_OPTIONS = ("timestep_sampler", "lr", "batch_size")
+RUN_OPTIONS = ("timestep_sampler", "lr", "batch_size", "num_samples")
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def bench_concepts(methods, targets, *, n: int, steps: int, seed: int, sample_st
             res = run_concept_method(v.name, den, group, steps=steps, seed=seed,
                                      options=v.options, bars=b, model=model)
             secs = time.perf_counter() - t0
-            with res.adapter.applied(den.unet):
+            with res.adapter.applied_to(den):  # the UNet, or the text encoder it edits
                 m = bench.measure(den, clf, group, n, seed, sample_steps,
                                   callback=b.sampler("evaluate after"))
                 if probe is not None:
@@ -164,9 +166,11 @@ def bench_concepts(methods, targets, *, n: int, steps: int, seed: int, sample_st
     return rows
 
 
-def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log=print,
+def bench_data(methods, *, n: int, steps: int | None, seed: int, sample_steps: int, log=print,
                bars=None) -> list[Row]:
-    """Rows of the data-unlearning bench; ``bars`` (a PhaseBars) draws every phase's progress."""
+    """Rows of the data-unlearning bench; ``steps`` None runs each method's recipe (its early
+    stop included: the ``steps`` column is the count it trained); ``bars`` (a PhaseBars) draws
+    every phase's progress."""
     import torch
 
     from .digits import metrics as M
@@ -201,9 +205,10 @@ def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log
         res = run_method(v.name, den, forget=forget, keep=keep, steps=steps, seed=seed,
                          progress=b.train, phase_progress=b.phase, **v.options)
         secs = time.perf_counter() - t0
-        with res.adapter.applied(den.unet):
+        with res.adapter.applied_to(den):
             m = measure(b, "evaluate after")
-        m.update(seconds=secs, trainable=res.adapter.num_trainable(),
+        m.update(steps=float(len(res.history["loss"])), seconds=secs,  # float: mean ± std
+                 trainable=res.adapter.num_trainable(),
                  adapter_kB=adapter_bytes(res.adapter) / 1024, peak_rss_MB=peak_rss_mb())
         rows.append(Row(v.label, "pattern", m))
         log(format_row(rows[-1]))
@@ -211,7 +216,7 @@ def bench_data(methods, *, n: int, steps: int, seed: int, sample_steps: int, log
 
 
 COLUMNS = ["UA", "RA", "IRA", "CRA", "UA_para", "ASR", "ASR_found", "to_surrogate", "FD", "FD_forget", "FD_retain",
-           "pattern_rate", "FD_rest", "seconds", "trainable", "adapter_kB", "peak_rss_MB"]
+           "pattern_rate", "FD_rest", "steps", "seconds", "trainable", "adapter_kB", "peak_rss_MB"]
 
 
 def mean_over_seeds(runs: list[list[Row]]) -> list[Row]:
@@ -236,7 +241,7 @@ def mean_over_seeds(runs: list[list[Row]]) -> list[Row]:
 
 def _cell(r: Row, c: str) -> str:
     v = r.values[c]
-    prec = 1 if c in ("seconds", "adapter_kB", "peak_rss_MB") or c.startswith("FD") else 3
+    prec = 1 if c in ("steps", "seconds", "adapter_kB", "peak_rss_MB") or c.startswith("FD") else 3
     txt = f"{v:.{prec}f}" if isinstance(v, float) else str(v)
     if c + "_std" in r.values:
         txt += f" ± {r.values[c + '_std']:.{prec}f}"
@@ -284,8 +289,10 @@ def add_command(sub) -> None:
     p.add_argument("--n", type=A.positive_int, default=20,
                    help="samples per prompt: per digit, per canvas (style, object) prompt "
                         "(or unconditional samples x10)")
-    p.add_argument("--steps", type=A.positive_int, default=100,
-                   help="training steps of every method (equal budget)")
+    p.add_argument("--steps", type=A.positive_int, default=None,
+                   help="training steps of every method (equal budget; default: the recipes', "
+                        "100 for the concept methods; each data method its own, its early stop "
+                        "on)")
     p.add_argument("--sample-steps", type=A.positive_int, default=None,
                    help="ancestral DDPM steps of the evaluation sampler (default: the model's, "
                         "50 for digits, 25 for canvas)")
@@ -358,13 +365,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
     with PhaseBars() as bars:
         if a.data_unlearning:
             methods = parse_methods(a.methods or ",".join(DATA_METHODS), DATA_METHODS)
-            runs = [bench_data(methods, n=a.n * 10, steps=a.steps, seed=sd,
+            runs = [bench_data(methods, n=a.n * 10, steps=a.steps, seed=sd,  # None: recipe
                                sample_steps=a.sample_steps or SAMPLE_STEPS, bars=bars, log=bars_print(bars))
                     for sd in a.seed_list]
         else:
             methods = parse_methods(a.methods or "spare", CONCEPT_METHODS)
             from .probe import AttackConfig
-            runs = [bench_concepts(methods, a.targets, n=a.n, steps=a.steps, seed=sd,
+            runs = [bench_concepts(methods, a.targets, n=a.n, seed=sd,
+                                   steps=a.steps or CONCEPT_STEPS,
                                    sample_steps=a.sample_steps or get(a.model).sample_steps, bars=bars, log=bars_print(bars),
                                    model=a.model, together=a.together,
                                    probe=AttackConfig(tokens=a.attack_tokens, steps=a.attack_steps,

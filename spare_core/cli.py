@@ -13,6 +13,7 @@ import sys
 from contextlib import nullcontext
 
 from . import cli_args as A
+from . import concept_list
 from .cli_args import CONCEPT_METHODS, DATA_METHODS, METHOD_NAMES
 from .recipes import FAMILY_GUIDANCE, LOCALIZATIONS, RECIPES, guidance_for, recipe
 
@@ -45,6 +46,7 @@ def _add_unlearn(sub) -> None:
                         "it once per --concept, or give one for all")
     p.add_argument("--preserve", type=A.prompt, action="append", default=[],
                    help="prompt whose images must not change (repeatable)")
+    concept_list.add_arguments(p)  # --concept-list, --per-concept, --fusion, --processes
     p.add_argument("--forget-images", default=None,
                    help="folder of the images to forget (data methods)")
     p.add_argument("--keep-images", default=None,
@@ -58,7 +60,8 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--grid", default=None, help="before/after PNG grid to write (.png)")
     p.add_argument("--merged-out", default=None, metavar="DIR",
                    help="also write the pipeline folder with the adapter baked into the UNet "
-                        "weights (what one ships: nothing to unplug)")
+                        "weights (or the text encoder's, for --module-selection text_encoder; "
+                        "what one ships: nothing to unplug)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out, --grid and --merged-out if they exist")
     p.add_argument("--steps", type=A.positive_int, default=None,
@@ -70,8 +73,9 @@ def _add_unlearn(sub) -> None:
                    help="latents per training step, forget and keep each (default: the method's "
                         f"recipe, spare {_SPARE.batch_size})")
     p.add_argument("--module-selection", choices=LOCALIZATIONS, default=None,
-                   help="which modules the LoRA adapts (spare; spare_core.localize; default "
-                        f"{_SPARE.hparams['module_selection']})")
+                   help="which modules the LoRA adapts (spare; spare_core.localize; "
+                        "text_encoder: the first block of the CLIP text encoder, SD1.x/SD2.x; "
+                        f"default {_SPARE.hparams['module_selection']})")
     p.add_argument("--rank", type=A.positive_int, default=None,
                    help=f"LoRA rank (spare; default {_SPARE.hparams['rank']})")
     p.add_argument("--alpha", type=A.positive_float, default=None,
@@ -108,6 +112,10 @@ def _add_unlearn(sub) -> None:
                    help="back-propagate the forget and preserve terms one at a time (spare)")
     p.add_argument("--micro-batch", type=A.positive_int, default=8,
                    help="concept images per saliency forward/backward (spare, salun)")
+    p.add_argument("--early-stop-every", type=int, default=None, metavar="N",
+                   help="data methods: every N steps, check whether the forget images are still "
+                        "memorised and stop once they are not (0 = off; default: the method's "
+                        f"recipe, siss {RECIPES['siss'].hparams['early_stop_every']})")
     p.set_defaults(func=cmd_unlearn, check=check_unlearn_args)
 
 
@@ -127,6 +135,10 @@ def check_unlearn_args(a: argparse.Namespace) -> None:
         a.concept = "\n".join(a.concept)
     if not isinstance(a.surrogate, str):
         a.surrogate = "\n".join(a.surrogate or [""])
+    concept_list.check_arguments(a)
+    if a.per_concept and a.method not in CONCEPT_METHODS:
+        raise ValueError(f"--per-concept trains one adapter per concept: a concept method "
+                         f"({', '.join(CONCEPT_METHODS)})")
     if a.method in CONCEPT_METHODS:
         if a.concept is None:
             raise ValueError(f"{a.method} forgets a concept: give --concept \"...\"")
@@ -146,6 +158,10 @@ def check_unlearn_args(a: argparse.Namespace) -> None:
     A.check_new_path(a.out, "--out", a.overwrite)
     A.check_new_path(a.grid, "--grid", a.overwrite)
     A.check_new_path(a.merged_out, "--merged-out", a.overwrite)
+    every = getattr(a, "early_stop_every", None)
+    if every is not None and (every < 0 or a.method in CONCEPT_METHODS):
+        raise ValueError(f"--early-stop-every takes an integer >= 0 (0 = off) and applies to the "
+                         f"data methods {', '.join(DATA_METHODS)}")
 
 
 def method_hparams(a: argparse.Namespace) -> dict:
@@ -160,6 +176,8 @@ def method_hparams(a: argparse.Namespace) -> dict:
         hp.update({k: v for k, v in given.items() if v is not None})
     elif a.method == "salun" and a.mask_fraction is not None:
         hp["mask_fraction"] = a.mask_fraction
+    if getattr(a, "early_stop_every", None) is not None:
+        hp["early_stop_every"] = a.early_stop_every
     hp.update(parse_options(a.param, "--param"))
     unknown = sorted(set(hp) - set(METHODS[a.method].hparams))
     if unknown:
@@ -216,6 +234,9 @@ def _run(a: argparse.Namespace, den, vae, clip, hp: dict, bars):
                   timestep_sampler=a.timestep_sampler, progress=bars.train,
                   phase_progress=bars.phase, gradient_checkpointing=a.gradient_checkpointing,
                   backward_per_term=a.split_backward, saliency_batch_size=a.micro_batch, **hp)
+    if a.per_concept:  # one adapter per concept, fused (spread over torchrun's processes)
+        from .multi_concept import run_cli
+        return run_cli(a, den, clip, common)
     if METHODS[a.method].kind == "concept":
         return run_method(a.method, den, concept=a.concept, surrogate=a.surrogate,
                           preserve=a.preserve, num_samples=a.num_samples,
@@ -238,7 +259,7 @@ def _write_grid(a: argparse.Namespace, den, vae, clip, adapter, prompts, bars) -
     cells = []
     for p in prompts:
         row = []
-        for when, ctx in (("before", nullcontext()), ("after", adapter.applied(den.unet))):
+        for when, ctx in (("before", nullcontext()), ("after", adapter.applied_to(den))):
             with ctx:
                 lat = sample(den, [p] * 4, steps=a.sample_steps, guidance=a.guidance,
                              method="ddim", generator=torch.Generator().manual_seed(a.seed),
@@ -261,6 +282,19 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
     quiet_libraries()
     hp = method_hparams(a)
     a.device = resolve_device(a.device)
+    launch = concept_list.torchrun_arguments(a)
+    if launch is not None:  # --processes N: the same command under torchrun (its Python API)
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        from torch.distributed.run import get_args_parser, run as torchrun
+        try:
+            torchrun(get_args_parser().parse_args(launch))
+        except ChildFailedError:  # each failing rank has printed its error
+            return 1
+        return 0
+    if a.per_concept:
+        from .multi_concept import init_distributed, rank_device
+        a.device = rank_device(a.device)
+        init_distributed(a.device)
     den = load_denoiser(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     if a.device == "cpu":
         apply_threads(den)
@@ -273,8 +307,15 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
         vae = AutoencoderKL.from_pretrained(a.model, subfolder="vae",
                                             use_safetensors=True).to(a.device)
     clip = 1.0 if vae is None else None
-    with PhaseBars(a.method) as bars:
-        res = _run(a, den, vae, clip, hp, bars)
+    from .multi_concept import ConceptJobError
+    try:
+        with PhaseBars(a.method) as bars:
+            res = _run(a, den, vae, clip, hp, bars)
+    except ConceptJobError as e:  # a per-concept job failed (on some rank): nothing written
+        print(f"spare unlearn: error: {e}", file=sys.stderr)
+        return 1
+    if res is None:  # a torchrun rank other than 0: rank 0 fuses and writes
+        return 0
     if a.concept is not None:
         meta = dict(method=a.method, concept=a.concept, surrogate=a.surrogate)
         from .tasks import concept_pairs
@@ -284,21 +325,26 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
         meta = dict(method=a.method, forget_images=os.path.abspath(a.forget_images))
         prompts = list(dict.fromkeys([a.forget_prompt or "", a.keep_prompt or ""]))
     if a.format == "native":
-        save_adapter(res.adapter, a.out, unet=den.unet, **meta)
+        save_adapter(res.adapter, a.out, unet=res.adapter.root_of(den), **meta)
     else:
         sd = to_comfy_lora(res.adapter) if a.format == "comfy" else to_diffusers_lora(res.adapter)
         atomic_save_safetensors(sd, a.out, meta)
     print(f"wrote {a.out}: {a.method}, {res.history['trainable_params']} trainable parameters, "
           f"{res.history['seconds']:.1f} s"
           + (f", final loss {res.history['loss'][-1]:.4g}" if res.history["loss"] else
-             " (closed form)"))
+             f" (fused by {res.history['fusion']})" if "fusion" in res.history else
+             " (closed form)" if "probe" not in res.history else ""))
+    if res.history.get("probe"):  # data methods: where the early stop ended it, and the cost
+        from .data_task import probe_summary
+        print(probe_summary(res.history))
     if a.grid:
         with PhaseBars() as bars:
             _write_grid(a, den, vae, clip, res.adapter, prompts, bars)
         print(f"wrote {a.grid}")
     if a.merged_out:
         save_merged_pipeline(a.model, res.adapter, a.merged_out, overwrite=a.overwrite)
-        print(f"wrote {a.merged_out}: the pipeline with the adapter merged into its UNet")
+        where = "text encoder" if res.adapter.root == "text_encoder" else "UNet"
+        print(f"wrote {a.merged_out}: the pipeline with the adapter merged into its {where}")
     return 0
 
 

@@ -12,6 +12,13 @@ share their noise and timestep (as in the SISS code) and carries in ``Batch.extr
 - ``mixture_lambda``: float;
 - ``uniform_noise`` ``[B, C, H, W]``: ``U[0, 1)`` noise (EraseDiff's forget target).
 
+The task also carries the early stop's probe (:meth:`DataTask.stop_probe`): the denoising loss of
+a few forget images against that of a few keep images held out of training, at fixed timesteps
+and noise. A memorised image is denoised far better than unseen data of its kind; once the forget
+images' loss is no longer below the held-out keep images' (ratio >= ``stop_ratio``), the model
+no longer reproduces them and training can stop (measured on the pattern model:
+benchmarks/RESULTS.md, "Data unlearning").
+
 Images come as tensors or as folders of PNG/JPEG files. They are used as latents directly
 (pixel-space models such as the embedded 8x8 digits model, whose latents are the images in
 ``[-1, 1]``, shape ``[N, 1, 8, 8]``), or passed through ``encode`` (e.g. a VAE encoder times its
@@ -20,6 +27,7 @@ scaling factor) for latent models. Prompts are optional: None is the empty promp
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,6 +43,13 @@ from .timesteps import UniformSampler
 
 ImageSource = Union[Tensor, str, os.PathLike]
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+PROBE_IMAGES = 8
+"""Forget images and held-out keep images the early stop's probe denoises (each at every probe
+timestep, with the same noise for the two sets)."""
+PROBE_TIMESTEPS = 8
+"""Probe timesteps, one at the centre of each of as many equal strata of ``[0, T)``."""
+PROBE_SEED = 7919
+"""Offset of the probe's generator from the run's seed (its noise never draws from training's)."""
 
 
 def load_image_folder(path: str | os.PathLike, channels: int | None = None,
@@ -89,6 +104,19 @@ def _prompt_list(prompts: str | Sequence[str] | None, n: int, what: str) -> list
     return prompts
 
 
+def probe_summary(history: dict) -> str:
+    """One line on a run's early stop from its history (``stopped_at``, ``probe``): where it
+    stopped, and the probe's forget/keep losses then and at step 0 (the keep loss is the cost)."""
+    checks = history["probe"]
+    first, last = checks[0], checks[-1]
+    stop = history.get("stopped_at")
+    where = (f"early stop at step {stop}: the forget images are no longer memorised"
+             if stop is not None else f"no early stop in {last['step']} steps")
+    return (f"{where} (probe forget/keep loss {last['forget']:.4g}/{last['keep']:.4g}, ratio "
+            f"{last['ratio']:.2f}; at step 0 {first['forget']:.4g}/{first['keep']:.4g}, ratio "
+            f"{first['ratio']:.2f})")
+
+
 @dataclass
 class DataTask:
     """Forget the images ``forget_latents`` (set A) while keeping ``keep_latents`` (set X).
@@ -102,6 +130,11 @@ class DataTask:
         mixture_lambda: SISS's ``lambda`` in (0, 1): probability that ``m_t`` is drawn from the
             forget component (default 0.5, the SISS paper's setting).
         image_channels / image_size: how folders are read (see :func:`load_image_folder`).
+        stop_ratio: the early stop's threshold: the forget set counts as gone once the probe's
+            forget loss is at least ``stop_ratio`` times its keep loss (:meth:`stop_probe`).
+
+    A keep set of at least ``4 * PROBE_IMAGES`` images gives ``PROBE_IMAGES`` of them to the probe
+    and trains on the rest (smaller sets: the probe reads training images; ``probe_held_out``).
     """
 
     forget_latents: ImageSource
@@ -112,6 +145,7 @@ class DataTask:
     mixture_lambda: float = 0.5
     image_channels: int | None = None
     image_size: int | tuple[int, int] | None = None
+    stop_ratio: float = 1.0
 
     # ---- input checks (before any long work) -------------------------------------------------
     def _load(self, src: ImageSource | None, what: str) -> Tensor | None:
@@ -135,8 +169,12 @@ class DataTask:
         lam = self.mixture_lambda
         if not isinstance(lam, (int, float)) or not 0.0 < float(lam) < 1.0:
             raise ValueError(f"mixture lambda must be in (0, 1) (SISS default 0.5), got {lam!r}")
+        r = self.stop_ratio
+        if not isinstance(r, (int, float)) or not 0.0 < float(r) < float("inf"):
+            raise ValueError(f"stop_ratio must be a positive number (default 1.0), got {r!r}")
         self._forget = self._load(self.forget_latents, "forget")
         self._keep = self._load(self.keep_latents, "keep")
+        self._keep_all = None  # the keep set before the probe's hold-out (set by prepare)
         self._fp = _prompt_list(self.forget_prompts, self._forget.shape[0], "forget")
         self._kp = None if self._keep is None else \
             _prompt_list(self.keep_prompts, self._keep.shape[0], "keep")
@@ -186,6 +224,34 @@ class DataTask:
                              "use 'uniform'")
         self.timestep_sampler = "uniform"
         self.sampler = UniformSampler(process_of(denoiser).num_steps)
+        self._build_probe(denoiser, seed)
+
+    def _build_probe(self, denoiser: Denoiser, seed: int) -> None:
+        """The probe's fixed inputs (and the keep images it holds out of training)."""
+        self._probe = None
+        self.probe_held_out = False
+        if self._keep is None:
+            return
+        if getattr(self, "_keep_all", None) is None:  # a second prepare splits the same set again
+            self._keep_all = (self._keep, self._kidx)
+        keep, kidx = self._keep_all
+        g = torch.Generator().manual_seed(int(seed) + PROBE_SEED)
+        n = PROBE_IMAGES
+        if keep.shape[0] >= 4 * n:  # hold out: the probe reads images training never sees
+            perm = torch.randperm(keep.shape[0], generator=g)
+            held, rest = perm[:n].sort().values, perm[n:].sort().values
+            keep_x, keep_c = keep[held], kidx[held]
+            self._keep, self._kidx = keep[rest], kidx[rest]
+            self.probe_held_out = True
+        else:
+            idx = torch.arange(n) % keep.shape[0]
+            keep_x, keep_c = keep[idx], kidx[idx]
+        fidx = torch.arange(n) % self._forget.shape[0]
+        proc = process_of(denoiser)
+        T = proc.num_steps
+        ts = [min(T - 1, int((k + 0.5) * T / PROBE_TIMESTEPS)) for k in range(PROBE_TIMESTEPS)]
+        noise = torch.randn((len(ts), n, *self._forget.shape[1:]), generator=g)
+        self._probe = (self._forget[fidx], self._fidx[fidx], keep_x, keep_c, ts, noise)
 
     def _encode(self, x: Tensor, what: str, progress) -> Tensor:
         outs, n, bs = [], x.shape[0], 16
@@ -202,8 +268,49 @@ class DataTask:
 
     @property
     def keep_set(self) -> Tensor | None:
-        """The keep latents ``[M, C, H, W]`` or None (after validate/prepare)."""
+        """The keep latents ``[M, C, H, W]`` that training draws from, or None (after
+        validate/prepare; without the probe's held-out images)."""
         return self._keep
+
+    @property
+    def has_probe(self) -> bool:
+        """Whether :meth:`stop_probe` can run (it needs a keep set; after prepare)."""
+        return getattr(self, "_probe", None) is not None
+
+    @torch.no_grad()
+    def stop_probe(self, denoiser: Denoiser, predict: Callable[[Tensor, Tensor, Tensor], Tensor]) -> dict:
+        """Is the forget set gone? ``predict(x_t, t, ctx)`` is the model being trained.
+
+        Denoises ``PROBE_IMAGES`` forget images and as many held-out keep images at the
+        ``PROBE_TIMESTEPS`` fixed timesteps with the same fixed noise, one call of both sets per
+        timestep. Returns ``forget`` and ``keep`` (mean squared error of the prediction to its
+        target, averaged over timesteps and images), ``ratio`` (forget / keep) and ``gone``
+        (``ratio >= stop_ratio``): a memorised image has a far lower loss than unseen data
+        (ratio well below 1), an image the model does not reproduce does not.
+        """
+        if self._probe is None:
+            raise ValueError("the early stop needs a keep set: its probe compares the forget "
+                             "images' denoising loss with held-out keep images'")
+        fx, fc, kx, kc, ts, noise = self._probe
+        dev, dtype, proc = device_of(denoiser), compute_dtype_of(denoiser), process_of(denoiser)
+        n = fx.shape[0]
+        x0 = torch.cat([fx, kx])
+        ctx = self._ctx[torch.cat([fc, kc])].to(dev, dtype)
+        per_t = []
+        for t, nz in zip(ts, noise):
+            nz2 = torch.cat([nz, nz])
+            tt = torch.full((2 * n,), t, dtype=torch.long)
+            x_t = proc.q_sample(x0, tt, nz2)
+            pred = predict(x_t.to(dev, dtype), tt.to(dev), ctx).float()
+            err = ((pred - proc.target(x0, nz2).to(dev)) ** 2).flatten(1).mean(1)
+            per_t.append([t, float(err[:n].mean()), float(err[n:].mean())])
+        lf = sum(f for _, f, _ in per_t) / len(per_t)
+        lk = sum(k for _, _, k in per_t) / len(per_t)
+        ratio = lf / lk if lk > 0 else float("inf")
+        logs = [math.log(f / k) for _, f, k in per_t if f > 0 and k > 0]
+        gmean = math.exp(sum(logs) / len(logs)) if logs else float("nan")
+        return {"forget": lf, "keep": lk, "ratio": ratio, "gmean": gmean, "per_t": per_t,
+                "gone": ratio >= float(self.stop_ratio)}
 
     # ---- per step ---------------------------------------------------------------------------
     def batch(self, denoiser: Denoiser, batch_size: int, gen: torch.Generator) -> Batch:

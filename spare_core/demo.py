@@ -101,7 +101,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
         res = spare_unlearn(den, **req, **bench.settings("spare", a.steps, a.seed),
                             progress=bars.train, phase_progress=bars.phase)
         bars.label = ""
-        with res.adapter.applied(den.unet):
+        with res.adapter.applied_to(den):
             after = bench.measure(den, clf, [a.forget], a.n, a.seed, a.sample_steps,
                                   [a.surrogate], callback=bars.sampler("evaluate after"))
 

@@ -6,8 +6,10 @@ or ``eps`` for noise-space backends), its forward process (``process``, see
 (a tensor or a :class:`~spare_core.conditioning.Context`: methods pass it through without
 looking inside) and ``compute_dtype`` (the dtype the network runs in, which may differ from the
 dtype its weights are stored in: fp8 storage computed in bf16), and, where a backend has them,
-``predict`` (eps and x0 together), ``enable_gradient_checkpointing`` and ``last_word_index``
-(where a prompt's words end in its encoded sequence: UCE pairs tokens from there). The trainable
+``predict`` (eps and x0 together), ``enable_gradient_checkpointing``, ``last_word_index``
+(where a prompt's words end in its encoded sequence: UCE pairs tokens from there) and
+``text_states`` (``encode`` with gradient, for an adapter on the CLIP text encoder: the
+``text_encoder`` localisation, :mod:`spare_core.text_encoder`). The trainable
 network is
 exposed as ``unet`` (a UNet or a DiT) so that saliency and adapters can address its weights by
 module name. Backends: :class:`DiffusersDenoiser` (here, SD1.x/SD2.x), the family modules in
@@ -238,6 +240,12 @@ class DiffusersDenoiser:
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:
+        return self.text_states(prompts)
+
+    def text_states(self, prompts: Sequence[str]) -> Tensor:
+        """The text encoder's last hidden states ``[len(prompts), L, D]``, as :meth:`encode`
+        gives them but in the caller's grad mode: an adapter on the text encoder (localisation
+        ``text_encoder``, :mod:`spare_core.text_encoder`) trains through it."""
         ids = self.tokenizer(list(prompts), padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length,
                              return_tensors="pt").input_ids

@@ -9,6 +9,12 @@
 - merged: :func:`merge_into_unet` adds the adapter's deltas to a UNet's weights for good;
   :func:`save_merged_pipeline` writes a diffusers pipeline folder with the erased UNet (nothing
   to unplug: what one ships when the model is distributed).
+
+A text-encoder adapter (``adapter.root == "text_encoder"``, the first block of SD1.x/SD2.x's
+CLIP) exports with the text encoder's names: ``lora_te_text_model_encoder_layers_0_...``
+(what ComfyUI's ``model_lora_keys_clip`` maps onto SD1.x's clip_l, and kohya writes), and
+``text_encoder.text_model.encoder.layers.0....lora_A.weight`` (what diffusers'
+``load_lora_weights`` hands to the text encoder); merged, it is baked into ``text_encoder/``.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from torch import Tensor, nn
 
 from .adapter import LoRADelta, UnlearnAdapter
 from .families import adaptable_modules
+from .text_encoder import TEXT_ENCODER, lora_name
 
 # top-level module names of the CompVis/LDM UNet (ComfyUI's, A1111's) and of ComfyUI's own SD3 /
 # Flux DiTs; diffusers names its parts down_blocks / mid_block / up_blocks / conv_in /
@@ -58,18 +65,26 @@ def _is_dense_lora(d) -> bool:
     return isinstance(d, LoRADelta) and d.mask is None
 
 
+def _file_names(adapter: UnlearnAdapter) -> dict[str, str]:
+    """Module name -> the name LoRA files use for it (the text transformer's ``text_model.``
+    prefix for a text-encoder adapter, else the name itself)."""
+    text = adapter.root == TEXT_ENCODER
+    return {n: lora_name(n) if text else n for n in adapter.names}
+
+
 def to_comfy_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dict[str, Tensor]:
     """State dict for ComfyUI's LoraLoader (strength of the adapter folded in). Key prefix by
     family: ``lora_unet_`` for UNets (diffusers or CompVis names: ComfyUI maps both, SD1.x to
     SDXL) and for ComfyUI-named DiTs; ``lora_transformer_`` for diffusers-named DiTs (ComfyUI's
-    SD3 and Flux key maps)."""
+    SD3 and Flux key maps); ``lora_te_`` for a text-encoder adapter (ComfyUI's SD1.x clip_l)."""
     if prefix is None:
-        prefix = "lora_transformer_" if is_diffusers_transformer(adapter.names) else "lora_unet_"
+        prefix = ("lora_te_" if adapter.root == TEXT_ENCODER else "lora_transformer_"
+                  if is_diffusers_transformer(adapter.names) else "lora_unet_")
     out: dict[str, Tensor] = {}
     s = float(adapter.strength)
-    for n in adapter.names:
+    for n, name in _file_names(adapter).items():
         d = adapter[n]
-        key = prefix + n.replace(".", "_")
+        key = prefix + name.replace(".", "_")
         if _is_dense_lora(d):
             shape = d.weight_shape
             down = d.lora_A.detach().float().reshape(d.rank, *shape[1:])
@@ -87,7 +102,8 @@ def to_comfy_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dict[st
 
 def to_diffusers_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dict[str, Tensor]:
     """PEFT-style state dict for ``pipe.load_lora_weights`` / ``load_lora_adapter``: keys
-    ``unet.*`` for UNets, ``transformer.*`` for DiTs (chosen from the names unless ``prefix``).
+    ``unet.*`` for UNets, ``transformer.*`` for DiTs (chosen from the names unless ``prefix``),
+    ``text_encoder.text_model.*`` for a text-encoder adapter.
 
     Module names must be diffusers names (adapters trained on the diffusers backend are); an
     adapter trained through ComfyUI (CompVis / ComfyUI DiT names) raises ValueError naming the
@@ -95,10 +111,11 @@ def to_diffusers_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dic
     """
     check_diffusers_names(adapter)
     if prefix is None:
-        prefix = "transformer." if is_diffusers_transformer(adapter.names) else "unet."
+        prefix = ("text_encoder." if adapter.root == TEXT_ENCODER else "transformer."
+                  if is_diffusers_transformer(adapter.names) else "unet.")
     out: dict[str, Tensor] = {}
     s = float(adapter.strength)
-    for n in adapter.names:
+    for n, name in _file_names(adapter).items():
         d = adapter[n]
         shape = d.weight_shape
         with torch.no_grad():
@@ -113,14 +130,15 @@ def to_diffusers_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dic
         r = a.shape[0]
         if len(shape) == 4:
             a, b = a.reshape(r, *shape[1:]), b.reshape(shape[0], r, 1, 1)
-        out[f"{prefix}{n}.lora_A.weight"] = a.contiguous()
-        out[f"{prefix}{n}.lora_B.weight"] = b.contiguous()
+        out[f"{prefix}{name}.lora_A.weight"] = a.contiguous()
+        out[f"{prefix}{name}.lora_B.weight"] = b.contiguous()
     return out
 
 
 @torch.no_grad()
 def merge_into_unet(unet: nn.Module, adapter: UnlearnAdapter) -> None:
-    """Add the adapter's deltas (strength applied) to ``unet``'s weights, in place and for good.
+    """Add the adapter's deltas (strength applied) to ``unet``'s weights (a text-encoder
+    adapter's: to the text encoder given as ``unet``), in place and for good.
 
     The sum is formed in float32 and cast to each weight's dtype. Raises ValueError for an adapter
     made for other layers and RuntimeError if an adapter is attached to ``unet`` (detach it first:
@@ -128,7 +146,7 @@ def merge_into_unet(unet: nn.Module, adapter: UnlearnAdapter) -> None:
     from torch.nn.utils import parametrize
 
     adapter.check_compatible(unet)
-    mods = adaptable_modules(unet)
+    mods = adaptable_modules(adapter.network(unet))
     attached = [n for n in adapter.names if parametrize.is_parametrized(mods[n], "weight")]
     if attached or adapter.is_attached(unet):
         raise RuntimeError(f"{(attached or adapter.names)[0]} carries an attached adapter; detach "
@@ -141,21 +159,27 @@ def merge_into_unet(unet: nn.Module, adapter: UnlearnAdapter) -> None:
 def save_merged_pipeline(model_dir: str, adapter: UnlearnAdapter, out_dir: str,
                          overwrite: bool = False) -> None:
     """Write ``out_dir``: the diffusers pipeline folder ``model_dir`` with the adapter baked into
-    its network's weights (``unet/`` or ``transformer/`` re-saved as safetensors in its stored
-    dtype; every other file copied). Written next to ``out_dir`` and renamed into place, so an
-    interrupted run leaves no half folder; an existing ``out_dir`` is refused unless
-    ``overwrite``."""
+    its network's weights (``unet/`` or ``transformer/``, or ``text_encoder/`` for a
+    text-encoder adapter, re-saved as safetensors in its stored dtype; every other file copied).
+    Written next to ``out_dir`` and renamed into place, so an interrupted run leaves no half
+    folder; an existing ``out_dir`` is refused unless ``overwrite``."""
     import json
 
     import diffusers
 
-    sub = next((s for s in ("unet", "transformer") if os.path.isdir(os.path.join(model_dir, s))),
-               None)
+    subs = ("text_encoder",) if adapter.root == TEXT_ENCODER else ("unet", "transformer")
+    sub = next((s for s in subs if os.path.isdir(os.path.join(model_dir, s))), None)
     if sub is None:
-        raise FileNotFoundError(f"{model_dir!r} is not a diffusers pipeline folder: no unet/ or "
-                                "transformer/ inside. Save one with pipe.save_pretrained(folder).")
+        raise FileNotFoundError(f"{model_dir!r} is not a diffusers pipeline folder: no "
+                                f"{' or '.join(s + '/' for s in subs)} inside. Save one with "
+                                "pipe.save_pretrained(folder).")
     with open(os.path.join(model_dir, sub, "config.json")) as f:
-        model_cls = getattr(diffusers, json.load(f)["_class_name"])
+        config = json.load(f)
+    if "_class_name" in config:  # a diffusers model
+        model_cls, save_kw = getattr(diffusers, config["_class_name"]), {"safe_serialization": True}
+    else:  # the text encoder: a transformers model (safetensors is its default format)
+        import transformers
+        model_cls, save_kw = getattr(transformers, config["architectures"][0]), {}
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir!r} exists; choose another folder or pass overwrite=True "
@@ -171,7 +195,7 @@ def save_merged_pipeline(model_dir: str, adapter: UnlearnAdapter, out_dir: str,
                                         torch_dtype=_stored_dtype(model_dir, sub),
                                         use_safetensors=True)
         merge_into_unet(net, adapter)
-        net.save_pretrained(os.path.join(tmp, sub), safe_serialization=True)
+        net.save_pretrained(os.path.join(tmp, sub), **save_kw)
         old = None
         if os.path.exists(out_dir):
             old = f"{tmp}-old"

@@ -1,5 +1,11 @@
 """Adapter and tensor files: ``.safetensors`` only (never pickle), written atomically, read with
-validation (format, shapes, target modules, base-model fingerprint)."""
+validation (format, shapes, target modules, base-model fingerprint).
+
+An adapter file records what the adapter edits in its ``root`` metadata (``"text_encoder"`` for
+the ``text_encoder`` localisation); a file without it is a UNet adapter, as every file written
+before the field existed. Where a function takes the model (``unet``) to check against, give
+what the adapter edits (the UNet, or the text encoder) or the denoiser (its UNet or text
+encoder is picked by the root)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +20,7 @@ from torch import Tensor, nn
 
 from .adapter import UnlearnAdapter, check_shapes_fit
 from .families.unet import adaptable_modules
+from .text_encoder import ROOTS, UNET, adapted_network
 
 FORMAT = "spare_adapter"
 
@@ -128,7 +135,8 @@ def model_fingerprint(unet: nn.Module, names: list[str] | None = None) -> str:
 def save_adapter(adapter: UnlearnAdapter, path: str, unet: nn.Module | None = None,
                  **meta: str) -> None:
     """Save the native format (A, B, masks or masked values) with metadata: method, concept,
-    surrogate, rank, mask fraction, base-model fingerprint (if ``unet`` is given), version."""
+    surrogate, rank, mask fraction, root (text-encoder adapters), base-model fingerprint (if
+    ``unet``, the model the adapter edits or its denoiser, is given), version."""
     from . import __version__
 
     if not path.endswith(".safetensors"):
@@ -143,7 +151,7 @@ def save_adapter(adapter: UnlearnAdapter, path: str, unet: nn.Module | None = No
     m["format"] = FORMAT
     m["spare_core_version"] = __version__
     if unet is not None:
-        m["base_model_fingerprint"] = model_fingerprint(unet, adapter.names)
+        m["base_model_fingerprint"] = model_fingerprint(adapter.network(unet), adapter.names)
     atomic_save_safetensors(tensors, path, m)
 
 
@@ -250,7 +258,8 @@ def _check_claimed_size(path: str, layout: Mapping[str, dict]) -> None:
 
 
 def load_adapter(path: str, unet: nn.Module | None = None, strict: bool = True) -> UnlearnAdapter:
-    """Load an adapter; with ``unet``, check its layers and (``strict``) its fingerprint.
+    """Load an adapter; with ``unet`` (the model it edits: the UNet, or a text-encoder adapter's
+    text encoder; or their denoiser), check its layers and (``strict``) its fingerprint.
 
     The metadata is checked against the file's tensor shapes and against ``unet`` (without one:
     no module may claim more than :data:`MAX_CLAIMED_ELEMENTS` weight elements) before any
@@ -265,11 +274,18 @@ def load_adapter(path: str, unet: nn.Module | None = None, strict: bool = True) 
     layout = _layout(path, meta)
     _check_strength(path, meta)
     _check_layout_against_file(path, layout, shapes)
+    root = meta.get("root", UNET)
+    if root not in ROOTS:
+        raise AdapterFileError(f"{path!r}: metadata root {root!r} is none of {list(ROOTS)}; the "
+                               "file was edited or damaged: re-save the adapter with save_adapter")
     if unet is not None:
+        unet = adapted_network(unet, root)  # what the adapter's names address
         try:
             check_shapes_fit({n: tuple(e["shape"]) for n, e in layout.items()}, unet)
         except ValueError as e:
-            raise ModelMismatchError(f"{e}; load the checkpoint it was trained on") from e
+            hint = (" (it edits a CLIP text encoder's first block: pass the text encoder, or "
+                    "the denoiser)" if root != UNET else "")
+            raise ModelMismatchError(f"{e}; load the checkpoint it was trained on{hint}") from e
     else:
         _check_claimed_size(path, layout)
     tensors, meta = read_safetensors(path)

@@ -2,7 +2,10 @@
 
 Each localisation names a module set of the network; the adapter (``spare_core.sparse_lora``)
 then puts a LoRA of one rank on it. Compared at an equal trainable-parameter budget in
-``benchmarks/localisation.py`` (tables in benchmarks/RESULTS.md, "Localisation").
+``benchmarks/localisation.py`` (tables in benchmarks/RESULTS.md, "Localisation"). All but
+``text_encoder`` pick modules of the denoising network (UNet or DiT); ``text_encoder`` picks
+the CLIP text encoder's instead and leaves the network untouched (:func:`network_for` gives
+the module a selection picks from).
 
 ================  =========================================================================
 name              module set
@@ -19,6 +22,11 @@ text_kv           the projections that read the text (cross-attention to_k / to_
 random            as many modules as ``module_fraction`` gives, drawn at random (seeded): the
                   control for any ranking
 all               every adaptable module but the input/output layers
+text_encoder      the linear layers (self-attention q/k/v/out, MLP fc1/fc2) of the first block
+                  of the CLIP text encoder, not of the UNet (HiRM); the student's prompts are
+                  re-encoded through it at every step, the frozen teacher keeps the original
+                  encodings (:mod:`spare_core.text_encoder`). Diffusers SD1.x/SD2.x only; dense
+                  LoRA (no element mask), no adversarial training
 ================  =========================================================================
 
 The first three need a saliency map (:func:`needs_saliency`); the others are fixed by the
@@ -34,6 +42,7 @@ from torch import nn
 
 from .families import IO_LAYERS, adaptable_modules, is_text_projection
 from .recipes import LOCALIZATIONS, RANKED  # torch-free: the CLI reads them before torch loads
+from .text_encoder import TEXT_ENCODER, check_text_encoder, first_block, text_transformer
 
 
 def check_localization(name: str) -> None:
@@ -45,6 +54,16 @@ def check_localization(name: str) -> None:
 def needs_saliency(name: str) -> bool:
     """True when the localisation ranks modules by a saliency map."""
     return name in RANKED
+
+
+def network_for(denoiser, how: str) -> nn.Module:
+    """The module localisation ``how`` picks modules of (and the adapter addresses by name):
+    ``denoiser.unet``, or for ``text_encoder`` the CLIP text transformer of
+    ``denoiser.text_encoder`` (ValueError, before any work, for a backend without one)."""
+    check_localization(how)
+    if how == TEXT_ENCODER:
+        return text_transformer(check_text_encoder(denoiser))
+    return denoiser.unet
 
 
 def candidates(unet: nn.Module, exclude: Sequence[str] = IO_LAYERS) -> list[str]:
@@ -67,7 +86,9 @@ def text_projections(unet: nn.Module) -> list[str]:
 def select_modules(unet: nn.Module, how: str, *, saliency=None, fraction: float = 0.25,
                    count: int | None = None, seed: int = 0, reduce: str = "mean",
                    exclude: Sequence[str] = IO_LAYERS) -> list[str]:
-    """Module names of ``unet`` for localisation ``how`` (:data:`LOCALIZATIONS`).
+    """Module names of ``unet`` for localisation ``how`` (:data:`LOCALIZATIONS`); for
+    ``text_encoder``, ``unet`` is the CLIP text transformer (:func:`network_for`) and the names
+    are its first block's linear layers.
 
     ``saliency``: a :class:`~spare_core.saliency.Saliency` whose module scores rank the modules
     (``saliency``, ``objective``, ``contrastive``: the caller computed it with the matching
@@ -77,6 +98,8 @@ def select_modules(unet: nn.Module, how: str, *, saliency=None, fraction: float 
     check_localization(how)
     if how == "text_kv":
         return text_projections(unet)
+    if how == TEXT_ENCODER:
+        return first_block(unet)
     pool = candidates(unet, exclude)
     if how == "all":
         return pool

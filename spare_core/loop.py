@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .adapter import ATTACH_MODES, UnlearnAdapter
 from .denoiser import (Denoiser, check_checkpointing, compute_dtype_of, device_of, prediction,
@@ -17,6 +17,7 @@ from .denoiser import (Denoiser, check_checkpointing, compute_dtype_of, device_o
 from .objectives import Objective, make_objective
 from .saliency import Saliency
 from .storage_cast import upcast_copies
+from .text_encoder import TEXT_ENCODER, PromptReencoder, check_prompt_table
 
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ class UnlearnConfig:
             denoiser computes in float16, whose range cannot hold the UNet's small gradients.
         attach_mode: how the adapter reaches the UNet, ``"unmerged"`` or ``"merged"``
             (see :mod:`spare_core.adapter`).
+
+    Early stop (data unlearning): ``early_stop_every`` N > 0 runs the task's ``stop_probe``
+    before step 0 and every N steps (and after the last), without gradients and without drawing
+    from any random generator, and ends training, keeping the adapter trained so far, once it
+    says the forget set is gone (:meth:`spare_core.data_task.DataTask.stop_probe`). 0: off.
     """
 
     steps: int = 100
@@ -57,6 +63,7 @@ class UnlearnConfig:
     backward_per_term: bool = False
     loss_scaling: bool | None = None
     attach_mode: str = "unmerged"
+    early_stop_every: int = 0
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps <= 0:
@@ -69,6 +76,9 @@ class UnlearnConfig:
         if self.timestep_sampler not in TIMESTEP_SAMPLERS:
             raise ValueError(f"unknown timestep sampler {self.timestep_sampler!r}; "
                              f"choose one of {list(TIMESTEP_SAMPLERS)}")
+        if not isinstance(self.early_stop_every, int) or self.early_stop_every < 0:
+            raise ValueError(f"early_stop_every must be an integer >= 0 (0 = off), got "
+                             f"{self.early_stop_every!r}")
         if self.attach_mode not in ATTACH_MODES:
             raise ValueError(f"attach_mode must be one of {list(ATTACH_MODES)}, "
                              f"got {self.attach_mode!r}")
@@ -84,6 +94,9 @@ class UnlearnResult:
     (final scale, 1.0 without loss scaling) and ``skipped_steps`` (steps the loss scaler skipped
     because a scaled gradient overflowed); plus what the task reports of its run, where it has a
     ``run_stats()`` (adversarial training: ``attack_seconds``, ``adversarial_batches``).
+    With the early stop on: ``stopped_at`` (the step it stopped before, None if it ran every
+    step) and ``probe`` (one dict per check: ``step``, ``forget`` and ``keep`` probe losses,
+    ``ratio``), so the keep set's loss shows what the run cost.
     """
 
     adapter: UnlearnAdapter
@@ -104,17 +117,29 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     the run (forward hooks; the UNet's tensors are never written) and detached in all cases, also
     on cancellation or a non-finite loss. The adapter's parameters stay float32 whatever the
     denoiser computes in; float16 runs use dynamic loss scaling (``config.loss_scaling``).
+
+    A text-encoder adapter (``adapter.root == "text_encoder"``, :mod:`spare_core.text_encoder`)
+    is attached to ``denoiser.text_encoder`` instead: the student reads its prompts re-encoded
+    through it at every call (with gradient), the teacher the contexts the task encoded before
+    the adapter was attached; the task must list its prompts (``prompt_table()``).
     """
     config = config or UnlearnConfig()
     config.validate()
     task.validate(denoiser)
-    adapter.check_compatible(denoiser.unet)
+    root = adapter.root_of(denoiser)  # the UNet, or the text encoder a text-encoder adapter edits
+    adapter.check_compatible(root)
+    text = adapter.root == TEXT_ENCODER
+    if text:
+        check_prompt_table(task)
     obj = make_objective(objective, **(objective_kwargs or {})) if isinstance(objective, str) else objective
     check_objective = getattr(task, "check_objective", None)
     if check_objective is not None:  # a task made for one objective refuses the others up front
         check_objective(obj)
     if adapter.num_trainable() == 0:
         raise ValueError("the adapter has no trainable parameters (empty mask?)")
+    if config.early_stop_every and not hasattr(task, "stop_probe"):
+        raise ValueError("early_stop_every needs a task with a stop probe (data unlearning: "
+                         "spare_core.data_task.DataTask)")
     check_checkpointing(denoiser, config.gradient_checkpointing)
     dtype = compute_dtype_of(denoiser)
     scaling = (dtype == torch.float16) if config.loss_scaling is None else bool(config.loss_scaling)
@@ -123,25 +148,24 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
 
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()
-    task.prepare(denoiser, config.timestep_sampler, config.seed, prepare_progress)
+    task.prepare(denoiser, config.timestep_sampler, config.seed, prepare_progress)  # no adapter yet
     gen = torch.Generator().manual_seed(config.seed)
+    # the student's contexts: the batch's own, or its prompts through the adapted text encoder
+    contexts = PromptReencoder(denoiser, *task.prompt_table()) if text else (lambda c: c)
 
     params = [p for p in adapter.parameters()]
     for p in params:
         p.requires_grad_(True)
     unet = denoiser.unet
-    unet_flags = {p: p.requires_grad for p in unet.parameters()}
-    unet.requires_grad_(False)
-    was_training = unet.training
-    unet.eval()  # no dropout: the teacher and the student must see the same network
-    adapter.attach(unet, config.attach_mode)
+    restore = _freeze(unet, root)  # no dropout: the teacher and the student see the same network
+    adapter.attach(root, config.attach_mode)
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device_of(denoiser).type, enabled=scaling)
     split = config.backward_per_term and hasattr(obj, "parts")
     skipped = consecutive_skips = 0
 
     def student(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
-        return prediction(denoiser, x, t, c)
+        return prediction(denoiser, x, t, contexts(c))
 
     @torch.no_grad()
     def teacher(x: Tensor, t: Tensor, c: Tensor) -> Tensor:
@@ -150,11 +174,23 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
 
     losses: list[float] = []
     terms: list[dict[str, float]] = []
+    checks: list[dict] = []
+    stopped_at = None
+
+    def gone(step: int) -> bool:
+        """The task's stop probe on the model trained so far (no gradient, no random draw)."""
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            r = task.stop_probe(denoiser, student)
+        checks.append({"step": step, **{k: v for k, v in r.items() if k != "gone"}})
+        return bool(r["gone"])
     try:
         # upcast_copies: fp8-stored diffusers layers compute on copies backward can read
         with (torch.enable_grad(), gradient_checkpointing(denoiser, config.gradient_checkpointing),
               upcast_copies(unet)):
             for step in range(config.steps):
+                if config.early_stop_every and step % config.early_stop_every == 0 and gone(step):
+                    stopped_at = step
+                    break
                 opt.zero_grad(set_to_none=True)
                 step_loss, step_terms = 0.0, {}
                 for _ in range(config.grad_accum):
@@ -198,11 +234,11 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
                 terms.append(step_terms)
                 if progress is not None:
                     progress(step + 1, config.steps, step_loss)
+            if config.early_stop_every and stopped_at is None:
+                gone(config.steps)  # the cost of the full budget, for the history
     finally:
-        adapter.detach(unet)
-        for p, flag in unet_flags.items():
-            p.requires_grad_(flag)
-        unet.train(was_training)
+        adapter.detach(root)
+        restore()
         for p in params:
             p.grad = None
     sampler = getattr(task, "sampler", None)
@@ -215,9 +251,29 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
         "loss_scale": scaler.get_scale() if scaling else 1.0, "skipped_steps": int(skipped),
         "ignored": ignored,
     }
+    if config.early_stop_every:
+        history.update(stopped_at=stopped_at, probe=checks)
     stats = getattr(task, "run_stats", None)
     history.update(stats() if stats is not None else {})
     return UnlearnResult(adapter, history)
+
+
+def _freeze(*modules: nn.Module) -> Callable[[], None]:
+    """Switch ``modules`` (each once) to eval mode with no gradient into their own weights;
+    returns the function that restores their flags and modes."""
+    mods = list({id(m): m for m in modules}.values())
+    flags = {p: p.requires_grad for m in mods for p in m.parameters()}
+    modes = [(m, m.training) for m in mods]
+    for m in mods:
+        m.requires_grad_(False)
+        m.eval()
+
+    def restore() -> None:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        for m, was_training in modes:
+            m.train(was_training)
+    return restore
 
 
 def _without_unused_prompts(task, obj) -> tuple[object, list[str]]:

@@ -11,18 +11,29 @@ salun             concept  saliency mask, top 50% of elements (full)   ``salun_r
 esd               concept  ESD-x: cross-attention (full)               ``esd``
 esd_u             concept  ESD-u: all but cross-attn/out/time (full)   ``esd``
 uce               concept  cross-attention to_k/to_v (full)            closed form, no steps
-siss              data     every Linear/Conv2d weight (full)           ``siss``
+siss              data     LoRA rank 4 on every Linear/Conv2d          ``siss``
 neggrad           data     every Linear/Conv2d weight (full)           ``neggrad``
 erasediff         data     every Linear/Conv2d weight (full)           ``erasediff``
 naive_deletion    data     every Linear/Conv2d weight (full)           ``naive_deletion``
 ================  =======  ==========================================  ======================
 
+SPARE's ``module_selection`` (:mod:`spare_core.localize`) picks the LoRA's modules;
+``text_encoder`` puts it on the first block of the CLIP text encoder instead of the UNet
+(:mod:`spare_core.text_encoder`; apply the result with ``adapter.applied_to(denoiser)``).
+
 "(full)" is full fine-tuning of those weights (:func:`~spare_core.adapter.init_masked_full`,
 masked elements only; biases and norms stay frozen). ``parameterization="lora"`` swaps it for
-LoRA of ``rank`` on the same modules.
+LoRA of ``rank`` on the same modules (``"full"`` the other way).
 
-Step budget: the caller sets ``steps`` (equal for all methods in a comparison). A method's
-default learning rate keeps its paper's total Adam displacement ``lr x steps``:
+Data methods stop early by default (``early_stop_every``, ``stop_ratio``): every few steps a
+probe compares the forget images' denoising loss with held-out keep images' and ends training
+once it is no longer lower (:meth:`spare_core.data_task.DataTask.stop_probe`); the history then
+has ``stopped_at`` and ``probe``.
+
+Step budget: the caller sets ``steps`` (equal for all methods in a comparison). The data
+methods' recipes fix steps and lr from their front on the pattern model (benchmarks/RESULTS.md,
+"Data unlearning"). A concept method without a recipe lr keeps its paper's total Adam
+displacement ``lr x steps``:
 ``lr = paper_lr * paper_steps / steps`` (Adam moves each weight by about ``lr`` per step), so a
 10x shorter run gets a 10x larger step. SPARE keeps the engine's own default (1e-3, LoRA).
 Batch size defaults to 4 for every method (equal compute per step); timesteps are drawn
@@ -30,6 +41,8 @@ uniformly except for SPARE (``concept`` sampler).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -42,6 +55,8 @@ from .objectives import make_objective
 from .recipes import RECIPES, Recipe, guidance_for
 from .spare import phase_callback
 from .tasks import concept_pairs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -344,7 +359,15 @@ def _run_data(name, spec, denoiser, forget, keep, forget_prompts, keep_prompts, 
         raise ValueError(f"{name} needs keep=... (images or latents of the data to keep)")
     objective = _objective(name, hp)
     lam = hp.get("lambda_", 0.5) if name == "siss" else 0.5
-    task = DataTask(forget, keep, forget_prompts, keep_prompts, encode=encode, mixture_lambda=lam)
+    every = hp.get("early_stop_every", 0)
+    if every and keep is None:  # neggrad alone: nothing to compare the forget images with
+        log.warning("%s without keep images: no early stop (its probe compares the forget images "
+                    "with held-out keep images); training runs all %d steps", name, config.steps)
+        every = 0
+    config = dataclasses.replace(config, early_stop_every=every)
+    config.validate()
+    task = DataTask(forget, keep, forget_prompts, keep_prompts, encode=encode, mixture_lambda=lam,
+                    stop_ratio=hp.get("stop_ratio", 1.0))
     task.validate(denoiser)
     adapter = init_module_adapter(denoiser.unet, None, hp["parameterization"], hp["rank"],
                                   hp["lora_alpha"], seed=config.seed,

@@ -73,7 +73,7 @@ def cmd_probe(a: argparse.Namespace) -> int:
     prompt_access(den)  # a text stack the attack cannot reach is refused before any sampling
     if a.device == "cpu":
         apply_threads(den)
-    adapter = load_adapter(a.adapter, den.unet)
+    adapter = load_adapter(a.adapter, den)
     vae = None
     if os.path.isdir(os.path.join(a.model, "vae")):
         from diffusers import AutoencoderKL
@@ -88,7 +88,7 @@ def cmd_probe(a: argparse.Namespace) -> int:
 
     with PhaseBars("probe") as bars:
         originals = [draw(c, bars, f"original {c[:20]!r}") for c in a.concept]
-        with adapter.applied(den.unet):
+        with adapter.applied_to(den):
             res = attack(den, a.concept, originals,
                          AttackConfig(tokens=a.attack_tokens, steps=a.attack_steps, seed=a.seed),
                          progress=bars.train)

@@ -24,8 +24,12 @@ from types import MappingProxyType
 from typing import Mapping
 
 
-LOCALIZATIONS = ("saliency", "objective", "contrastive", "text_kv", "random", "all")
+LOCALIZATIONS = ("saliency", "objective", "contrastive", "text_kv", "random", "all",
+                 "text_encoder")
 """Module selections of :mod:`spare_core.localize`."""
+UNET_LOCALIZATIONS = tuple(x for x in LOCALIZATIONS if x != "text_encoder")
+"""The selections inside the denoising network (``text_encoder`` edits the CLIP text encoder,
+which the ComfyUI nodes do not carry into an adapter)."""
 RANKED = ("saliency", "objective", "contrastive")
 """The selections that rank modules by a saliency map."""
 
@@ -79,9 +83,14 @@ class Recipe:
 
 
 _FULL = {"parameterization": "full", "rank": 4, "lora_alpha": None}
+_LORA = {**_FULL, "parameterization": "lora"}
 _CONCEPT_RUN = dict(steps=100, batch_size=8, num_samples=16, sample_steps=25)
-_DATA_RUN = dict(steps=100, batch_size=4, num_samples=16, sample_steps=25,
-                 timestep_sampler="uniform")
+_DATA_RUN = dict(batch_size=4, num_samples=16, sample_steps=25, timestep_sampler="uniform")
+_EARLY_STOP = {"early_stop_every": 5, "stop_ratio": 1.0}
+"""The data methods' early stop: the probe every 5 steps, stop once the forget images' denoising
+loss reaches the held-out keep images' (spare_core.data_task.DataTask.stop_probe)."""
+_DATA_FRONT = ("benchmarks/RESULTS.md, 'Data unlearning': the front on the pattern model "
+               "(benchmarks/data_front.py, seeds 0 and 1)")
 
 SPARE_LOCALIZATION = {"module_selection": "all", "module_fraction": 0.5, "rank": 2}
 """SPARE's localisation and adapter size (benchmarks/RESULTS.md, "Localisation")."""
@@ -121,24 +130,25 @@ RECIPES: dict[str, Recipe] = {
                   "to_k/to_v, erase -> guide, preserve list; scales are the engine's defaults "
                   "(spare_core.uce)"),
     "siss": Recipe(
-        "data", lr=None, **_DATA_RUN,
-        hparams={"lambda_": 0.5, "forget_scale": 0.1, "normalize": "relative", **_FULL},
-        paper_lr=5e-5, paper_steps=300,
-        reference="SISS delete_tshirt.yaml: lambd 0.5, lr 5e-5, 300 steps; forget gradient at "
-                  "10% of the keep gradient's norm (README)"),
+        "data", steps=200, lr=5e-4, **_DATA_RUN,
+        hparams={"lambda_": 0.5, "forget_scale": 0.1, "normalize": "relative",
+                 **_LORA, **_EARLY_STOP},
+        reference=f"{_DATA_FRONT}: LoRA rank 4, lr 5e-4, 200 steps (pattern rate 0.002, FD_rest "
+                  "1.34x the original's); objective as SISS delete_tshirt.yaml (lambd 0.5, "
+                  "forget gradient at 10% of the keep gradient's norm, README)"),
     "neggrad": Recipe(
-        "data", lr=None, **_DATA_RUN, hparams={"scale": 1.0, **_FULL},
-        paper_lr=5e-5, paper_steps=300,
-        reference="SISS code simple_neg_del (superfactor 1), same run settings as SISS"),
+        "data", steps=150, lr=5e-5, **_DATA_RUN,
+        hparams={"scale": 1.0, **_FULL, **_EARLY_STOP},
+        reference=f"{_DATA_FRONT}: its best point is the early stop (step 15); SISS code "
+                  "simple_neg_del (superfactor 1)"),
     "erasediff": Recipe(
-        "data", lr=None, **_DATA_RUN,
-        hparams={"lambda_": 0.1, "eta": 0.1, "dynamic": False, **_FULL},
-        paper_lr=1e-4, paper_steps=280,
-        reference="EraseDiff DDPM: lr 1e-4, lambda_bome 0.1, eta_bome 0.1, 4 epochs x 2 "
-                  "S-steps x ~35 steps"),
+        "data", steps=150, lr=5e-5, **_DATA_RUN,
+        hparams={"lambda_": 0.1, "eta": 0.1, "dynamic": False, **_FULL, **_EARLY_STOP},
+        reference=f"{_DATA_FRONT}: its lowest pattern rate (0.037); EraseDiff DDPM "
+                  "lambda_bome 0.1, eta_bome 0.1"),
     "naive_deletion": Recipe(
-        "data", lr=None, **_DATA_RUN, hparams=dict(_FULL), paper_lr=5e-5, paper_steps=300,
-        reference="SISS code naive_del, same run settings as SISS"),
+        "data", steps=150, lr=5e-5, **_DATA_RUN, hparams={**_FULL, **_EARLY_STOP},
+        reference=f"{_DATA_FRONT}: its lowest pattern rate (0.023); SISS code naive_del"),
 }
 
 FAMILY_IMAGE_SIZE = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
@@ -174,29 +184,29 @@ def image_size(family: str) -> int:
 FRONT_ENDS = (
     ("API", "run_method(name, ...), spare_unlearn(...)"),
     ("CLI", "spare unlearn --method NAME"),
-    ("ComfyUI", "SparseLoRAInit, ComputeSaliency, SelfDistillUnlearn, UCE Erase"),
+    ("ComfyUI", "SparseLoRAInit, ComputeSaliency, SelfDistillUnlearn, UCE Erase, DataUnlearn"),
     ("bench", "spare bench, spare demo (plus the embedded model's guidance and x0 clip)"),
 )
 
 
 def defaults_table() -> str:
-    """The README's defaults table (Markdown), one row per concept method, printed from
-    :data:`RECIPES`: every front end in :data:`FRONT_ENDS` runs these values (a test checks that
-    the README holds exactly this table and that no front end drifts from it)."""
+    """The README's defaults table (Markdown), one row per method (concept methods, then the
+    data methods, which generate no images), printed from :data:`RECIPES`: every front end in
+    :data:`FRONT_ENDS` runs these values (a test checks that the README holds exactly this table
+    and that no front end drifts from it)."""
     def fmt(v) -> str:
         return f"{v:g}" if isinstance(v, float) else str(v)
 
     rows = ["| method | steps | lr | batch | images per concept | sample steps | timesteps | "
             "own options |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in RECIPES.items():
-        if r.kind != "concept":
-            continue
+    for name, r in sorted(RECIPES.items(), key=lambda kv: kv[1].kind != "concept"):
         own = ", ".join(f"{k} {fmt(v) if v is not None else 'none'}" for k, v in r.hparams.items()
                         if not k.startswith("adv_"))
         if r.steps is None:  # closed form: no training, no images
             rows.append(f"| {name} | closed form | - | - | - | - | - | {own} |")
             continue
         lr = fmt(r.lr) if r.lr is not None else f"{r.paper_lr:g} x {r.paper_steps} / steps"
-        rows.append(f"| {name} | {r.steps} | {lr} | {r.batch_size} | {r.num_samples} | "
-                    f"{r.sample_steps} | {r.timestep_sampler} | {own} |")
+        images = (r.num_samples, r.sample_steps) if r.kind == "concept" else ("-", "-")
+        rows.append(f"| {name} | {r.steps} | {lr} | {r.batch_size} | {images[0]} | "
+                    f"{images[1]} | {r.timestep_sampler} | {own} |")
     return "\n".join(rows)

@@ -10,12 +10,13 @@ from .adapter import UnlearnAdapter
 from .denoiser import Denoiser
 from .loop import UnlearnConfig, unlearn
 from .recipes import RECIPES, guidance_for
-from .localize import (check_ranking_inputs, needs_saliency, rank_for_budget, ranking_saliency,
-                       select_modules)
+from .localize import (check_ranking_inputs, needs_saliency, network_for, rank_for_budget,
+                       ranking_saliency, select_modules)
 from .saliency import Saliency, check_gradient_storage
 from .sampling import sample
 from .sparse_lora import check_rank, check_selection, sparse_lora_on
 from .tasks import ConceptTask, PoolConfig
+from .text_encoder import TEXT_ENCODER
 
 
 @dataclass
@@ -61,8 +62,11 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     reports the phases before training (``"concept samples"``, ``"saliency"``, ``"preserve pool
     i"``, ``"timestep gaps"``); ``progress(step, steps, loss)`` the training steps.
     ``module_selection`` is the localisation (:mod:`spare_core.localize`: ``saliency``,
-    ``objective``, ``contrastive``, ``text_kv``, ``random``, ``all``); only the rankings compute a
-    saliency map (``result.saliency`` is None otherwise, unless an element mask needs one).
+    ``objective``, ``contrastive``, ``text_kv``, ``random``, ``all``, ``text_encoder``); only the
+    rankings compute a saliency map (``result.saliency`` is None otherwise, unless an element
+    mask needs one). ``text_encoder`` puts the LoRA on the first block of the CLIP text encoder
+    instead of the UNet (diffusers SD1.x/SD2.x only; dense, not adversarial); apply its result
+    with ``adapter.applied_to(denoiser)``.
     ``budget`` (trainable parameters) replaces ``rank`` with the rank whose LoRA on the chosen
     modules comes closest to it (:func:`~spare_core.localize.rank_for_budget`), so
     localisations compare at equal size. ``adversarial`` (True or an
@@ -83,12 +87,19 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                            gradient_checkpointing=gradient_checkpointing,
                            backward_per_term=backward_per_term)
     config.validate()
+    check_selection(module_selection)
+    net = network_for(denoiser, module_selection)  # the UNet, or the CLIP text encoder's
     if budget is None:
-        check_rank(denoiser.unet, rank)
+        check_rank(net, rank)
     elif not isinstance(budget, int) or budget < 1:
         raise ValueError(f"budget must be a positive number of parameters, got {budget!r}")
-    check_selection(module_selection)
     element_masks = mask_fraction is not None and mask_fraction < 1.0
+    if module_selection == TEXT_ENCODER and (element_masks or adversarial):
+        why = ("an element mask ranks UNet weights by saliency: set mask_fraction None or 1"
+               if element_masks else "the adversarial attack feeds the UNet contexts that the "
+               "adapted text encoder does not make: switch adversarial off")
+        raise ValueError(f"module_selection 'text_encoder' trains a dense LoRA on the text "
+                         f"encoder; {why}, or choose a UNet module selection")
     check_ranking_inputs(module_selection, concept_task.preserve,
                          element_masks and needs_saliency(module_selection))
     if needs_saliency(module_selection) or element_masks:
@@ -112,15 +123,17 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                                seed=seed, should_stop=should_stop, batch_size=saliency_batch_size,
                                gradient_checkpointing=gradient_checkpointing,
                                progress=phase_callback(phase_progress, "saliency"))
-    modules = select_modules(denoiser.unet, module_selection, saliency=sal,
-                             fraction=module_fraction, seed=seed)
+    modules = select_modules(net, module_selection, saliency=sal, fraction=module_fraction,
+                             seed=seed)
     if budget is not None:
-        rank = rank_for_budget(denoiser.unet, modules, budget)
-    adapter = sparse_lora_on(denoiser.unet, modules, rank=rank, alpha=alpha, saliency=sal,
+        rank = rank_for_budget(net, modules, budget)
+    adapter = sparse_lora_on(net, modules, rank=rank, alpha=alpha, saliency=sal,
                              mask_fraction=mask_fraction, seed=seed, selection=module_selection,
                              clamp_rank=budget is not None)
     adapter.meta.update(method="spare", concept="\n".join(dict.fromkeys(prompts)),
                         surrogate=surrogate)
+    if module_selection == TEXT_ENCODER:
+        adapter.meta["root"] = TEXT_ENCODER  # attached to denoiser.text_encoder (adapter.root)
     concept_task.concept_latents = latents
     res = unlearn(denoiser, adapter, task, "self_distill", config,
                   objective_kwargs={"forget_weight": forget_weight, "preserve_weight": preserve_weight},

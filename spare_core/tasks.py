@@ -158,6 +158,15 @@ class ConceptTask:
             callback=(lambda i, n: progress("timestep gaps", i, n)) if progress else None,
             batch_size=self.pool.batch_size)
 
+    def prompt_table(self) -> tuple[list[str], Tensor]:
+        """Every prompt this task encodes (after :meth:`prepare`): concepts, surrogates, ``""``
+        and the preserved prompts, with their frozen contexts ``[P, L, D]`` in the same order
+        (a batch's contexts are rows of it): what a text-encoder adapter re-encodes
+        (:class:`~spare_core.text_encoder.PromptReencoder`)."""
+        concepts, surrogates = (list(x) for x in zip(*self.pairs))
+        frozen = [self._ctx, self._sur, self._uncond] + ([self._pctx] if self.preserve else [])
+        return concepts + surrogates + [""] + list(self.preserve), torch.cat(frozen)
+
     def batch(self, denoiser: Denoiser, batch_size: int, gen: torch.Generator) -> Batch:
         """Draw ``batch_size`` concept latents and as many preserved ones (random prompts)."""
         dev = device_of(denoiser)

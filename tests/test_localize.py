@@ -5,8 +5,9 @@ import torch
 
 from spare_core import compute_saliency
 from spare_core.families import IO_LAYERS, adaptable_modules, is_text_projection
-from spare_core.localize import (LOCALIZATIONS, contrast, lora_size, rank_for_budget,
-                                 ranking_saliency, select_modules)
+from spare_core.localize import (contrast, lora_size, rank_for_budget, ranking_saliency,
+                                 select_modules)
+from spare_core.recipes import UNET_LOCALIZATIONS
 from spare_core.spare import spare_unlearn
 
 
@@ -112,11 +113,12 @@ def test_budget_picks_the_closest_size(den):
             assert all(gap <= abs(lora_size(den.unet, mods, q) - budget) for q in range(1, 40))
 
 
-@pytest.mark.parametrize("how", LOCALIZATIONS)
+@pytest.mark.parametrize("how", UNET_LOCALIZATIONS)
 def test_spare_trains_on_the_selection_and_computes_saliency_only_to_rank(den, how, monkeypatch):
-    """spare_unlearn with each localisation: the adapter sits on select_modules' set (the ranked
-    ones on the map it computed), a budget sizes it, and saliency is computed only for the
-    rankings (once; contrastive twice: concept and preserved prompts)."""
+    """spare_unlearn with each localisation of the UNet: the adapter sits on select_modules' set
+    (the ranked ones on the map it computed), a budget sizes it, and saliency is computed only
+    for the rankings (once; contrastive twice: concept and preserved prompts). The text
+    encoder's: tests/test_text_encoder_localization.py."""
     import spare_core.saliency as S
 
     calls = []

@@ -48,7 +48,9 @@ def test_methods_listing_and_step_scaled_lr():
     assert set(DATA_METHODS) == {"siss", "neggrad", "erasediff", "naive_deletion"}
     # lr keeps the paper's lr x steps: ESD 1e-5 x 1000 steps -> 1e-4 at 100 steps
     assert method_defaults("esd", 100)["lr"] == pytest.approx(1e-4)
-    assert method_defaults("siss", 300)["lr"] == pytest.approx(5e-5)
+    # the data methods ship the lr their front picked (benchmarks/RESULTS.md), at any budget
+    siss_lr = METHODS["siss"].recipe.lr
+    assert siss_lr is not None and method_defaults("siss", 300)["lr"] == siss_lr
     assert method_defaults("salun")["mask_fraction"] == 0.5
     assert method_defaults("siss")["lambda_"] == 0.5
 
@@ -77,7 +79,7 @@ def test_bad_input_is_refused_before_work(den, name, kw, match):
 def test_every_method_runs_and_leaves_the_model_untouched(den, name):
     saved = unet_state(den.unet)
     kw = FAST_CONCEPT if METHODS[name].kind == "concept" else \
-        dict(forget=_pattern(), keep=_keep_set(16), batch_size=2)
+        dict(forget=_pattern(), keep=_keep_set(16), batch_size=2, early_stop_every=0)
     res = run_method(name, den, steps=2, lr=1e-3, **kw)
     assert_state_equal(den.unet, saved)
     h = res.history
@@ -230,7 +232,8 @@ def test_siss_unlearns_the_memorised_pattern_and_keeps_the_rest(memorised):
     assert f0 < 0.6  # the fixture did memorise the pattern
     runs = {}
     for name in ("siss", "naive_deletion"):
-        res = run_method(name, den, forget=A, keep=X, steps=30, lr=1e-3, seed=0)
+        res = run_method(name, den, forget=A, keep=X, steps=30, lr=1e-3, seed=0,
+                         parameterization="full", early_stop_every=0)  # the objective alone
         with res.adapter.applied(den.unet):
             runs[name] = (_fit(den, A), _fit(den, X[:16]))
     f1, k1 = runs["siss"]
@@ -275,7 +278,7 @@ def test_siss_lowers_the_memorised_pattern_rate_on_the_pattern_model():
     forget = pattern.unsqueeze(0)
     k0, f0 = _fit(den, keep[:32]), _fit(den, forget)
     res = run_method("siss", den, forget=forget, keep=keep, steps=60, lr=1e-4, batch_size=8,
-                     seed=0)
+                     seed=0, parameterization="full", early_stop_every=0)
     with res.adapter.applied(den.unet):
         rate1, k1, f1 = rate(), _fit(den, keep[:32]), _fit(den, forget)
     # measured: rate 0.22 -> 0.00, pattern denoising error x8, keep +5%

@@ -449,7 +449,8 @@ def test_data_unlearn_forgets_the_images_and_leaves_the_model(env, method, param
     n_updates = len(host.progress)
     (ad,) = host.run(nodes["DataUnlearn"], model=model, clip=clip, vae=vae, forget_images=forget,
                      keep_images=keep, method=method, steps=8, lr=5e-3,
-                     parameterization=parameterization, seed=0, rank=4, batch_size=2)
+                     parameterization=parameterization, seed=0, rank=4, batch_size=2,
+                     early_stop_every=0)  # every step: these images were never memorised
     assert ad.meta["method"] == method and ad.meta["parameterization"] == parameterization
     assert len(host.progress) - n_updates >= 8 and host.progress[-1] == (8, 8)
     assert torch.equal(host.eps(model, x, t, c), base)  # the input MODEL is untouched
@@ -461,6 +462,19 @@ def test_data_unlearn_forgets_the_images_and_leaves_the_model(env, method, param
         # images' (on this untrained model the keep term lowers both; measured for SISS: error
         # ratios 0.96 forget vs 0.91 keep)
         assert after[0] / before[0] > 1.03 * after[1] / before[1], (before, after)
+
+
+def test_data_unlearn_early_stop_reaches_the_engine(env):
+    """The node's early stop (on by default) runs the probe: on images the model never
+    memorised it may stop before the budget; the adapter says where, and the bar ends full."""
+    host, model, nodes, clip = env["host"], env["model"], env["nodes"], env["clip"]
+    forget, keep = _images("pattern", 2, 0), _images("random", 4, 1)
+    (ad,) = host.run(nodes["DataUnlearn"], model=model, clip=clip, vae=VAE(), forget_images=forget,
+                     keep_images=keep, method="siss", steps=6, lr=5e-3, parameterization="lora",
+                     seed=0, rank=2, batch_size=2, early_stop_every=2)
+    stopped = ad.meta["stopped_at"]
+    assert int(ad.meta["steps_trained"]) == (6 if stopped == "None" else int(stopped))
+    assert host.progress[-1] == (6, 6)
 
 
 def test_data_unlearn_bad_inputs_name_the_fix(env):

@@ -210,7 +210,10 @@ def test_siss_normalised_forget_gradient(mode, same_ctx):
     st = Fake()
     _, _, l_x, l_a, g_x, g_a = _siss_by_hand(batch, st, lam)
     loss, logs = SISS(forget_scale=s, normalize=mode)(st, None, batch)
-    target_norm = s * g_x.norm() if mode == "relative" else torch.tensor(s, dtype=torch.float64)
+    # absolute: scaling_norm is a norm in the SISS code's units (per-sample sums over the C*H*W
+    # elements), so in this loss's (per-sample means) it is s / (C*H*W)
+    target_norm = (s * g_x.norm() if mode == "relative"
+                   else torch.tensor(s / (C * H * W), dtype=torch.float64))
     coef = float(target_norm / g_a.norm())
     assert loss.item() == pytest.approx(l_x - coef * l_a, rel=1e-5)
     loss.backward()
@@ -218,6 +221,31 @@ def test_siss_normalised_forget_gradient(mode, same_ctx):
     assert st.theta.grad.double().tolist() == pytest.approx(want.tolist(), rel=1e-4, abs=1e-7)
     assert (coef * g_a).norm().item() == pytest.approx(float(target_norm), rel=1e-6)
     assert logs["forget_coef"] == pytest.approx(coef, rel=1e-6)
+
+
+def test_siss_absolute_is_the_authors_scaling_norm():
+    """A transcription of the SISS code's update (losses/ddpm_deletion_loss.py and
+    delete_tshirt.py: per-sample sums over elements, mean over the batch, then
+    ``grad = g_x - scaling_norm * g_a / |g_a|``) equals this objective's gradient times the
+    element count: the same direction and the same forget/keep balance for the same
+    ``scaling_norm`` (before, the forget term came out C*H*W times too strong)."""
+    lam, norm = 0.5, 5.0
+    batch = _siss_batch(lam, seed=9, t=torch.tensor([2, 5, 8]))
+    st = Fake()
+    _, _, _, _, g_x, g_a = _siss_by_hand(batch, st, lam)
+    n = C * H * W
+    g_x_sum, g_a_sum = n * g_x, n * g_a  # their loss sums the squared error over elements
+    theirs = g_x_sum - norm * g_a_sum / g_a_sum.norm()
+    loss, _ = SISS(forget_scale=norm, normalize="absolute")(st, None, batch)
+    loss.backward()
+    assert (n * st.theta.grad.double()).tolist() == pytest.approx(theirs.tolist(), rel=1e-4)
+
+
+def test_siss_takes_normalize_none_as_parsed_from_the_command_line():
+    from spare_core.methods import parse_options
+
+    opts = parse_options(["normalize=none"], "--param")  # "none" parses to None
+    assert SISS(**opts).normalize == "none"
 
 
 def test_siss_needs_the_mixture():

@@ -1,0 +1,378 @@
+"""Per-concept training, then fusion: a list of concepts erased by one adapter per concept, each
+trained alone from the base model, fused into one :class:`~spare_core.adapter.UnlearnAdapter`.
+
+The shared-adapter mode (``run_method(..., concept="a\\nb")``) trains the whole list in one
+adapter and one step budget. :func:`unlearn_concepts` instead runs ``run_method`` once per
+concept (:class:`~spare_core.concept_list.ConceptJob`: its concept, surrogate, the shared
+preserved prompts plus the list's other concepts, the method's recipe, the same seed as a
+single-concept run) and fuses the results (:mod:`spare_core.fusion`: ``sum``, ``ties``,
+``least_squares``).
+
+Spread over processes: under ``torchrun --nproc-per-node N`` (``torch.distributed`` initialised:
+gloo on CPU, NCCL on GPU) job ``j`` runs on rank ``j % N``. After each round of N jobs the ranks
+exchange their status, so one failing rank makes every rank raise :class:`ConceptJobError` (naming
+the rank, the concept and the error) after its current job, and nothing is written. Then every
+rank receives every adapter (``all_gather_object``: LoRA state dicts are small); for
+``least_squares`` each rank adds its own concepts' input Grams and the partial sums are reduced
+to rank 0. Rank 0 fuses and returns the result (saving is the caller's: ``save_adapter`` writes
+atomically); the other ranks return None. The fused adapter equals the one-process run's up to
+float summation order (tests/test_per_concept.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .adapter import UnlearnAdapter
+from .concept_list import ConceptJob, plan_jobs
+from .denoiser import Denoiser, device_of, prediction
+from .families.unet import adaptable_modules
+from .fusion import GramSums, check_fusion, fuse_least_squares, fuse_sum, fuse_ties, union_names
+from .loop import UnlearnResult
+from .tasks import concept_pairs
+
+log = logging.getLogger(__name__)
+
+
+class ConceptJobError(RuntimeError):
+    """A per-concept job failed (on some rank); nothing was fused or written."""
+
+
+@dataclass
+class MultiConceptResult(UnlearnResult):
+    """The fused adapter, the run's history (``jobs``: one summary per concept) and ``parts``,
+    the per-concept adapters in list order."""
+
+    parts: list = field(default_factory=list)
+
+
+# ---- torch.distributed, or one process ----
+def world() -> tuple[int, int]:
+    """``(rank, world size)``: torch.distributed's when initialised, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _check_all(rank: int, err: str | None) -> None:
+    """Exchange every rank's error (None when fine); raise ConceptJobError on every rank if any
+    failed."""
+    failed = [e for e in _all_gather(err) if e]
+    if failed:
+        raise ConceptJobError("per-concept unlearning failed, nothing was written: "
+                              + "; ".join(failed))
+
+
+def _reduce_to_rank0(tensors: Sequence[Tensor]) -> None:
+    import torch.distributed as dist
+
+    if world()[1] == 1:
+        return
+    nccl = dist.get_backend() == "nccl"
+    for t in tensors:
+        buf = t.cuda() if nccl and not t.is_cuda else t
+        dist.reduce(buf, dst=0)
+        if buf is not t:
+            t.copy_(buf)
+
+
+def init_distributed(device: str = "cpu", timeout_s: float = 1800.0) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment (``WORLD_SIZE`` > 1): NCCL when
+    ``device`` is CUDA (each rank on ``cuda:LOCAL_RANK``), else gloo. Returns ``(rank, size)``;
+    ``(0, 1)`` without torchrun."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return world()
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo",
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    import atexit
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    return world()
+
+
+def rank_device(device: str) -> str:
+    """``cuda:LOCAL_RANK`` for a CUDA device under torchrun, else ``device``."""
+    import os
+
+    if str(device).startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def rank_bars(job: ConceptJob, total: int):
+    """``(progress, phase_progress)`` drawing tqdm bars named by rank and concept (one line per
+    rank: ``position`` = rank)."""
+    from tqdm.auto import tqdm
+
+    rank, size = world()
+    tag = f"rank {rank}/{size} " if size > 1 else ""
+    name = f"{tag}[{job.index + 1}/{total}] {job.concept[:24]}"
+    bars: dict[str, object] = {}
+
+    def bar(what: str, n: int):
+        b = bars.get(what)
+        if b is None:
+            b = bars[what] = tqdm(total=n, desc=f"{name}: {what}", position=rank, leave=False,
+                                  dynamic_ncols=True)
+        return b
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        b = bar("train", steps)
+        b.n = step
+        b.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        b.refresh()
+        if step == steps:
+            b.close()
+
+    def phase(what: str, done: int, n: int) -> None:
+        b = bar(what, n)
+        b.n = done
+        b.refresh()
+        if done >= n:
+            b.close()
+
+    return progress, phase
+
+
+# ---- the least-squares fusion's inputs ----
+@torch.no_grad()
+def input_grams(denoiser: Denoiser, adapter: UnlearnAdapter, names: Sequence[str],
+                prompts: Sequence[str], latents: Tensor | None, seed: int,
+                batch_size: int = 4) -> dict[str, Tensor]:
+    """Mean ``x x^T`` (float64, ``[in, in]``) of the inputs ``x`` of each Linear module
+    ``names`` while the base model (no adapter) reads ``prompts``: a text-encoder adapter's
+    modules see the prompts' token states; a UNet's see ``latents[i]`` (one per prompt) noised
+    to uniformly drawn steps with prompt ``i``'s context (text-reading projections: its prompt
+    embeddings)."""
+    net = adapter.network(adapter.root_of(denoiser))
+    mods = adaptable_modules(net)
+    linear = [n for n in names if mods[n].weight.dim() == 2]
+    acc = {n: torch.zeros(mods[n].weight.shape[1], mods[n].weight.shape[1], dtype=torch.float64,
+                          device=mods[n].weight.device) for n in linear}
+    count = dict.fromkeys(linear, 0)
+
+    def hook_for(n):
+        def hook(_m, args, _out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            acc[n] += x.T @ x
+            count[n] += x.shape[0]
+        return hook
+
+    handles = [mods[n].register_forward_hook(hook_for(n)) for n in linear]
+    try:
+        if adapter.root != "unet":
+            for p in prompts:
+                denoiser.encode([p])
+        else:
+            from .process import process_of
+
+            proc = process_of(denoiser)
+            gen = torch.Generator().manual_seed(seed + 7)
+            dev = device_of(denoiser)
+            for s in range(0, len(prompts), batch_size):
+                x0 = latents[s:s + batch_size].float()
+                t = torch.randint(0, proc.num_steps, (x0.shape[0],), generator=gen)
+                noise = torch.randn(x0.shape, generator=gen)
+                x_t = proc.q_sample(x0, t, noise)
+                ctx = denoiser.encode(list(prompts[s:s + batch_size]))
+                dtype = next(iter(mods.values())).weight.dtype
+                dtype = dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
+                prediction(denoiser, x_t.to(dev, dtype), t.to(dev), ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (acc[n] / max(count[n], 1)).cpu() for n in linear}
+
+
+def _pool(denoiser, prompts: Sequence[str], n: int, seed: int, settings: dict) -> tuple[list, Tensor]:
+    """``n`` prompts drawn round-robin from ``prompts`` and their latents (frozen model, DDIM)."""
+    from .sampling import sample
+
+    chosen = [prompts[i % len(prompts)] for i in range(n)]
+    lat = sample(denoiser, chosen, steps=settings["sample_steps"], guidance=settings["guidance"],
+                 method="ddim", generator=torch.Generator().manual_seed(seed + 3),
+                 clip_x0=settings["clip_x0"])
+    return chosen, lat
+
+
+# ---- the jobs ----
+def _train_job(method: str, denoiser: Denoiser, job: ConceptJob, run_kwargs: dict,
+               bars) -> UnlearnResult:
+    from .methods import run_method
+
+    kw = dict(run_kwargs)
+    if bars is not None:
+        kw["progress"], kw["phase_progress"] = bars
+    return run_method(method, denoiser, concept=job.concept, surrogate=job.surrogate,
+                      preserve=list(job.preserve), **kw)
+
+
+def _pairs(concepts, surrogate) -> list[tuple[str, str]]:
+    if isinstance(concepts, str):
+        return concept_pairs(concepts, surrogate if isinstance(surrogate, str) else "\n".join(surrogate))
+    items = list(concepts)
+    if items and all(isinstance(c, (tuple, list)) for c in items):
+        return [(str(c), str(s)) for c, s in items]
+    return concept_pairs("\n".join(items), surrogate if isinstance(surrogate, str)
+                         else "\n".join(surrogate))
+
+
+def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
+                     preserve: Sequence[str] = (), *, fusion: str = "sum",
+                     fused_rank: int | None = None, ties_density: float = 0.2,
+                     ls_ridge: float = 1e-3, ls_samples: int = 4,
+                     ls_preserve_weight: float = 1.0,
+                     bars: Callable[[ConceptJob, int], tuple] | bool | None = None,
+                     **run_kwargs) -> MultiConceptResult | None:
+    """Erase a list of concepts with one adapter per concept, then fuse them into one.
+
+    ``concepts``: a list of prompts, of ``(concept, surrogate)`` pairs, or one per line;
+    ``surrogate``: one for all or one per concept (as :func:`~spare_core.tasks.concept_pairs`).
+    ``preserve``: the shared preserved prompts (each job adds the list's other concepts).
+    ``**run_kwargs`` go to :func:`~spare_core.methods.run_method` unchanged for every job (steps,
+    lr, seed, num_samples, the method's hyperparameters...; None = the recipe). ``fusion``:
+    ``sum``, ``ties`` (``ties_density``) or ``least_squares`` (``ls_ridge``; ``ls_samples``
+    latents per concept and as many of the preserved prompts for its input Grams, weighted
+    ``ls_preserve_weight``); ``fused_rank``: the fused LoRA's rank where the fusion is not an
+    exact concatenation (None: the sum of the jobs' ranks; 0: keep it dense). ``bars``: True for
+    tqdm bars per rank, or a ``(job, total) -> (progress, phase_progress)`` factory.
+
+    Runs in one process, or spread over torch.distributed's processes when initialised (module
+    docstring). Returns the fused :class:`MultiConceptResult` on rank 0, None on the others;
+    raises :class:`ConceptJobError` (on every rank) when a job fails.
+    """
+    from .methods import CONCEPT_METHODS, METHODS
+    from .recipes import guidance_for, recipe
+
+    if method not in CONCEPT_METHODS:
+        raise ValueError(f"per-concept training takes a concept method {list(CONCEPT_METHODS)}, "
+                         f"got {method!r}")
+    check_fusion(fusion)
+    if fusion == "least_squares" and ls_samples < 1:
+        raise ValueError(f"ls_samples must be >= 1, got {ls_samples!r}")
+    unknown = sorted(set(run_kwargs) - _RUN_KEYS - set(METHODS[method].hparams))
+    if unknown:
+        raise ValueError(f"unlearn_concepts does not take {unknown}")
+    if bars and ("progress" in run_kwargs or "phase_progress" in run_kwargs):
+        raise ValueError("give progress either by `bars` or by `progress`/`phase_progress`")
+    jobs = plan_jobs(_pairs(concepts, surrogate), list(preserve))
+    rank, size = world()
+    factory = rank_bars if bars is True else (bars or None)
+    t0 = time.perf_counter()
+
+    results: dict[int, tuple] = {}
+    for start in range(0, len(jobs), size):
+        job = jobs[start + rank] if start + rank < len(jobs) else None
+        err = None
+        if job is not None:
+            try:
+                res = _train_job(method, denoiser, job, run_kwargs,
+                                 factory(job, len(jobs)) if factory else None)
+                tensors, meta = res.adapter.to_tensors()
+                loss = res.history.get("loss") or []
+                results[job.index] = (tensors, meta, {
+                    "concept": job.concept, "surrogate": job.surrogate, "rank": rank,
+                    "seconds": res.history.get("seconds"),
+                    "final_loss": loss[-1] if loss else None,
+                    "trainable_params": res.history.get("trainable_params")})
+            except Exception as e:  # reported on every rank, then raised there
+                if size == 1:
+                    raise ConceptJobError(f"concept {job.concept!r} (job {job.index + 1}/"
+                                          f"{len(jobs)}) failed: {type(e).__name__}: {e}") from e
+                log.error("rank %d, concept %r:\n%s", rank, job.concept, traceback.format_exc())
+                err = (f"rank {rank} failed on concept {job.concept!r} (job {job.index + 1}/"
+                       f"{len(jobs)}): {type(e).__name__}: {e}")
+        _check_all(rank, err)
+
+    every: dict[int, tuple] = {}
+    for part in _all_gather(results):
+        every.update(part)
+    parts = [UnlearnAdapter.from_tensors(*every[j.index][:2]) for j in jobs]
+
+    sums = None
+    if fusion == "least_squares":
+        sums, err = None, None
+        try:
+            names = union_names(parts)
+            sums = GramSums({n: next(p[n].weight_shape for p in parts if n in p.names)
+                             for n in names})
+            kw = {k: run_kwargs.get(k) for k in ("sample_steps", "guidance", "clip_x0", "seed")}
+            settings = {"sample_steps": kw["sample_steps"] or recipe(method).sample_steps,
+                        "guidance": guidance_for(denoiser, kw["guidance"]),
+                        "clip_x0": kw["clip_x0"]}
+            seed = int(kw["seed"] or 0)
+            for job in jobs[rank::size]:
+                prompts, lat = _pool(denoiser, [job.concept], ls_samples, seed, settings)
+                grams = input_grams(denoiser, parts[job.index], list(sums.shapes), prompts, lat,
+                                    seed)
+                sums.add(parts[job.index].merged(), grams)
+            if rank == 0 and preserve:
+                prompts, lat = _pool(denoiser, list(preserve), ls_samples, seed + 1, settings)
+                sums.set_preserve(input_grams(denoiser, parts[0], list(sums.shapes), prompts,
+                                              lat, seed + 1), ls_preserve_weight)
+        except Exception as e:
+            if size == 1:
+                raise
+            log.error("rank %d, least-squares inputs:\n%s", rank, traceback.format_exc())
+            err = f"rank {rank} failed collecting the least-squares inputs: {type(e).__name__}: {e}"
+        _check_all(rank, err)
+        _reduce_to_rank0(sums.tensors())
+    if rank != 0:
+        return None
+
+    meta = {"concept": "\n".join(j.concept for j in jobs),
+            "surrogate": "\n".join(j.surrogate for j in jobs),
+            "preserve": "\n".join(preserve), "per_concept": "true"}
+    if fusion == "sum":
+        fused = fuse_sum(parts, fused_rank, meta)
+    elif fusion == "ties":
+        fused = fuse_ties(parts, ties_density, fused_rank, meta)
+    else:
+        fused = fuse_least_squares(parts, sums, ls_ridge, fused_rank, meta)
+    history = {"method": method, "per_concept": True, "fusion": fusion, "processes": size,
+               "jobs": [every[j.index][2] for j in jobs], "loss": [], "terms": [],
+               "seconds": time.perf_counter() - t0,
+               "trainable_params": fused.num_trainable(), "ignored": []}
+    return MultiConceptResult(fused, history, parts=parts)
+
+
+_RUN_KEYS = {"steps", "lr", "batch_size", "grad_accum", "seed", "timestep_sampler",
+             "num_samples", "sample_steps", "guidance", "clip_x0", "progress", "should_stop",
+             "phase_progress", "gradient_checkpointing", "backward_per_term",
+             "saliency_batch_size"}
+
+
+def run_cli(a, den: Denoiser, clip, common: dict) -> MultiConceptResult | None:
+    """``spare unlearn --per-concept``: :func:`unlearn_concepts` with the command's settings and
+    tqdm bars per rank (the PhaseBars of one run do not apply)."""
+    kw = {k: v for k, v in common.items() if k not in ("progress", "phase_progress")}
+    return unlearn_concepts(a.method, den, concept_pairs(a.concept, a.surrogate),
+                            preserve=list(a.preserve), fusion=a.fusion, fused_rank=a.fused_rank,
+                            bars=True, num_samples=a.num_samples, sample_steps=a.sample_steps,
+                            guidance=a.guidance, clip_x0=clip, **kw)

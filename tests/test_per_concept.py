@@ -1,0 +1,296 @@
+"""Per-concept training, then fusion (spare_core.multi_concept, spare_core.fusion): each job equals
+a single-concept run with the list's other concepts preserved; each fusion's algebra; the fused
+adapter's files; the same run over 2 gloo processes (torchrun) equals the one-process run; a
+failing rank stops every rank with one clear error and no file; the CLI's list file."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spare_core import load_adapter, save_adapter, to_comfy_lora
+from spare_core.adapter import LoRADelta, MaskedFullDelta, UnlearnAdapter
+from spare_core.cli import main
+from spare_core.concept_list import parse_concept_list, plan_jobs
+from spare_core.files import read_safetensors
+from spare_core.fusion import (GramSums, fuse_least_squares, fuse_sum, fuse_ties, ties_merge)
+from spare_core.methods import run_method
+from spare_core.multi_concept import ConceptJobError, unlearn_concepts
+from test_cli import pipe_dir  # noqa: F401  (the tiny pipeline folder fixture)
+from tiny_models import tiny_denoiser
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FAST = dict(steps=2, num_samples=2, sample_steps=2, batch_size=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def den():
+    return tiny_denoiser(0)
+
+
+def _equal_adapters(a, b):
+    ta, tb = a.to_tensors()[0], b.to_tensors()[0]
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+def test_each_job_equals_a_single_concept_run_with_the_others_preserved(den):
+    res = unlearn_concepts("spare", den, ["a red circle", "a blue square"], "a green line",
+                           ["a purple star"], **FAST)
+    for part, (concept, other) in zip(res.parts, [("a red circle", "a blue square"),
+                                                  ("a blue square", "a red circle")]):
+        alone = run_method("spare", den, concept=concept, surrogate="a green line",
+                           preserve=["a purple star", other], **FAST)
+        _equal_adapters(part, alone.adapter)
+    assert [j["concept"] for j in res.history["jobs"]] == ["a red circle", "a blue square"]
+    assert res.adapter.meta["concept"] == "a red circle\na blue square"
+    assert res.adapter.meta["fusion"] == "sum"
+
+
+def test_plan_adds_the_other_concepts_to_each_preserve_set():
+    jobs = plan_jobs([("a", "x"), ("b", "y"), ("c", "x")], ["keep"])
+    assert [j.preserve for j in jobs] == [("keep", "b", "c"), ("keep", "a", "c"),
+                                          ("keep", "a", "b")]
+    with pytest.raises(ValueError, match="itself erased"):
+        plan_jobs([("a", "b"), ("b", "x")])
+    with pytest.raises(ValueError, match="also listed as a preserved"):
+        plan_jobs([("a", "x")], ["A"])
+
+
+def _lora(shape, rank, seed, mask=None):
+    g = torch.Generator().manual_seed(seed)
+    d = LoRADelta(shape, rank, float(rank) * 0.5, mask, g)
+    with torch.no_grad():
+        d.lora_B.normal_(generator=g)
+    return d
+
+
+def _adapters():
+    a = UnlearnAdapter({"l1": _lora((6, 5), 2, 0), "c1": _lora((4, 3, 3, 3), 1, 1)})
+    mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(2)) > 0.5
+    b = UnlearnAdapter({"l1": _lora((6, 5), 1, 3, mask), "l2": _lora((3, 6), 2, 4)})
+    b.strength = 0.5
+    return a, b
+
+
+def test_sum_is_the_sum_of_the_deltas():
+    a, b = _adapters()
+    for rank in (None, 0, 9):
+        fused = fuse_sum([a, b], rank=rank).merged()
+        ma, mb = a.merged(), b.merged()
+        assert set(fused) == {"l1", "c1", "l2"}
+        torch.testing.assert_close(fused["l1"], ma["l1"] + mb["l1"])
+        torch.testing.assert_close(fused["c1"], ma["c1"])
+        torch.testing.assert_close(fused["l2"], mb["l2"])
+    only_loras = fuse_sum([a, UnlearnAdapter({"l1": _lora((6, 5), 2, 5)})])
+    assert only_loras["l1"].rank == 4  # dense LoRAs are concatenated: exact, no SVD
+
+
+def test_ties_on_a_hand_made_example():
+    d1 = torch.tensor([[4.0, -1.0, 0.5, 3.0]])
+    d2 = torch.tensor([[2.0, 2.0, -6.0, -1.0]])
+    d3 = torch.tensor([[-1.0, 3.0, 0.2, 0.5]])
+    # density 0.5 keeps the 2 largest magnitudes of each: [4,0,0,3], [0,2,-6,0], [-1,3,0,0]
+    # elected signs (sums): [+3, +5, -6, +3]; means of the agreeing values: [4, 2.5, -6, 3]
+    # (the -1 of column 0 disagrees with the elected sign and is dropped)
+    torch.testing.assert_close(ties_merge([d1, d2, d3], density=0.5),
+                               torch.tensor([[4.0, 2.5, -6.0, 3.0]]))
+    a = UnlearnAdapter({"m": MaskedFullDelta((1, 4), torch.ones(1, 4, dtype=torch.bool))})
+    b = UnlearnAdapter({"m": MaskedFullDelta((1, 4), torch.ones(1, 4, dtype=torch.bool))})
+    with torch.no_grad():
+        a["m"].values.copy_(d1)
+        b["m"].values.copy_(d2)
+    torch.testing.assert_close(fuse_ties([a, b], density=0.5, rank=0)["m"].delta(),
+                               ties_merge([d1, d2], 0.5))
+    with pytest.raises(ValueError, match="density"):
+        ties_merge([d1], 0.0)
+
+
+def test_least_squares_keeps_each_delta_on_its_inputs_and_the_preserved_ones_unchanged():
+    """Inputs of concept 1, concept 2 and the preserved prompts span disjoint coordinates: the
+    solve is exact, each concept's delta acts on its own inputs, preserved inputs see none."""
+    g = torch.Generator().manual_seed(0)
+    n_in, out = 8, 5
+    basis = torch.eye(n_in)
+
+    def inputs(cols):
+        return basis[:, cols] @ torch.randn(len(cols), 20, generator=g)  # [in, n]
+
+    x1, x2, xp = inputs([0, 1]), inputs([2, 3, 4]), inputs([5, 6])
+    a = UnlearnAdapter({"m": _lora((out, n_in), 2, 1)})
+    b = UnlearnAdapter({"m": _lora((out, n_in), 2, 2)})
+    sums = GramSums({"m": (out, n_in)})
+    for ad, x in ((a, x1), (b, x2)):
+        sums.add(ad.merged(), {"m": x @ x.T / x.shape[1]})
+    sums.set_preserve({"m": xp @ xp.T / xp.shape[1]})
+    for rank in (0, None):  # dense, and the sum of the ranks (the solution's rank here)
+        fused = fuse_least_squares([a, b], sums, ridge=1e-9, rank=rank).merged()["m"]
+        torch.testing.assert_close(fused @ x1, a.merged()["m"] @ x1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused @ x2, b.merged()["m"] @ x2, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fused @ xp, torch.zeros(out, xp.shape[1]), atol=1e-4, rtol=0)
+
+
+def test_least_squares_run_on_a_model(den):
+    res = unlearn_concepts("spare", den, ["a red circle", "a blue square"],
+                           ["a green line", "a yellow dot"], ["a purple star"],
+                           fusion="least_squares", ls_samples=2, **FAST)
+    merged = res.adapter.merged()
+    assert res.adapter.meta["fusion"] == "least_squares"
+    assert all(torch.isfinite(d).all() for d in merged.values())
+    assert any(float(d.abs().max()) > 0 for d in merged.values())
+
+
+@pytest.mark.parametrize("fusion", ["sum", "ties"])
+def test_the_fused_adapter_round_trips_through_the_files(den, tmp_path, fusion):
+    res = unlearn_concepts("spare", den, "a red circle\na blue square", "a green line",
+                           fusion=fusion, **FAST)
+    path = str(tmp_path / "fused.safetensors")
+    save_adapter(res.adapter, path, unet=den.unet)
+    back = load_adapter(path, unet=den.unet)
+    for n, d in res.adapter.merged().items():
+        torch.testing.assert_close(back.merged()[n], d)
+    assert back.meta["fusion"] == fusion and back.meta["per_concept"] == "true"
+    sd = to_comfy_lora(res.adapter)
+    n = res.adapter.names[0]
+    key = "lora_unet_" + n.replace(".", "_")
+    up, down = sd[f"{key}.lora_up.weight"], sd[f"{key}.lora_down.weight"]
+    scale = float(sd[f"{key}.alpha"]) / down.shape[0]
+    want = res.adapter.merged()[n]
+    torch.testing.assert_close((up.flatten(1) @ down.flatten(1) * scale).view(want.shape), want)
+
+
+def _torchrun(*args, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_gloo_processes_write_the_one_process_files(tmp_path):
+    sys.path.insert(0, HERE)
+    import per_concept_worker
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    assert per_concept_worker.run(str(one)) == 0
+    run = _torchrun(os.path.join(HERE, "per_concept_worker.py"), "--out", str(two))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 1/2" in run.stderr  # each rank draws its own bars
+    for fusion in ("sum", "ties", "least_squares"):
+        a, ma = read_safetensors(str(one / f"{fusion}.safetensors"))
+        b, mb = read_safetensors(str(two / f"{fusion}.safetensors"))
+        assert set(a) == set(b) and ma["concept"] == mb["concept"]
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_failing_rank_stops_all_with_one_clear_error_and_no_file(tmp_path):
+    run = _torchrun(os.path.join(HERE, "per_concept_worker.py"), "--out", str(tmp_path),
+                    "--fail-rank", "1")
+    assert run.returncode != 0
+    msg = ("per-concept unlearning failed, nothing was written: rank 1 failed on concept "
+           "'a handwritten digit five' (job 2/2): RuntimeError: injected failure")
+    assert run.stderr.count(msg) == 2  # both ranks raise it
+    assert os.listdir(tmp_path) == []
+
+
+def test_one_process_failure_names_the_concept(den, monkeypatch):
+    import spare_core.multi_concept as mc
+
+    def fail(method, denoiser, job, *a):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(mc, "_train_job", fail)
+    with pytest.raises(ConceptJobError, match="concept 'a red circle' .job 1/2. failed: "
+                                              "RuntimeError: boom"):
+        unlearn_concepts("spare", den, ["a red circle", "a blue square"], **FAST)
+
+
+# ---- the CLI's list file ----
+def test_concept_list_lines():
+    text = "# styles\nVan Gogh style | a painting\n\n  Monet style  \n"
+    assert parse_concept_list(text, "an image") == [("Van Gogh style", "a painting"),
+                                                    ("Monet style", "an image")]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a cat\n | a dog\n", r"list.txt line 2 \('\| a dog'\): the concept before '\|' is empty"),
+    ("a cat | a dog | a fox\n", "line 1 .*one '|' at most"),
+    ("a cat\nA  Cat | x\n", "line 2 .*'A  Cat' is already listed on line 1"),
+    ("a cat | a cat\n", "line 1 .*surrogate equals the concept"),
+    ("# nothing\n\n", "holds no concept"),
+])
+def test_bad_list_lines_are_named(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_concept_list(text, source="list.txt")
+
+
+def _cli(pipe_dir, listed, out, *extra):
+    return ["unlearn", "--model", pipe_dir, "--concept-list", listed, "--surrogate", "a dog",
+            "--preserve", "the ocean", "--out", out, "--steps", "2", "--num-samples", "2",
+            "--sample-steps", "2", "--device", "cpu", *extra]
+
+
+def test_cli_list_file_per_concept_and_its_errors(pipe_dir, tmp_path, capsys):
+    listed = tmp_path / "list.txt"
+    listed.write_text("a cat\na fox | a cow\n")
+    out = str(tmp_path / "fused.safetensors")
+    assert main(_cli(pipe_dir, str(listed), out, "--per-concept", "--fusion", "ties")) == 0
+    ad = load_adapter(out)
+    assert ad.meta["concept"] == "a cat\na fox" and ad.meta["surrogate"] == "a dog\na cow"
+    assert ad.meta["fusion"] == "ties" and "fused by ties" in capsys.readouterr().out
+    listed.write_text("a cat\n\na fox | a cow | an owl\n")
+    bad = str(tmp_path / "bad.safetensors")
+    assert main(_cli(pipe_dir, str(listed), bad, "--per-concept")) == 2
+    assert f"{listed} line 3 ('a fox | a cow | an owl'): one '|' at most" in capsys.readouterr().err
+    assert not os.path.exists(bad)
+    listed.write_text("a cat\n")
+    assert main(_cli(pipe_dir, str(listed), bad, "--fusion", "sum")) == 2
+    assert "--fusion applies to --per-concept" in capsys.readouterr().err
+
+
+def test_cli_processes_flag_runs_torchrun_and_matches_one_process(pipe_dir, tmp_path):
+    listed = tmp_path / "list.txt"
+    listed.write_text("a cat\na fox | a cow\n")
+    one, two = str(tmp_path / "one.safetensors"), str(tmp_path / "two.safetensors")
+    args = ["--per-concept", "--fusion", "least_squares"]
+    assert main(_cli(pipe_dir, str(listed), one, *args)) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "spare_core.cli",
+                          *_cli(pipe_dir, str(listed), two, *args, "--processes", "2")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, _ = read_safetensors(one)
+    b, _ = read_safetensors(two)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_node_per_concept_sum_is_the_sum_of_single_concept_runs(tmp_path, monkeypatch):
+    """SelfDistillUnlearn with two concepts and per_concept 'sum' equals the sum of two
+    single-concept runs of the node, each preserving the other concept."""
+    from comfy_double import Host, load_pack
+
+    host = Host(str(tmp_path)).install(monkeypatch)
+    nodes = load_pack().NODE_CLASS_MAPPINGS
+    model, clip = host.load_checkpoint(seed=0)
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=None,
+                       module_selection="all", module_fraction=1.0, rank=1, alpha=1.0,
+                       mask_fraction=1.0, seed=0)
+    common = dict(model=model, clip=clip, adapter=init, surrogate="a green line", steps=2,
+                  lr=1e-2, timestep_sampler="uniform", objective="self_distill", seed=0,
+                  batch_size=2, pool_size=1, pool_steps=2, cfg=3.0, width=64, height=64)
+    (fused,) = host.run(nodes["SelfDistillUnlearn"], concept="a red circle\na blue square",
+                        preserve="a purple star", per_concept="sum", **common)
+    singles = [host.run(nodes["SelfDistillUnlearn"], concept=c, preserve=f"a purple star\n{o}",
+                        **common)[0]
+               for c, o in (("a red circle", "a blue square"), ("a blue square", "a red circle"))]
+    want = fuse_sum(singles).merged()
+    got = fused.merged()
+    assert fused.meta["per_concept"] == "sum" and set(got) == set(want)
+    for n in want:
+        torch.testing.assert_close(got[n], want[n])
