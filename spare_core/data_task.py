@@ -48,6 +48,8 @@ PROBE_IMAGES = 8
 timestep, with the same noise for the two sets)."""
 PROBE_TIMESTEPS = 8
 """Probe timesteps, one at the centre of each of as many equal strata of ``[0, T)``."""
+PROBE_BATCH = 64
+"""Latents per probe call (four timesteps of the two sets at a time)."""
 PROBE_SEED = 7919
 """Offset of the probe's generator from the run's seed (its noise never draws from training's)."""
 
@@ -294,16 +296,18 @@ class DataTask:
         fx, fc, kx, kc, ts, noise = self._probe
         dev, dtype, proc = device_of(denoiser), compute_dtype_of(denoiser), process_of(denoiser)
         n = fx.shape[0]
-        x0 = torch.cat([fx, kx])
-        ctx = self._ctx[torch.cat([fc, kc])].to(dev, dtype)
+        x0, cidx = torch.cat([fx, kx]), torch.cat([fc, kc])
         per_t = []
-        for t, nz in zip(ts, noise):
-            nz2 = torch.cat([nz, nz])
-            tt = torch.full((2 * n,), t, dtype=torch.long)
-            x_t = proc.q_sample(x0, tt, nz2)
-            pred = predict(x_t.to(dev, dtype), tt.to(dev), ctx).float()
-            err = ((pred - proc.target(x0, nz2).to(dev)) ** 2).flatten(1).mean(1)
-            per_t.append([t, float(err[:n].mean()), float(err[n:].mean())])
+        group = max(1, PROBE_BATCH // (2 * n))  # timesteps per call
+        for lo in range(0, len(ts), group):
+            tg, ng = ts[lo:lo + group], noise[lo:lo + group]
+            nz = torch.cat([torch.cat([z, z]) for z in ng])  # forget and keep share the noise
+            tt = torch.tensor([t for t in tg for _ in range(2 * n)], dtype=torch.long)
+            xs = x0.repeat(len(tg), 1, 1, 1)
+            ctx = self._ctx[cidx.repeat(len(tg))].to(dev, dtype)
+            pred = predict(proc.q_sample(xs, tt, nz).to(dev, dtype), tt.to(dev), ctx).float()
+            err = ((pred - proc.target(xs, nz).to(dev)) ** 2).flatten(1).mean(1).view(len(tg), 2, n)
+            per_t += [[t, float(e[0].mean()), float(e[1].mean())] for t, e in zip(tg, err)]
         lf = sum(f for _, f, _ in per_t) / len(per_t)
         lk = sum(k for _, _, k in per_t) / len(per_t)
         ratio = lf / lk if lk > 0 else float("inf")
