@@ -62,6 +62,13 @@ def runs(seeds: list[int]) -> list[tuple[str, str, float, int]]:
     return out
 
 
+def geometric_ratio(per_t: list) -> float:
+    """The probe's forget/keep loss ratio as a geometric mean over its timesteps (``per_t``:
+    ``[t, forget, keep]`` rows of ``DataTask.stop_probe``): each timestep weighs alike."""
+    logs = [math.log(f / k) for _, f, k in per_t if f > 0 and k > 0]
+    return math.exp(sum(logs) / len(logs)) if logs else float("nan")
+
+
 def run_key(v: str, par: str, lr: float, seed: int) -> str:
     return f"{v}|{par}|{lr:g}|{seed}"
 
@@ -152,7 +159,7 @@ def sweep(a) -> None:
             now = time.perf_counter()
             state["train"] += now - state["mark"]
             r = probe.stop_probe(st.den, lambda x, t, c: prediction(st.den, x, t, c))
-            trace.append([step, r["ratio"], r["keep"], r["gmean"], r["per_t"]])
+            trace.append([step, r["ratio"], r["keep"], geometric_ratio(r["per_t"]), r["per_t"]])
             es = state["es"] is None and r["gone"]
             if es:
                 state["es"] = step

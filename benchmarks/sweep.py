@@ -54,6 +54,12 @@ def key(model: str, steps: int, label: str, target: str, seed: int) -> str:
     return f"{model}|{steps}|{label}|{target}|{seed}"
 
 
+def make_row(model: str, steps: int, label: str, target, seed: int, values: dict) -> dict:
+    """One rows-file line: a job's measured ``values`` under its key."""
+    return {"key": key(model, steps, label, str(target), seed), "model": model, "steps": steps,
+            "label": label, "target": str(target), "seed": seed, "values": values}
+
+
 def load_rows(out: str) -> dict[str, dict]:
     rows = {}
     if not os.path.isdir(out):
@@ -124,9 +130,7 @@ def run(a) -> None:
             with res.adapter.applied_to(den):
                 m = bench.measure(den, clf, [target], a.n, seed, steps_eval)
         values.update({k: float(m[k]) for k in bench.metric_keys if k in m})
-        row = {"key": key(a.model, a.steps, label, target, seed), "model": a.model,
-               "steps": a.steps, "label": label, "target": str(target), "seed": seed,
-               "values": values}
+        row = make_row(a.model, a.steps, label, target, seed, values)
         write(row)
         shown = "  ".join(f"{k}={v:.3f}" for k, v in values.items() if isinstance(v, float))
         print(f"[{shard}] {label} {target} seed {seed}: {shown} "
@@ -160,9 +164,7 @@ def curve(bench, den, clf, variant, target, seed: int, checkpoints: list[int], m
             m = bench.measure(den, clf, [target], n, seed, steps_eval)
         values = {"seconds": t1 - t0 - paused, "loss": float(loss)}
         values.update({k: float(m[k]) for k in bench.metric_keys if k in m})
-        rows.append({"key": key(model, step, variant.label, str(target), seed), "model": model,
-                     "steps": step, "label": variant.label, "target": str(target),
-                     "seed": seed, "values": values})
+        rows.append(make_row(model, step, variant.label, target, seed, values))
         paused += time.perf_counter() - t1
 
     run_concept_method(variant.name, den, [target], steps=checkpoints[-1], seed=seed,

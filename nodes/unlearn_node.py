@@ -5,6 +5,7 @@ import json
 import logging
 
 from spare_core.adapter import UnlearnAdapter
+from spare_core.concept_list import FUSIONS
 from spare_core.loop import UnlearnConfig, unlearn
 from spare_core.probe.adversarial import AdversarialConceptTask
 from spare_core.recipes import RECIPES
@@ -20,7 +21,8 @@ from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, PRESERVE_DEFAU
 
 log = logging.getLogger(__name__)
 SPARE = RECIPES["spare"]
-PER_CONCEPT = ("shared", "sum", "ties")  # several concepts: one adapter, or one each then fused
+# several concepts: one adapter, or one each then fused (the fusions that need no layer inputs)
+PER_CONCEPT = ("shared", *(f for f in FUSIONS if f != "least_squares"))
 
 
 def objective_names() -> list[str]:
@@ -210,8 +212,8 @@ class SelfDistillUnlearn:
                 parts.append(trained)
                 start += n_pool + steps
         if len(parts) > 1:
-            from spare_core.fusion import fuse_sum, fuse_ties
-            trained = (fuse_sum if per_concept == "sum" else fuse_ties)(parts)
+            from spare_core.fusion import fuse
+            trained = fuse(per_concept, parts)
         trained.to("cpu")  # ComfyUI caches node outputs where its memory manager cannot see them
         losses = result.history.get("loss", [])
         ignored = result.history.get("ignored", [])

@@ -118,6 +118,25 @@ class LoRADelta(nn.Module):
         return F.linear(F.linear(x, a), b)
 
 
+def is_dense_lora(d: nn.Module) -> bool:
+    """A plain low-rank delta (a :class:`LoRADelta` without an element mask): what LoRA files
+    hold as it is; every other delta is exported or fused through its dense form."""
+    return isinstance(d, LoRADelta) and d.mask is None
+
+
+def svd_factors(mat: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(A [r, in], B [out, r])``, float32, whose product ``B @ A`` is the best rank-``r``
+    approximation of ``mat`` ``[out, in]`` (truncated SVD in float64); ``rank`` None: the
+    numerical rank (singular values above 1e-7 of the largest), so the product is ``mat``."""
+    m = mat.detach().double()
+    u, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    if rank is None:
+        r = max(1, int((sv > sv.max() * 1e-7).sum())) if sv.numel() else 1
+    else:
+        r = max(1, min(int(rank), *m.shape))
+    return vh[:r].float(), (u[:, :r] * sv[:r]).float()
+
+
 class MaskedFullDelta(nn.Module):
     """Full-weight delta restricted to ``mask``: one trainable value per masked element.
 

@@ -85,7 +85,7 @@ def parse_methods(text: str, allowed: tuple[str, ...]) -> list[MethodVariant]:
         name, *items = label.split(":")
         if name not in allowed:
             raise ValueError(f"unknown method {name!r}; choose from {list(allowed)}")
-        options = parse_options(items, f"method {name!r} option")
+        options = parse_options(items, f"method {name!r} option", METHODS[name].hparams)
         known = set(METHODS[name].hparams) | set(RUN_OPTIONS)
         bad = sorted(set(options) - known)
         if bad:

@@ -178,7 +178,7 @@ def method_hparams(a: argparse.Namespace) -> dict:
         hp["mask_fraction"] = a.mask_fraction
     if getattr(a, "early_stop_every", None) is not None:
         hp["early_stop_every"] = a.early_stop_every
-    hp.update(parse_options(a.param, "--param"))
+    hp.update(parse_options(a.param, "--param", METHODS[a.method].hparams))
     unknown = sorted(set(hp) - set(METHODS[a.method].hparams))
     if unknown:
         raise ValueError(f"{a.method} does not take {unknown}; its options are "
@@ -234,13 +234,18 @@ def _run(a: argparse.Namespace, den, vae, clip, hp: dict, bars):
                   timestep_sampler=a.timestep_sampler, progress=bars.train,
                   phase_progress=bars.phase, gradient_checkpointing=a.gradient_checkpointing,
                   backward_per_term=a.split_backward, saliency_batch_size=a.micro_batch, **hp)
+    concept_run = dict(preserve=list(a.preserve), num_samples=a.num_samples,
+                       sample_steps=a.sample_steps, guidance=a.guidance, clip_x0=clip)
     if a.per_concept:  # one adapter per concept, fused (spread over torchrun's processes)
-        from .multi_concept import run_cli
-        return run_cli(a, den, clip, common)
+        from .multi_concept import unlearn_concepts
+        from .tasks import concept_pairs
+        per_job = {k: v for k, v in common.items() if k not in ("progress", "phase_progress")}
+        return unlearn_concepts(a.method, den, concept_pairs(a.concept, a.surrogate),
+                                fusion=a.fusion, fused_rank=a.fused_rank, bars=True,  # per rank
+                                **concept_run, **per_job)
     if METHODS[a.method].kind == "concept":
         return run_method(a.method, den, concept=a.concept, surrogate=a.surrogate,
-                          preserve=a.preserve, num_samples=a.num_samples,
-                          sample_steps=a.sample_steps, guidance=a.guidance, clip_x0=clip, **common)
+                          **concept_run, **common)
     channels = 3 if vae is not None else int(den.latent_shape[0])
     size = _image_size(den, vae)
     forget = load_image_folder(a.forget_images, channels=channels, size=size)

@@ -16,7 +16,8 @@ FUSIONS = ("sum", "ties", "least_squares")
 """How per-concept adapters become one (:mod:`spare_core.fusion`)."""
 
 
-def _norm(p: str) -> str:
+def prompt_key(p: str) -> str:
+    """A prompt as compared for sameness: case and runs of white space ignored."""
     return " ".join(p.casefold().split())
 
 
@@ -38,13 +39,13 @@ def parse_concept_list(text: str, surrogate: str = "", source: str = "concept li
         sur = parts[1] if len(parts) == 2 else surrogate
         if not concept:
             raise ValueError(f"{where}: the concept before '|' is empty")
-        if _norm(concept) == _norm(sur):
+        if prompt_key(concept) == prompt_key(sur):
             raise ValueError(f"{where}: the surrogate equals the concept; give what it should "
                              "turn into, or nothing after '|' for the shared surrogate")
-        if _norm(concept) in seen:
+        if prompt_key(concept) in seen:
             raise ValueError(f"{where}: {concept!r} is already listed on line "
-                             f"{seen[_norm(concept)]}")
-        seen[_norm(concept)] = no
+                             f"{seen[prompt_key(concept)]}")
+        seen[prompt_key(concept)] = no
         pairs.append((concept, sur))
     if not pairs:
         raise ValueError(f"{source} holds no concept: write one per line, "
@@ -75,19 +76,19 @@ def plan_jobs(pairs: Sequence[tuple[str, str]], preserve: Sequence[str] = ()) ->
     """One job per ``(concept, surrogate)``; ValueError for a surrogate that the list erases or a
     concept also listed as preserved (the fix named)."""
     concepts = [c for c, _ in pairs]
-    keys = [_norm(c) for c in concepts]
+    keys = [prompt_key(c) for c in concepts]
     if len(set(keys)) != len(keys):
         raise ValueError("a concept is listed twice; give each concept once")
     for c, s in pairs:
-        if s and _norm(s) in keys:
+        if s and prompt_key(s) in keys:
             raise ValueError(f"the surrogate {s!r} of {c!r} is itself erased by the list: "
                              "choose a surrogate that is kept")
-        if any(_norm(p) == _norm(c) for p in preserve):
+        if any(prompt_key(p) == prompt_key(c) for p in preserve):
             raise ValueError(f"the concept {c!r} is also listed as a preserved prompt")
     jobs = []
     for i, (c, s) in enumerate(pairs):
-        others = [o for o in concepts if _norm(o) != _norm(c)
-                  and all(_norm(o) != _norm(p) for p in preserve)]
+        others = [o for o in concepts if prompt_key(o) != prompt_key(c)
+                  and all(prompt_key(o) != prompt_key(p) for p in preserve)]
         jobs.append(ConceptJob(i, c, s, tuple(preserve) + tuple(others)))
     return jobs
 

@@ -27,7 +27,6 @@ scaling factor) for latent models. Prompts are optional: None is the empty promp
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -311,9 +310,7 @@ class DataTask:
         lf = sum(f for _, f, _ in per_t) / len(per_t)
         lk = sum(k for _, _, k in per_t) / len(per_t)
         ratio = lf / lk if lk > 0 else float("inf")
-        logs = [math.log(f / k) for _, f, k in per_t if f > 0 and k > 0]
-        gmean = math.exp(sum(logs) / len(logs)) if logs else float("nan")
-        return {"forget": lf, "keep": lk, "ratio": ratio, "gmean": gmean, "per_t": per_t,
+        return {"forget": lf, "keep": lk, "ratio": ratio, "per_t": per_t,
                 "gone": ratio >= float(self.stop_ratio)}
 
     # ---- per step ---------------------------------------------------------------------------

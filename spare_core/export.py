@@ -24,7 +24,7 @@ import shutil
 import torch
 from torch import Tensor, nn
 
-from .adapter import LoRADelta, UnlearnAdapter
+from .adapter import UnlearnAdapter, is_dense_lora, svd_factors
 from .families import adaptable_modules
 from .text_encoder import TEXT_ENCODER, lora_name
 
@@ -61,10 +61,6 @@ def check_diffusers_names(adapter: UnlearnAdapter) -> None:
             "which ComfyUI, A1111 and Forge load")
 
 
-def _is_dense_lora(d) -> bool:
-    return isinstance(d, LoRADelta) and d.mask is None
-
-
 def _file_names(adapter: UnlearnAdapter) -> dict[str, str]:
     """Module name -> the name LoRA files use for it (the text transformer's ``text_model.``
     prefix for a text-encoder adapter, else the name itself)."""
@@ -85,7 +81,7 @@ def to_comfy_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dict[st
     for n, name in _file_names(adapter).items():
         d = adapter[n]
         key = prefix + name.replace(".", "_")
-        if _is_dense_lora(d):
+        if is_dense_lora(d):
             shape = d.weight_shape
             down = d.lora_A.detach().float().reshape(d.rank, *shape[1:])
             up = (d.lora_B.detach().float() * s)
@@ -119,14 +115,11 @@ def to_diffusers_lora(adapter: UnlearnAdapter, prefix: str | None = None) -> dic
         d = adapter[n]
         shape = d.weight_shape
         with torch.no_grad():
-            if _is_dense_lora(d):
+            if is_dense_lora(d):
                 a = d.lora_A.detach().float()
                 b = d.lora_B.detach().float() * (d.scale * s)
             else:
-                u, sv, vh = torch.linalg.svd(d.delta().float().reshape(shape[0], -1) * s,
-                                             full_matrices=False)
-                keep = max(1, int((sv > sv.max() * 1e-7).sum())) if sv.numel() else 1
-                a, b = vh[:keep], u[:, :keep] * sv[:keep]
+                a, b = svd_factors(d.delta().float().reshape(shape[0], -1) * s)
         r = a.shape[0]
         if len(shape) == 4:
             a, b = a.reshape(r, *shape[1:]), b.reshape(shape[0], r, 1, 1)

@@ -29,8 +29,13 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .adapter import LoRADelta, MaskedFullDelta, UnlearnAdapter
+from .adapter import LoRADelta, MaskedFullDelta, UnlearnAdapter, is_dense_lora, svd_factors
 from .concept_list import FUSIONS  # noqa: F401  (defined torch-free, for the CLI)
+
+TIES_DENSITY = 0.2
+"""TIES-merging's default share of each delta kept (the TIES paper's top 20%)."""
+LS_RIDGE = 1e-3
+"""The least-squares fusion's ridge, relative to the Grams' mean diagonal."""
 
 
 def check_fusion(name: str) -> None:
@@ -55,33 +60,20 @@ def union_names(adapters: Sequence[UnlearnAdapter]) -> list[str]:
     return list(shapes)
 
 
-def _dense(a: UnlearnAdapter, n: str) -> Tensor | None:
-    if n not in a.names:
-        return None
-    with torch.no_grad():
-        return a[n].delta().detach().float() * float(a.strength)
-
-
 def _rank_of(d) -> int:
     return d.rank if isinstance(d, LoRADelta) else min(d.weight_shape[0],
                                                         math.prod(d.weight_shape[1:]))
-
-
-def _is_dense_lora(d) -> bool:
-    return isinstance(d, LoRADelta) and d.mask is None
 
 
 def lora_from_dense(delta: Tensor, rank: int) -> LoRADelta:
     """The best rank-``rank`` LoRA (truncated SVD, alpha = rank: scale 1) of a weight-shaped
     ``delta``."""
     shape = tuple(delta.shape)
-    mat = delta.detach().double().reshape(shape[0], -1)
-    r = max(1, min(int(rank), *mat.shape))
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-    d = LoRADelta(shape, r, float(r))
+    a, b = svd_factors(delta.reshape(shape[0], -1), rank)
+    d = LoRADelta(shape, a.shape[0], float(a.shape[0]))
     with torch.no_grad():
-        d.lora_A.copy_(vh[:r].float())
-        d.lora_B.copy_((u[:, :r] * s[:r]).float())
+        d.lora_A.copy_(a)
+        d.lora_B.copy_(b)
     return d
 
 
@@ -105,7 +97,7 @@ def _concat_loras(parts: Sequence[tuple[LoRADelta, float]]) -> LoRADelta:
 
 
 def _pack(dense: Tensor, rank: int | None, contributors: Sequence) -> torch.nn.Module:
-    if rank == 0 or (rank is None and not all(_is_dense_lora(c) for c in contributors)):
+    if rank == 0 or (rank is None and not all(is_dense_lora(c) for c in contributors)):
         return full_from_dense(dense)  # asked for, or a masked / full contributor: exact
     r = sum(_rank_of(c) for c in contributors) if rank is None else rank
     return lora_from_dense(dense, r)
@@ -122,18 +114,23 @@ def fuse_sum(adapters: Sequence[UnlearnAdapter], rank: int | None = None,
              meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
     """``sum_i D_i`` per module; dense LoRAs are concatenated (exact) unless ``rank`` is given."""
     names = union_names(adapters)
+    merged = [a.merged() for a in adapters]  # dense deltas, strength applied
     deltas = {}
     for n in names:
         parts = [(a[n], float(a.strength)) for a in adapters if n in a.names]
-        if rank is None and all(_is_dense_lora(p) for p, _ in parts):
+        if rank is None and all(is_dense_lora(p) for p, _ in parts):
             deltas[n] = _concat_loras(parts)
         else:
-            dense = sum(d for d in (_dense(a, n) for a in adapters) if d is not None)
-            deltas[n] = _pack(dense, rank, [p for p, _ in parts])
+            deltas[n] = _pack(_summed(merged, n), rank, [p for p, _ in parts])
     return UnlearnAdapter(deltas, _meta(adapters, "sum", meta))
 
 
-def ties_merge(deltas: Sequence[Tensor], density: float = 0.2) -> Tensor:
+def _summed(merged: Sequence[Mapping[str, Tensor]], n: str) -> Tensor:
+    """``sum_i D_i`` of module ``n`` over the adapters' dense deltas that have it (float32)."""
+    return sum(m[n].float() for m in merged if n in m)
+
+
+def ties_merge(deltas: Sequence[Tensor], density: float = TIES_DENSITY) -> Tensor:
     """TIES-merging of same-shaped tensors: trim each to its top ``density`` share by magnitude,
     elect the sign of the summed trimmed values, average the kept values that agree with it
     (zero where none does). peft's implementation, weights 1."""
@@ -145,21 +142,22 @@ def ties_merge(deltas: Sequence[Tensor], density: float = 0.2) -> Tensor:
     return ties(stacked, torch.ones(len(stacked)), density=density)
 
 
-def fuse_ties(adapters: Sequence[UnlearnAdapter], density: float = 0.2, rank: int | None = None,
-              meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
+def fuse_ties(adapters: Sequence[UnlearnAdapter], density: float = TIES_DENSITY,
+              rank: int | None = None, meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
     """:func:`ties_merge` of the dense deltas per module (a missing module counts as zeros)."""
     names = union_names(adapters)
+    merged = [a.merged() for a in adapters]
     deltas = {}
     for n in names:
         shape = next(a[n].weight_shape for a in adapters if n in a.names)
-        dense = [d if d is not None else torch.zeros(shape) for d in (_dense(a, n) for a in adapters)]
+        dense = [m[n].float() if n in m else torch.zeros(shape) for m in merged]
         deltas[n] = _pack(ties_merge(dense, density), rank,
                           [a[n] for a in adapters if n in a.names])
     return UnlearnAdapter(deltas, _meta(adapters, "ties", {"ties_density": repr(density),
                                                           **(meta or {})}))
 
 
-def least_squares_solve(numerator: Tensor, gram: Tensor, ridge: float = 1e-3) -> Tensor:
+def least_squares_solve(numerator: Tensor, gram: Tensor, ridge: float = LS_RIDGE) -> Tensor:
     """``D`` with ``D (gram + lambda I) = numerator`` (``[out, in]``, ``[in, in]``), lambda =
     ``ridge`` times the mean diagonal of ``gram``; solved in float64."""
     g = gram.double()
@@ -198,7 +196,7 @@ class GramSums:
     def set_preserve(self, grams: Mapping[str, Tensor], weight: float = 1.0) -> None:
         self.preserve = {n: grams[n].double() * float(weight) for n in self.shapes}
 
-    def solve(self, ridge: float = 1e-3) -> dict[str, Tensor]:
+    def solve(self, ridge: float = LS_RIDGE) -> dict[str, Tensor]:
         out = {}
         for n in self.shapes:
             g = self.gram[n] + self.preserve.get(n, 0.0)
@@ -206,20 +204,34 @@ class GramSums:
         return out
 
 
-def fuse_least_squares(adapters: Sequence[UnlearnAdapter], sums: GramSums, ridge: float = 1e-3,
-                       rank: int | None = None,
+def fuse_least_squares(adapters: Sequence[UnlearnAdapter], sums: GramSums,
+                       ridge: float = LS_RIDGE, rank: int | None = None,
                        meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
     """MACE's closed form on the Linear modules (``sums`` holds every concept's Grams and the
     preserved prompts'); Conv2d modules and any module ``sums`` lacks are summed."""
     names = union_names(adapters)
     solved = sums.solve(ridge)
+    merged = [a.merged() for a in adapters]
     deltas = {}
     for n in names:
         contributors = [a[n] for a in adapters if n in a.names]
-        if n in solved:
-            deltas[n] = _pack(solved[n].reshape(contributors[0].weight_shape), rank, contributors)
-        else:
-            dense = sum(d for d in (_dense(a, n) for a in adapters) if d is not None)
-            deltas[n] = _pack(dense, rank, contributors)
+        dense = (solved[n].reshape(contributors[0].weight_shape) if n in solved
+                 else _summed(merged, n))
+        deltas[n] = _pack(dense, rank, contributors)
     return UnlearnAdapter(deltas, _meta(adapters, "least_squares",
                                         {"ls_ridge": repr(ridge), **(meta or {})}))
+
+
+def fuse(fusion: str, adapters: Sequence[UnlearnAdapter], *, rank: int | None = None,
+         density: float = TIES_DENSITY, sums: GramSums | None = None, ridge: float = LS_RIDGE,
+         meta: Mapping[str, str] | None = None) -> UnlearnAdapter:
+    """Fusion ``fusion`` (:data:`FUSIONS`) of ``adapters``; ``least_squares`` needs ``sums``
+    (the Grams of :func:`spare_core.multi_concept.input_grams`)."""
+    check_fusion(fusion)
+    if fusion == "sum":
+        return fuse_sum(adapters, rank, meta)
+    if fusion == "ties":
+        return fuse_ties(adapters, density, rank, meta)
+    if sums is None:
+        raise ValueError("the least-squares fusion needs the layers' input Grams (sums=...)")
+    return fuse_least_squares(adapters, sums, ridge, rank, meta)

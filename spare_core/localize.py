@@ -42,7 +42,7 @@ from torch import nn
 
 from .families import IO_LAYERS, adaptable_modules, is_text_projection
 from .recipes import LOCALIZATIONS, RANKED  # torch-free: the CLI reads them before torch loads
-from .text_encoder import TEXT_ENCODER, check_text_encoder, first_block, text_transformer
+from .text_encoder import TEXT_ENCODER, UNET, adapted_network, first_block
 
 
 def check_localization(name: str) -> None:
@@ -61,9 +61,7 @@ def network_for(denoiser, how: str) -> nn.Module:
     ``denoiser.unet``, or for ``text_encoder`` the CLIP text transformer of
     ``denoiser.text_encoder`` (ValueError, before any work, for a backend without one)."""
     check_localization(how)
-    if how == TEXT_ENCODER:
-        return text_transformer(check_text_encoder(denoiser))
-    return denoiser.unet
+    return adapted_network(denoiser, TEXT_ENCODER if how == TEXT_ENCODER else UNET)
 
 
 def candidates(unet: nn.Module, exclude: Sequence[str] = IO_LAYERS) -> list[str]:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -122,15 +122,19 @@ def parse_value(text: str):
     return text
 
 
-def parse_options(items: Sequence[str], flag: str) -> dict:
-    """``["eta=2", "normalize=none"]`` -> ``{"eta": 2, "normalize": "none"}``; ``flag`` names
-    the option in the error (e.g. ``--param``)."""
+def parse_options(items: Sequence[str], flag: str, defaults: Mapping | None = None) -> dict:
+    """``["eta=2", "normalize=none"]`` -> ``{"eta": 2, "normalize": "none"}``: a key whose
+    default in ``defaults`` (a method's hyperparameters) is a string keeps its text, any other
+    value is read by :func:`parse_value` (``none`` -> None); ``flag`` names the option in the
+    error (e.g. ``--param``)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
             raise ValueError(f"{flag} takes KEY=VALUE, got {item!r}")
-        out[key.strip()] = parse_value(value.strip())
+        text = isinstance((defaults or {}).get(key), str)
+        out[key] = value if text else parse_value(value)
     return out
 
 
@@ -358,16 +362,16 @@ def _run_data(name, spec, denoiser, forget, keep, forget_prompts, keep_prompts, 
     if keep is None and name != "neggrad":
         raise ValueError(f"{name} needs keep=... (images or latents of the data to keep)")
     objective = _objective(name, hp)
-    lam = hp.get("lambda_", 0.5) if name == "siss" else 0.5
-    every = hp.get("early_stop_every", 0)
+    mixture = {"mixture_lambda": hp["lambda_"]} if name == "siss" else {}  # else DataTask's
+    every = hp["early_stop_every"]  # every data recipe has the early stop's two settings
     if every and keep is None:  # neggrad alone: nothing to compare the forget images with
         log.warning("%s without keep images: no early stop (its probe compares the forget images "
                     "with held-out keep images); training runs all %d steps", name, config.steps)
         every = 0
     config = dataclasses.replace(config, early_stop_every=every)
     config.validate()
-    task = DataTask(forget, keep, forget_prompts, keep_prompts, encode=encode, mixture_lambda=lam,
-                    stop_ratio=hp.get("stop_ratio", 1.0))
+    task = DataTask(forget, keep, forget_prompts, keep_prompts, encode=encode,
+                    stop_ratio=hp["stop_ratio"], **mixture)
     task.validate(denoiser)
     adapter = init_module_adapter(denoiser.unet, None, hp["parameterization"], hp["rank"],
                                   hp["lora_alpha"], seed=config.seed,

@@ -31,9 +31,9 @@ from torch import Tensor
 
 from .adapter import UnlearnAdapter
 from .concept_list import ConceptJob, plan_jobs
-from .denoiser import Denoiser, device_of, prediction
+from .denoiser import Denoiser, compute_dtype_of, device_of, prediction
 from .families.unet import adaptable_modules
-from .fusion import GramSums, check_fusion, fuse_least_squares, fuse_sum, fuse_ties, union_names
+from .fusion import LS_RIDGE, TIES_DENSITY, GramSums, check_fusion, fuse, union_names
 from .loop import UnlearnResult
 from .tasks import concept_pairs
 
@@ -201,9 +201,7 @@ def input_grams(denoiser: Denoiser, adapter: UnlearnAdapter, names: Sequence[str
                 noise = torch.randn(x0.shape, generator=gen)
                 x_t = proc.q_sample(x0, t, noise)
                 ctx = denoiser.encode(list(prompts[s:s + batch_size]))
-                dtype = next(iter(mods.values())).weight.dtype
-                dtype = dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
-                prediction(denoiser, x_t.to(dev, dtype), t.to(dev), ctx)
+                prediction(denoiser, x_t.to(dev, compute_dtype_of(denoiser)), t.to(dev), ctx)
     finally:
         for h in handles:
             h.remove()
@@ -245,8 +243,8 @@ def _pairs(concepts, surrogate) -> list[tuple[str, str]]:
 
 def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
                      preserve: Sequence[str] = (), *, fusion: str = "sum",
-                     fused_rank: int | None = None, ties_density: float = 0.2,
-                     ls_ridge: float = 1e-3, ls_samples: int = 4,
+                     fused_rank: int | None = None, ties_density: float = TIES_DENSITY,
+                     ls_ridge: float = LS_RIDGE, ls_samples: int = 4,
                      ls_preserve_weight: float = 1.0,
                      bars: Callable[[ConceptJob, int], tuple] | bool | None = None,
                      **run_kwargs) -> MultiConceptResult | None:
@@ -276,7 +274,7 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
     check_fusion(fusion)
     if fusion == "least_squares" and ls_samples < 1:
         raise ValueError(f"ls_samples must be >= 1, got {ls_samples!r}")
-    unknown = sorted(set(run_kwargs) - _RUN_KEYS - set(METHODS[method].hparams))
+    unknown = sorted(set(run_kwargs) - _run_keys() - set(METHODS[method].hparams))
     if unknown:
         raise ValueError(f"unlearn_concepts does not take {unknown}")
     if bars and ("progress" in run_kwargs or "phase_progress" in run_kwargs):
@@ -349,12 +347,8 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
     meta = {"concept": "\n".join(j.concept for j in jobs),
             "surrogate": "\n".join(j.surrogate for j in jobs),
             "preserve": "\n".join(preserve), "per_concept": "true"}
-    if fusion == "sum":
-        fused = fuse_sum(parts, fused_rank, meta)
-    elif fusion == "ties":
-        fused = fuse_ties(parts, ties_density, fused_rank, meta)
-    else:
-        fused = fuse_least_squares(parts, sums, ls_ridge, fused_rank, meta)
+    fused = fuse(fusion, parts, rank=fused_rank, density=ties_density, sums=sums,
+                 ridge=ls_ridge, meta=meta)
     history = {"method": method, "per_concept": True, "fusion": fusion, "processes": size,
                "jobs": [every[j.index][2] for j in jobs], "loss": [], "terms": [],
                "seconds": time.perf_counter() - t0,
@@ -362,17 +356,14 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
     return MultiConceptResult(fused, history, parts=parts)
 
 
-_RUN_KEYS = {"steps", "lr", "batch_size", "grad_accum", "seed", "timestep_sampler",
-             "num_samples", "sample_steps", "guidance", "clip_x0", "progress", "should_stop",
-             "phase_progress", "gradient_checkpointing", "backward_per_term",
-             "saliency_batch_size"}
+def _run_keys() -> set[str]:
+    """The run settings :func:`~spare_core.methods.run_method` takes (its keyword parameters but
+    the task's inputs, which each job sets), read from its signature."""
+    import inspect
 
+    from .methods import run_method
 
-def run_cli(a, den: Denoiser, clip, common: dict) -> MultiConceptResult | None:
-    """``spare unlearn --per-concept``: :func:`unlearn_concepts` with the command's settings and
-    tqdm bars per rank (the PhaseBars of one run do not apply)."""
-    kw = {k: v for k, v in common.items() if k not in ("progress", "phase_progress")}
-    return unlearn_concepts(a.method, den, concept_pairs(a.concept, a.surrogate),
-                            preserve=list(a.preserve), fusion=a.fusion, fused_rank=a.fused_rank,
-                            bars=True, num_samples=a.num_samples, sample_steps=a.sample_steps,
-                            guidance=a.guidance, clip_x0=clip, **kw)
+    task_inputs = {"concept", "surrogate", "preserve", "forget", "keep", "forget_prompts",
+                   "keep_prompts", "encode", "hparams"}
+    return {n for n, p in inspect.signature(run_method).parameters.items()
+            if p.kind == p.KEYWORD_ONLY} - task_inputs

@@ -403,9 +403,7 @@ class SISS:
 
     name = "siss"
 
-    def __init__(self, forget_scale: float = 0.1, normalize: str | None = "relative") -> None:
-        if normalize is None:  # ``--param normalize=none`` parses to None
-            normalize = "none"
+    def __init__(self, forget_scale: float = 0.1, normalize: str = "relative") -> None:
         if normalize not in ("relative", "absolute", "none"):
             raise ValueError(f"normalize must be 'relative', 'absolute' or 'none', got {normalize!r}")
         if not forget_scale >= 0:

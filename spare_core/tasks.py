@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .concept_list import prompt_key
 from .denoiser import Denoiser, compute_dtype_of, device_of
 from .objectives import Batch, Part
 from .process import ForwardProcess, process_of
@@ -46,7 +47,7 @@ def concept_pairs(concept: str, surrogate: str) -> list[tuple[str, str]]:
 
 
 def _same_prompt(a: str, b: str) -> bool:
-    return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
+    return prompt_key(a) == prompt_key(b)
 
 
 def make_part(x0: Tensor, ctx, t: Tensor, noise: Tensor, proc: ForwardProcess,

@@ -242,10 +242,12 @@ def test_siss_absolute_is_the_authors_scaling_norm():
 
 
 def test_siss_takes_normalize_none_as_parsed_from_the_command_line():
-    from spare_core.methods import parse_options
+    from spare_core.methods import METHODS, parse_options
 
-    opts = parse_options(["normalize=none"], "--param")  # "none" parses to None
-    assert SISS(**opts).normalize == "none"
+    hp = METHODS["siss"].hparams
+    opts = parse_options(["normalize=none", "lora_alpha=none", "forget_scale=0.2"], "--param", hp)
+    assert opts == {"normalize": "none", "lora_alpha": None, "forget_scale": 0.2}
+    assert SISS(normalize=opts["normalize"]).normalize == "none"
 
 
 def test_siss_needs_the_mixture():
