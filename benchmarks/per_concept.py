@@ -1,7 +1,7 @@
 """Shared adapter vs per-concept adapters + each fusion, on an embedded model's list of targets
 (issue 24): one row per variant with the bench's metrics and the wall seconds.
 
-    python benchmarks/per_concept.py --model canvas --forget stripes,dots --seeds 0 --n 20
+    python benchmarks/per_concept.py --model canvas --forget stripes,dots --seeds 0 --n 20 [--peers uce,esd]
 
 The per-concept jobs are trained once per seed (``unlearn_concepts`` with ``least_squares``,
 whose parts are also fused by ``sum`` and ``ties``); ``seconds`` of a fused row is that run's
@@ -25,6 +25,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--peers", default="", help="other methods run on the whole list (one shared "
+                   "edit each, at their recipes), e.g. uce,esd,salun")
     a = p.parse_args()
 
     from spare_core.bench import Row, format_row, mean_over_seeds, markdown_table
@@ -72,6 +74,11 @@ def main() -> int:
         rows.append(row(f"{a.method} per-concept sum", fuse_sum(res.parts), secs))
         rows.append(row(f"{a.method} per-concept ties", fuse_ties(res.parts), secs))
         rows.append(row(f"{a.method} per-concept least_squares", res.adapter, secs))
+        for peer in [m.strip() for m in a.peers.split(",") if m.strip()]:
+            t0 = time.perf_counter()
+            done = run_method(peer, den, **req,
+                              **bench.settings(peer, recipe(peer).steps or steps, seed))
+            rows.append(row(peer, done.adapter, time.perf_counter() - t0))
         runs.append(rows)
     print(markdown_table(mean_over_seeds(runs) if len(runs) > 1 else runs[0]))
     return 0

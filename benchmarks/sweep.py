@@ -184,7 +184,7 @@ def curve_report(a) -> str:
         targets = {str(t) for t in parse_targets(a.model, a.forget)}
         rows = [r for r in rows if r["target"] in targets]
     rows = [r for r in rows if r["seed"] in a.seed_list]
-    cols = [c for c in ("UA", "RA", "IRA", "CRA", "UA_para", "FD", "FD_retain", "seconds")
+    cols = [c for c in ("UA", "RA", "IRA", "CRA", "UA_para", "UA_tmpl", "FD", "FD_retain", "seconds")
             if any(c in r["values"] for r in rows)]
     by: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
@@ -220,7 +220,7 @@ def report(a) -> str:
         wanted = list(dict.fromkeys(r["label"] for r in rows))
     targets = ([str(t) for t in parse_targets(a.model, a.forget)] if a.forget
                else list(dict.fromkeys(r["target"] for r in rows)))
-    cols = ["UA", "RA", "IRA", "CRA", "UA_para", "to_surrogate", "FD", "FD_forget", "FD_retain",
+    cols = ["UA", "RA", "IRA", "CRA", "UA_para", "UA_tmpl", "to_surrogate", "FD", "FD_forget", "FD_retain",
             "seconds", "trainable"]
     cols = [c for c in cols if any(c in r["values"] for r in rows)]
     by = {}
@@ -254,7 +254,7 @@ def report(a) -> str:
                 if mean is not None:
                     means.setdefault(label, {}).setdefault(c, []).append(mean)
             out.append(f"| {label} | {t} | {len(vals)} | " + " | ".join(cells) + " |")
-    summary = [c for c in ("UA", "RA", "IRA", "CRA", "UA_para", "FD", "seconds", "trainable")
+    summary = [c for c in ("UA", "RA", "IRA", "CRA", "UA_para", "UA_tmpl", "FD", "seconds", "trainable")
                if c in cols]
     out += ["", f"Mean over targets ({', '.join(targets)}); 'min UA' is the lowest target's mean:",
             "", "| method | targets | " + " | ".join(summary) + " | min UA |",

@@ -10,6 +10,7 @@ from spare_core.recipes import RECIPES
 from spare_core.families.unet import adaptable_modules
 
 from . import comfy_bridge as bridge
+from .chart import loss_chart, to_image_tensor
 from .common import ADAPTER, CATEGORY, MEMORY_INPUTS, SEED
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,11 @@ class DataUnlearn:
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
-    RETURN_TYPES = (ADAPTER,)
-    RETURN_NAMES = ("adapter",)
+    RETURN_TYPES = (ADAPTER, "IMAGE")
+    RETURN_NAMES = ("adapter", "loss")
+    OUTPUT_TOOLTIPS = ("The trained adapter: apply it, save it, or bake it into a checkpoint.",
+                       "The training loss per step (raw, smoothed, and the method's terms apart, "
+                       "e.g. SISS's keep and forget): preview it to see whether the loss moved.")
     FUNCTION = "run"
 
     @classmethod
@@ -132,4 +136,7 @@ class DataUnlearn:
                  method, len(losses), result.history.get("seconds", 0.0), adapter.num_trainable(),
                  METHODS[method].objective, losses[0] if losses else float("nan"),
                  losses[-1] if losses else float("nan"))
-        return (adapter,)
+        stop = result.history.get("stopped_at")
+        title = (f"DataUnlearn {method}: {len(forget)} forget / {len(keep)} keep images, "
+                 f"{len(losses)} of {steps} steps" + (" (stopped early)" if stop is not None else ""))
+        return (adapter, to_image_tensor(loss_chart([(method, result.history)], title=title)))

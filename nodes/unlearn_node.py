@@ -15,6 +15,7 @@ from spare_core.timesteps import GAP_BINS, TIMESTEP_SAMPLERS
 
 from . import comfy_bridge as bridge
 from .adapter_nodes import require_adapter
+from .chart import loss_chart, to_image_tensor
 from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, PRESERVE_DEFAULT, SEED,
                      SURROGATE_DEFAULT, node_guidance, parse_prompts, prompts_input, require_text,
                      size_input)
@@ -68,8 +69,12 @@ class SelfDistillUnlearn:
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
-    RETURN_TYPES = (ADAPTER,)
-    RETURN_NAMES = ("adapter",)
+    RETURN_TYPES = (ADAPTER, "IMAGE")
+    RETURN_NAMES = ("adapter", "loss")
+    OUTPUT_TOOLTIPS = ("The trained adapter: apply it, save it, or bake it into a checkpoint.",
+                       "The training loss per step (raw, smoothed, and its forget and preserve "
+                       "terms apart; a list trained per concept: one panel per concept): "
+                       "preview it to see whether the loss fell.")
     FUNCTION = "run"
 
     @classmethod
@@ -200,7 +205,7 @@ class SelfDistillUnlearn:
                                        prompts=[*dict.fromkeys(x for pair in pairs for x in pair), *keep])  # CLIP first
             bridge.load_for_compute(model)
             bar = bridge.Progress(sum(pools) + steps * len(tasks))
-            parts, start = [], 0
+            parts, runs, start = [], [], 0
             for one, n_pool in zip(tasks, pools):
                 trained = copy_adapter(adapter)
                 if adversarial:
@@ -210,6 +215,7 @@ class SelfDistillUnlearn:
                                  should_stop=bridge.should_stop,
                                  prepare_progress=PoolProgress(bar, pool_steps, start))
                 parts.append(trained)
+                runs.append((one.concept, result.history))
                 start += n_pool + steps
         if len(parts) > 1:
             from spare_core.fusion import fuse
@@ -231,4 +237,6 @@ class SelfDistillUnlearn:
             log.info("SelfDistillUnlearn adversarial: %.1fs attacking, %d of %d batches with "
                      "attack rows", result.history["attack_seconds"],
                      result.history["adversarial_batches"], len(losses))
-        return (trained,)
+        title = (f"SelfDistillUnlearn ({objective}): {', '.join(c for c, _ in pairs)}, "
+                 f"{steps} steps, lr {float(lr):g}")
+        return (trained, to_image_tensor(loss_chart(runs, title=title)))

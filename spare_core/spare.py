@@ -41,7 +41,8 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                   steps: int = _R.steps, lr: float = _R.lr, batch_size: int = _R.batch_size,
                   timestep_sampler: str = _R.timestep_sampler,
                   forget_weight: float = _H["forget_weight"],
-                  preserve_weight: float = _H["preserve_weight"], seed: int = 0,
+                  preserve_weight: float = _H["preserve_weight"],
+                  compose: float = _H["compose"], seed: int = 0,
                   saliency_batch_size: int = 8, gradient_checkpointing: bool = False,
                   backward_per_term: bool = False, adversarial=None,
                   progress: Callable[[int, int, float], None] | None = None,
@@ -72,10 +73,13 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     localisations compare at equal size. ``adversarial`` (True or an
     :class:`~spare_core.probe.adversarial.AdversarialConfig`) trains against the prompt attack
     (:mod:`spare_core.probe.adversarial`); its seconds are in ``history["attack_seconds"]``.
+    ``compose`` is the share of forget rows that put the concept beside a preserved prompt
+    (:class:`~spare_core.tasks.ConceptTask`).
     """
     guidance = guidance_for(denoiser, guidance)
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
-    task = concept_task = ConceptTask(concept, surrogate, list(preserve), pool=pool)
+    task = concept_task = ConceptTask(concept, surrogate, list(preserve), pool=pool,
+                                      compose=compose)
     if adversarial:
         from .probe.adversarial import AdversarialConceptTask, AdversarialConfig
 

@@ -75,6 +75,11 @@ class ConceptTask:
     order) and ``preserve_latents`` (one tensor per preserved prompt) are generated with the
     frozen model when not given (``pool.size`` per concept). ``surrogate`` may be ``""`` (the
     unconditional prediction).
+
+    ``compose`` (0 to 1) is the share of forget rows whose prompt puts the concept in a
+    composition with a preserved prompt, ``"{concept}, {kept}"`` or ``"{kept}, {concept}"``,
+    distilled toward the same composition with the surrogate: the erasure then sees the concept's
+    words among other words, as in the prompts users write, not only alone.
     """
 
     concept: str
@@ -83,6 +88,7 @@ class ConceptTask:
     concept_latents: Tensor | None = None
     preserve_latents: Sequence[Tensor] | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
+    compose: float = 0.0
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -117,6 +123,11 @@ class ConceptTask:
         if self.concept_latents is not None and self.concept_latents.shape[0] % len(pairs):
             raise ValueError(f"{self.concept_latents.shape[0]} concept latents cannot be split "
                              f"evenly over {len(pairs)} concepts")
+        if not 0.0 <= self.compose <= 1.0:
+            raise ValueError(f"compose is a share of the forget rows, in [0, 1]; got {self.compose}")
+        if self.compose > 0 and not self.preserve:
+            raise ValueError("compose puts the concept beside the preserved prompts: give "
+                             "preserve prompts, or set compose 0")
         if self.pool.size < 1 or self.pool.steps < 1 or self.pool.batch_size < 1:
             raise ValueError("pool size, pool steps and pool batch size must be >= 1")
         if self.preserve_latents is not None and len(self.preserve_latents) != len(self.preserve):
@@ -137,6 +148,10 @@ class ConceptTask:
         self._sur = denoiser.encode(surrogates)     # [k, L, D]
         self._uncond = denoiser.encode([""])
         self._pctx = denoiser.encode(list(self.preserve)) if self.preserve else None
+        self._composed = self.compositions()
+        if self._composed:
+            self._cctx = denoiser.encode([c for c, _ in self._composed])  # [2kP, L, D]
+            self._csur = denoiser.encode([s for _, s in self._composed])
 
         def pool_for(prompt: str, what: str) -> Tensor:
             cb = (lambda i, n: progress(what, i, n)) if progress else None
@@ -159,6 +174,17 @@ class ConceptTask:
             callback=(lambda i, n: progress("timestep gaps", i, n)) if progress else None,
             batch_size=self.pool.batch_size)
 
+    def compositions(self) -> list[tuple[str, str]]:
+        """``(composed concept, composed surrogate)`` prompts, concept-major: for each concept
+        line and each preserved prompt ``p``, ``"c, p"`` then ``"p, c"`` (empty without
+        ``compose``). A composed empty surrogate keeps only ``p``."""
+        if not self.compose or not self.preserve:
+            return []
+        def join(a: str, b: str) -> str:
+            return ", ".join(x for x in (a, b) if x)
+        return [pair for c, s in self.pairs for p in self.preserve
+                for pair in ((join(c, p), join(s, p)), (join(p, c), join(p, s)))]
+
     def prompt_table(self) -> tuple[list[str], Tensor]:
         """Every prompt this task encodes (after :meth:`prepare`): concepts, surrogates, ``""``
         and the preserved prompts, with their frozen contexts ``[P, L, D]`` in the same order
@@ -166,7 +192,11 @@ class ConceptTask:
         (:class:`~spare_core.text_encoder.PromptReencoder`)."""
         concepts, surrogates = (list(x) for x in zip(*self.pairs))
         frozen = [self._ctx, self._sur, self._uncond] + ([self._pctx] if self.preserve else [])
-        return concepts + surrogates + [""] + list(self.preserve), torch.cat(frozen)
+        names = concepts + surrogates + [""] + list(self.preserve)
+        if self._composed:
+            frozen += [self._cctx, self._csur]
+            names += [c for c, _ in self._composed] + [s for _, s in self._composed]
+        return names, torch.cat(frozen)
 
     def batch(self, denoiser: Denoiser, batch_size: int, gen: torch.Generator) -> Batch:
         """Draw ``batch_size`` concept latents and as many preserved ones (random prompts)."""
@@ -179,6 +209,12 @@ class ConceptTask:
             ctx, sur = self._ctx.expand(batch_size, -1, -1), self._sur.expand(batch_size, -1, -1)
         else:  # several concepts: each latent with its own concept and surrogate
             ctx, sur = self._ctx[self._owner[idx]], self._sur[self._owner[idx]]
+        if self._composed:  # a share of the rows: the concept among the preserved prompts' words
+            per = 2 * len(self.preserve)  # compositions per concept line
+            rows = torch.rand(batch_size, generator=gen) < self.compose
+            pick = self._owner[idx] * per + torch.randint(0, per, (batch_size,), generator=gen)
+            ctx = torch.where(rows[:, None, None], self._cctx[pick], ctx)
+            sur = torch.where(rows[:, None, None], self._csur[pick], sur)
         forget = _part(self.concept_latents[idx], ctx, t, gen, proc, dev, dtype)
         preserve = None
         if self.preserve:

@@ -113,11 +113,14 @@ def test_scores_follow_unlearn_canvas_definitions():
                    lambda p: "circle" if p[0] == "neon" else p[1], M.PAIRS)
     para_pairs = [p for p in M.PAIRS if p[0] == "stripes"]
     para = _preds(lambda p: "stripes" if p[1] in OBJECTS[:2] else "plain", lambda p: p[1], para_pairs)
-    got = M.scores(preds, para, erased, surrogate="plain")
+    tmpl = _preds(lambda p: "stripes" if p[1] == OBJECTS[0] else "plain", lambda p: p[1], para_pairs)
+    got = M.scores(preds, para, erased, surrogate="plain", preds_template=tmpl)
     assert got["UA"] == 1.0 and got["to_surrogate"] == 1.0
     assert got["IRA"] == pytest.approx(48 / 56)           # 6 of the 7 other styles right
     assert got["CRA"] == pytest.approx((56 - 7) / 56)     # neon's 7 non-circles wrong
     assert got["UA_para"] == pytest.approx(6 / 8)         # 2 of 8 objects still striped
+    assert got["UA_tmpl"] == pytest.approx(7 / 8)         # 1 of 8 in the other template
+    assert "UA_tmpl" not in M.scores(preds, para, erased)
     with pytest.raises(ValueError, match="one domain at a time"):
         M.scores(preds, para, ["stripes", "circle"])
 

@@ -25,7 +25,8 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
    SparseLoRAInit on module_selection ``saliency`` at mask_fraction 0.5);
 5. interrupts a long unlearning run: no adapter file appears and the original model still
    samples bit-identical latents;
-6. runs DataUnlearn (SISS) on IMAGE batches made by the stock EmptyImage node, encoded by the
+6. runs DataUnlearn (SISS) on IMAGE batches made by the stock EmptyImage node (its loss image
+   previewed), encoded by the
    checkpoint's VAE: the adapter saves, applies, and changes the samples of the original model;
 7. bakes the patched MODEL (+ CLIP + VAE) with the stock CheckpointSave (the workflow's optional
    group, as workflows/README.md's API entry), reloads the file with CheckpointLoaderSimple: it
@@ -419,8 +420,9 @@ def test_workflow_runs_and_writes_its_outputs(comfy, erased):
             path = comfy.output_file(item)
             assert os.path.isfile(path), path
             images[wf[nid]["_meta"]["title"]] = Image.open(path)
-    assert set(images) == {"Before", "After"}, sorted(images)  # no saliency chart any more
+    assert set(images) == {"Before", "After", "Loss"}, sorted(images)  # no saliency chart
     assert images["Before"].size == images["After"].size == (64, 64)
+    assert images["Loss"].size == (768, 384)  # Self-Distill Unlearn's loss, previewed
     lora = outputs[node_of(wf, "SaveUnlearnAdapter")]["text"][0]
     assert lora == "spare/test_erased_00001_.safetensors"
     loras = os.path.join(comfy.base, "models", "loras")
@@ -436,6 +438,31 @@ def test_workflow_runs_and_writes_its_outputs(comfy, erased):
     progress = progress_by_node(messages, wf)
     print(f"outputs: {sorted(images)}, {lora}; progress updates: "
           f"{ {wf[k]['class_type']: len(v) for k, v in progress.items()} }")
+
+
+def test_list_workflow_saves_one_fused_adapter_for_its_concepts(comfy):
+    """The shipped list workflow (tiny): one adapter per concept line, fused by its per_concept
+    choice into one saved file that names every concept and the fusion."""
+    with open(os.path.join(REPO, "workflows", "api", "spare_erase_list.api.json")) as f:
+        wf = tiny_workflow(json.load(f))
+    ck, init, unl, save = (node_of(wf, k) for k in ("CheckpointLoaderSimple", "SparseLoRAInit",
+                                                     "SelfDistillUnlearn", "SaveUnlearnAdapter"))
+    run = keep(wf, [ck, init, unl, save])
+    run[unl]["inputs"]["steps"] = 3
+    run[save]["inputs"]["filename_prefix"] = "spare/test_list"
+    assert validate_api_prompt(run, comfy.info) == []
+    history, messages = comfy.run(run)
+    assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    lora = history["outputs"][save]["text"][0]
+    native = os.path.join(comfy.base, "models", "loras",
+                          lora.replace(".safetensors", ".spare.safetensors"))
+    from safetensors import safe_open
+    with safe_open(native, "pt") as f:
+        meta = f.metadata()
+    inputs = run[unl]["inputs"]
+    assert meta["concept"] == inputs["concept"] and len(meta["concept"].splitlines()) == 3
+    assert meta["per_concept"] == inputs["per_concept"] != "shared"
+    assert is_shipped_selection(_adapter_modules(comfy, lora))
 
 
 def _latent(comfy, history: dict, nid: str):
@@ -602,6 +629,7 @@ def test_data_unlearn_on_stock_image_batches(comfy, erased):
         "adapter": ["62", 0], "filename_prefix": "spare/test_data", "keep_native": True}}
     run["64"] = {"class_type": "ApplyUnlearnAdapter",
                  "inputs": {"model": [ck, 0], "adapter": ["62", 0], "strength": 1.0}}
+    run["67"] = {"class_type": "PreviewImage", "inputs": {"images": ["62", 1]}}  # its loss
     sample_branch(run, "65", ["64", 0], "data_after")
     sample_branch(run, "66", [ck, 0], "data_base")
     assert validate_api_prompt(run, comfy.info) == []
@@ -614,6 +642,9 @@ def test_data_unlearn_on_stock_image_batches(comfy, erased):
     progress = [m["data"]["value"] for m in messages
                 if m["type"] == "progress" and m["data"]["node"] == "62"]
     assert progress and progress[-1] == 4, progress
+    from PIL import Image
+    (loss,) = history["outputs"]["67"]["images"]
+    assert Image.open(comfy.output_file(loss)).size == (768, 384)
     after, base = _latent(comfy, history, "650"), _latent(comfy, history, "660")
     effect = float((after - base).abs().max())
     assert effect > 0
@@ -936,7 +967,8 @@ def test_probe_group_finds_a_prompt_on_the_patched_model(comfy, adversarial):
     ids = [k for k, v in queued.items() if v["class_type"] in wanted
            or v["inputs"].get("samples", [None])[0] == probe]
     previews = [k for k, v in queued.items() if v["class_type"] == "PreviewImage"
-                and v["inputs"]["images"][0] in ids]
+                and v["inputs"]["images"][0] in ids  # the probe's two, not the loss chart
+                and queued[v["inputs"]["images"][0]]["class_type"] != "SelfDistillUnlearn"]
     run = keep(queued, ids + previews)
     run[node_of(run, "SelfDistillUnlearn")]["inputs"]["adversarial"] = adversarial
     assert len(previews) == 2 and validate_api_prompt(run, comfy.info) == []

@@ -533,7 +533,8 @@ def test_shipped_workflow_runs_headless(comfy, variant):
             path = comfy.output_file(item)
             assert os.path.isfile(path), path
             images[wf[nid]["_meta"]["title"]] = np.asarray(Image.open(path).convert("RGB"))
-    assert set(images) == {"Before", "After"}, sorted(images)
+    assert set(images) == {"Before", "After", "Loss"}, sorted(images)
+    assert images["Loss"].shape == (384, 768, 3)  # Self-Distill Unlearn's loss, previewed
     before, after = images["Before"].astype(int), images["After"].astype(int)
     assert before.shape == after.shape == (64, 64, 3)
     changed = float(np.abs(after - before).mean())

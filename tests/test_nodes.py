@@ -38,12 +38,13 @@ def env(tmp_path_factory):
                       element_scores=True, **SIZE)
     (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, **INIT)
     # concept left empty, as in the shipped workflow: taken from the adapter's saliency map
-    (trained,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
+    (trained, _loss) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
                           concept="", surrogate=SURROGATE, preserve="a green line\n\n# note",
                           steps=10, lr=2e-2, timestep_sampler="uniform",
                           objective="self_distill", seed=0, batch_size=2, pool_size=2,
                           pool_steps=3, cfg=3.0, **SIZE)
-    yield dict(host=host, nodes=nodes, model=model, clip=clip, sal=sal, init=init, trained=trained)
+    yield dict(host=host, nodes=nodes, model=model, clip=clip, sal=sal, init=init, trained=trained,
+               loss=_loss)
     mp.undo()
     torch.set_num_threads(threads)
 
@@ -152,7 +153,7 @@ def test_every_listed_objective_trains(env):
     objectives = nodes["SelfDistillUnlearn"].INPUT_TYPES()["required"]["objective"][0]
     assert objectives[0] == "self_distill" and "siss" not in objectives  # data-unlearning: no
     for name in objectives:
-        (ad,) = env["host"].run(nodes["SelfDistillUnlearn"], model=env["model"], clip=env["clip"],
+        (ad, _loss) = env["host"].run(nodes["SelfDistillUnlearn"], model=env["model"], clip=env["clip"],
                                 adapter=env["init"], concept=CONCEPT, surrogate=SURROGATE,
                                 preserve="a green line", steps=2, lr=1e-2,
                                 timestep_sampler="uniform", objective=name, seed=0, pool_size=1,
@@ -447,10 +448,11 @@ def test_data_unlearn_forgets_the_images_and_leaves_the_model(env, method, param
     base = host.eps(model, x, t, c)
     before = (_denoising_loss(host, model, lat(forget), clip), _denoising_loss(host, model, lat(keep), clip))
     n_updates = len(host.progress)
-    (ad,) = host.run(nodes["DataUnlearn"], model=model, clip=clip, vae=vae, forget_images=forget,
+    (ad, _loss) = host.run(nodes["DataUnlearn"], model=model, clip=clip, vae=vae, forget_images=forget,
                      keep_images=keep, method=method, steps=8, lr=5e-3,
                      parameterization=parameterization, seed=0, rank=4, batch_size=2,
                      early_stop_every=0)  # every step: these images were never memorised
+    assert _loss.shape[0] == 1 and len(_line_rows(_loss, pack_module("chart").LOSS)) > 100
     assert ad.meta["method"] == method and ad.meta["parameterization"] == parameterization
     assert len(host.progress) - n_updates >= 8 and host.progress[-1] == (8, 8)
     assert torch.equal(host.eps(model, x, t, c), base)  # the input MODEL is untouched
@@ -469,7 +471,7 @@ def test_data_unlearn_early_stop_reaches_the_engine(env):
     memorised it may stop before the budget; the adapter says where, and the bar ends full."""
     host, model, nodes, clip = env["host"], env["model"], env["nodes"], env["clip"]
     forget, keep = _images("pattern", 2, 0), _images("random", 4, 1)
-    (ad,) = host.run(nodes["DataUnlearn"], model=model, clip=clip, vae=VAE(), forget_images=forget,
+    (ad, _loss) = host.run(nodes["DataUnlearn"], model=model, clip=clip, vae=VAE(), forget_images=forget,
                      keep_images=keep, method="siss", steps=6, lr=5e-3, parameterization="lora",
                      seed=0, rank=2, batch_size=2, early_stop_every=2)
     stopped = ad.meta["stopped_at"]
@@ -578,6 +580,40 @@ def test_preview_greys_the_never_adapted_io_convolutions(env):
     assert bar_color(one, 0) == chart.EXCLUDED
 
 
+def _line_rows(image, color) -> dict[int, float]:
+    """Per pixel column, the mean row of ``color`` in a ComfyUI IMAGE ``[1, H, W, 3]``."""
+    px = (image[0] * 255).round().to(torch.int16)
+    hit = (px == torch.tensor(color, dtype=torch.int16)).all(-1)  # [H, W]
+    rows = torch.arange(hit.shape[0], dtype=torch.float32)[:, None].expand_as(hit)
+    return {int(x): float(rows[:, x][hit[:, x]].mean()) for x in hit.any(0).nonzero().flatten()}
+
+
+def test_self_distill_returns_its_loss_as_an_image(env):
+    """The second output is the loss chart of the run that trained the adapter: an IMAGE with
+    the smoothed loss line and its forget and preserve terms drawn."""
+    chart, img = pack_module("chart"), env["loss"]
+    assert img.dim() == 4 and img.shape[0] == 1 and img.shape[-1] == 3
+    assert img.dtype == torch.float32 and 0.0 <= float(img.min()) <= float(img.max()) <= 1.0
+    assert len(_line_rows(img, chart.LOSS)) > 100  # the smoothed line spans the plot
+    for term in range(2):  # forget, preserve
+        assert len(_line_rows(img, chart.TERM_COLORS[term])) > 50
+
+
+def test_loss_chart_draws_a_falling_loss_falling_and_says_when_nothing_ran():
+    chart = pack_module("chart")
+    falling = {"loss": [1.0 / (1 + i) for i in range(50)], "terms": [{"forget": 1.0}] * 50}
+    img = chart.to_image_tensor(chart.loss_chart([("c", falling)], title="t"))
+    rows = _line_rows(img, chart.LOSS)
+    first, last = rows[min(rows)], rows[max(rows)]
+    assert last > first + 100  # image rows grow downward: the line ends far lower
+    # two runs (a list trained per concept): a grey separator between their panels
+    two = chart.to_image_tensor(chart.loss_chart([("a", falling), ("b", falling)]))
+    assert len(_line_rows(two, chart.SEPARATOR)) >= 1
+    assert chart.smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # no start bias
+    empty = chart.loss_chart([("siss", {"loss": [], "terms": []})], title="stopped")
+    assert empty.shape == (384, 768, 3)  # drawn (a blank plot with the reason), not an error
+
+
 def test_apply_strength_says_it_extrapolates_past_one(env):
     spec = env["nodes"]["ApplyUnlearnAdapter"].INPUT_TYPES()["required"]["strength"][1]
     assert spec["default"] == 1.0 and spec["min"] == -2.0 and spec["max"] == 2.0
@@ -610,7 +646,7 @@ def test_fp8_weights_train_lora_in_bf16_and_refuse_saliency_up_front(env):
         host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT, samples=2,
                  ranking="saliency", seed=0, sample_steps=3, cfg=3.0, **SIZE)
     assert host.progress == []  # refused before any sampling
-    (trained,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=env["init"],
+    (trained, _loss) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=env["init"],
                           concept="", surrogate=SURROGATE, preserve="", steps=3, lr=1e-2,
                           timestep_sampler="uniform", objective="self_distill", seed=0,
                           batch_size=2, pool_size=2, pool_steps=2, cfg=3.0, **SIZE)
@@ -632,7 +668,7 @@ def test_esd_objective_skips_the_preserve_pools_and_says_the_surrogate_is_unused
     host, nodes, model, clip = env["host"], env["nodes"], env["model"], env["clip"]
     host.progress.clear()
     with caplog.at_level("WARNING"):
-        (ad,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=env["init"],
+        (ad, _loss) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=env["init"],
                          concept="", surrogate=SURROGATE, preserve="a green line\nthe sea",
                          steps=2, lr=1e-2, timestep_sampler="uniform", objective="esd", seed=0,
                          batch_size=2, pool_size=2, pool_steps=3, cfg=3.0, **SIZE)
@@ -680,7 +716,7 @@ def test_several_concepts_one_per_line_are_erased_in_one_adapter(env):
     assert host.progress[-1] == (7, 7)  # 3 sampling steps + 2 x 2 saliency samples
     assert sal.concept == f"{CONCEPT}\n{SURROGATE}" and sal.num_samples == 4
     (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, **INIT)
-    (ad,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
+    (ad, _loss) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
                      concept="", surrogate=surrogates, preserve="a purple star", steps=30,
                      lr=2e-2, timestep_sampler="uniform", objective="self_distill", seed=0,
                      batch_size=2, pool_size=2, pool_steps=3, cfg=3.0, **SIZE)
@@ -894,7 +930,7 @@ def test_node_defaults_come_from_the_spare_recipe(env):
             == spare.hparams["module_fraction"])
     unl = nodes["SelfDistillUnlearn"].INPUT_TYPES()
     assert unl["required"]["steps"][1]["default"] == spare.steps == 100
-    assert unl["required"]["lr"][1]["default"] == spare.lr == 3e-3
+    assert unl["required"]["lr"][1]["default"] == spare.lr == 6e-3
     assert unl["optional"]["batch_size"][1]["default"] == spare.batch_size == 8
     assert unl["optional"]["pool_size"][1]["default"] == spare.num_samples
     assert unl["optional"]["pool_steps"][1]["default"] == spare.sample_steps

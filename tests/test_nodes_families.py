@@ -108,7 +108,7 @@ def run(request, host):
     level = log.level
     log.setLevel(logging.INFO)
     try:
-        (trained,) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
+        (trained, _loss) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
                               concept="", surrogate=SURROGATE, preserve="a green line",
                               steps=24, lr=2e-2, timestep_sampler="uniform",
                               objective="self_distill", seed=0, batch_size=2, pool_size=2,

@@ -284,12 +284,15 @@ def test_node_per_concept_sum_is_the_sum_of_single_concept_runs(tmp_path, monkey
     common = dict(model=model, clip=clip, adapter=init, surrogate="a green line", steps=2,
                   lr=1e-2, timestep_sampler="uniform", objective="self_distill", seed=0,
                   batch_size=2, pool_size=1, pool_steps=2, cfg=3.0, width=64, height=64)
-    (fused,) = host.run(nodes["SelfDistillUnlearn"], concept="a red circle\na blue square",
+    (fused, _loss) = host.run(nodes["SelfDistillUnlearn"], concept="a red circle\na blue square",
                         preserve="a purple star", per_concept="sum", **common)
     singles = [host.run(nodes["SelfDistillUnlearn"], concept=c, preserve=f"a purple star\n{o}",
                         **common)[0]
                for c, o in (("a red circle", "a blue square"), ("a blue square", "a red circle"))]
     want = fuse_sum(singles).merged()
+    chart = sys.modules[f"{load_pack().__name__}.nodes.chart"]
+    seps = ((_loss[0] * 255).round().to(torch.int16) == torch.tensor(chart.SEPARATOR)).all(-1)
+    assert int(seps.any(0).sum()) >= 1  # one loss panel per concept
     got = fused.merged()
     assert fused.meta["per_concept"] == "sum" and set(got) == set(want)
     for n in want:

@@ -219,9 +219,9 @@ def test_self_distill_unlearn_trains_against_the_attack(env, caplog):
                 timestep_sampler="uniform", objective="self_distill", seed=0, pool_size=1,
                 pool_steps=2, **SIZE)
     try:
-        (plain,) = host.run(nodes["SelfDistillUnlearn"], **args)
+        (plain, _loss) = host.run(nodes["SelfDistillUnlearn"], **args)
         plain_calls = len(calls)
-        (adv,) = host.run(nodes["SelfDistillUnlearn"], adversarial=True, **args)
+        (adv, _loss) = host.run(nodes["SelfDistillUnlearn"], adversarial=True, **args)
     finally:
         hook.remove()
     assert len(calls) - plain_calls > plain_calls  # the attack encoded its prefixed prompts

@@ -11,6 +11,7 @@ from spare_core import (ConceptSampler, ConceptTask, NonFiniteLoss, UnlearnCance
 from spare_core.families.unet import adaptable_modules
 from spare_core.objectives import Batch, Part, SelfDistill
 from spare_core.sampling import q_sample
+from spare_core.tasks import PoolConfig
 
 CONCEPT, SURROGATE, KEEP = "a cat", "a dog", ["green hills", "the ocean"]
 FAST = dict(num_samples=8, sample_steps=8, steps=60, lr=3e-3, batch_size=4)
@@ -52,6 +53,40 @@ def test_runs_are_deterministic(den):
     a = spare_unlearn(den, CONCEPT, SURROGATE, KEEP, **kw).adapter.merged()
     b = spare_unlearn(den, CONCEPT, SURROGATE, KEEP, **kw).adapter.merged()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compose_pairs_each_composition_with_its_surrogate_twin(den):
+    task = ConceptTask(CONCEPT, SURROGATE, KEEP, compose=1.0,
+                       pool=PoolConfig(size=4, steps=2))
+    assert task.compositions() == [("a cat, green hills", "a dog, green hills"),
+                                   ("green hills, a cat", "green hills, a dog"),
+                                   ("a cat, the ocean", "a dog, the ocean"),
+                                   ("the ocean, a cat", "the ocean, a dog")]
+    task.prepare(den, "uniform", seed=0)
+    names, frozen = task.prompt_table()
+    table = dict(zip(names, frozen))
+    batch = task.batch(den, 6, torch.Generator().manual_seed(0))
+    for ctx, sur in zip(batch.forget.ctx, batch.surrogate_ctx):  # every row composed, in pairs
+        c = next(n for n, f in table.items() if torch.equal(f, ctx))
+        s = next(n for n, f in table.items() if torch.equal(f, sur))
+        assert (c, s) in task.compositions()
+    plain = ConceptTask(CONCEPT, SURROGATE, KEEP, pool=PoolConfig(size=4, steps=2))
+    assert plain.compositions() == []
+
+
+def test_compose_erases_the_concept_inside_compositions(den):
+    """Inside compositions that training never saw, the concept's prediction lands nearer the
+    surrogate's twin of the composition with ``compose`` than without it."""
+    for unseen, twin in [("a cat, blue sky", "a dog, blue sky"),
+                         ("blue sky, a cat", "blue sky, a dog")]:
+        before, target = _probe(den, unseen), _probe(den, twin)
+        left = {}
+        for compose in (0.0, 0.5):
+            res = spare_unlearn(den, CONCEPT, SURROGATE, KEEP, compose=compose, **FAST)
+            with res.adapter.applied(den.unet):
+                left[compose] = float((_probe(den, unseen) - target).pow(2).mean()
+                                      / (before - target).pow(2).mean())
+        assert left[0.5] < 0.6 * left[0.0], (unseen, left)  # measured: 0.20 vs 0.53, 0.63 vs 1.62
 
 
 def test_concept_sampler_follows_gap_with_floor():
@@ -98,6 +133,8 @@ class _Counting:
     (dict(lr=float("inf")), "lr"),
     (dict(timestep_sampler="cosine"), "timestep sampler"),
     (dict(module_selection="largest"), "module selection"),
+    (dict(compose=1.5), "compose"),
+    (dict(compose=0.5, preserve=[]), "compose puts the concept beside"),
 ])
 def test_bad_input_is_refused_before_any_work(den, kwargs, match):
     counting = _Counting(den)

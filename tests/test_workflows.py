@@ -13,14 +13,16 @@ from spare_core.recipes import RECIPES
 from comfy_double import (BYPASSED, MUTED, REPO, Host, load_pack, object_info, readme_bake_entry,
                           ui_to_api, validate_api_prompt, validate_ui_workflow)
 
-WORKFLOWS = ("spare_erase_concept", "spare_erase_concept_sdxl", "spare_erase_concept_flux")
+WORKFLOWS = ("spare_erase_concept", "spare_erase_concept_sdxl", "spare_erase_concept_flux",
+             "spare_erase_list")
+SD1 = ("spare_erase_concept", "spare_erase_list")  # SD1.x graphs (512 px, the probe group)
 LOADERS = {  # which stock nodes load the model, CLIP and VAE (node class, output slot)
     "spare_erase_concept": {"model": ("CheckpointLoaderSimple", 0),
                             "clip": ("CheckpointLoaderSimple", 1),
                             "vae": ("CheckpointLoaderSimple", 2)},
     "spare_erase_concept_flux": {"model": ("UNETLoader", 0), "clip": ("DualCLIPLoader", 0),
                                  "vae": ("VAELoader", 0)}}
-LOADERS["spare_erase_concept_sdxl"] = LOADERS["spare_erase_concept"]
+LOADERS["spare_erase_concept_sdxl"] = LOADERS["spare_erase_list"] = LOADERS["spare_erase_concept"]
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +149,7 @@ def test_graph_shows_before_and_after_with_the_same_sampling(api, name):
     assert same == {k: v for k, v in after.items() if k != "model"}
     trained = api[by_type["SelfDistillUnlearn"][0]]["inputs"]
     assert api[trained["adapter"][0]]["class_type"] == "SparseLoRAInit"
-    concept = trained["concept"]  # typed once, in Self-Distill Unlearn
+    concept = trained["concept"].splitlines()[0]  # typed once, in Self-Distill Unlearn
     positive = api[before["positive"][0]]
     if positive["class_type"] == "FluxGuidance":  # Flux: the prompt's guidance value
         positive = api[positive["inputs"]["conditioning"][0]]
@@ -156,8 +158,27 @@ def test_graph_shows_before_and_after_with_the_same_sampling(api, name):
     if name.endswith("flux"):  # Flux-dev: distilled guidance, so CFG 1 everywhere
         assert before["cfg"] == 1.0
     assert trained["cfg"] == -1.0  # the family's guidance (spare_core.recipes.pool_guidance)
-    size = 512 if name == "spare_erase_concept" else 1024
+    size = 512 if name in SD1 else 1024
     assert trained["width"] == trained["height"] == size
+    # the training loss (Self-Distill Unlearn's second output) is previewed
+    unl = by_type["SelfDistillUnlearn"][0]
+    loss = [api[n] for n in by_type.get("PreviewImage", []) if api[n]["inputs"]["images"] == [unl, 1]]
+    assert len(loss) == 1 and loss[0]["_meta"]["title"] == "Loss"
+
+
+def test_the_list_workflow_trains_one_adapter_per_concept(api, name, info):
+    """The list variant erases several concepts, each from the base model with its own adapter,
+    fused into one file (per_concept); the single-concept graphs train the shared adapter."""
+    trained = next(v["inputs"] for v in api.values() if v["class_type"] == "SelfDistillUnlearn")
+    concepts = [c for c in trained["concept"].splitlines() if c.strip()]
+    inputs = info["SelfDistillUnlearn"]["input"]
+    fusions = {**inputs["required"], **inputs.get("optional", {})}["per_concept"][0]
+    if name == "spare_erase_list":
+        assert len(concepts) >= 3 and trained["per_concept"] in fusions
+        assert trained["per_concept"] != "shared"
+        assert not set(concepts) & set(trained["preserve"].splitlines())
+    else:
+        assert len(concepts) == 1 and trained["per_concept"] == "shared"
 
 
 def test_node_defaults_are_valid(info):
@@ -267,7 +288,7 @@ def test_probe_group_holds_a_bypassed_probe_of_the_patched_model(ui, api, info, 
     LATENTs for preview; bypassed, so the shipped run does not spend the attack's time. Enabled,
     the frontend queues the API twin plus these five nodes, which validate."""
     group = [g for g in ui["groups"] if g["title"].startswith(PROBE)]
-    if name != "spare_erase_concept":
+    if name not in SD1:
         assert not group and "ProbeErasure" not in {n["type"] for n in ui["nodes"]}
         return
     assert len(group) == 1 and "bypassed" in group[0]["title"]
@@ -290,7 +311,8 @@ def test_probe_group_holds_a_bypassed_probe_of_the_patched_model(ui, api, info, 
     assert fed(decode_found) == {"samples": ("ProbeErasure", 1), "vae": loader["vae"]}
     assert fed(decode_plain) == {"samples": ("ProbeErasure", 2), "vae": loader["vae"]}
     trained = next(n for n in ui["nodes"] if n["type"] == "SelfDistillUnlearn")
-    assert probe["widgets_values"][0] == trained["widgets_values"][0]  # the same concept
+    # the same concept (a list's first)
+    assert probe["widgets_values"][0] == trained["widgets_values"][0].splitlines()[0]
 
     enabled = copy.deepcopy(ui)
     for n in enabled["nodes"]:

@@ -17,7 +17,7 @@ from .names import OBJECTS, STYLES, concept_prompt, domain_of
 class CanvasBench:
     """The ``canvas`` model (16x16 RGB, 8 styles x 8 objects, DDPM)."""
 
-    metric_keys = ("UA", "IRA", "CRA", "UA_para", "to_surrogate", "FD")
+    metric_keys = ("UA", "IRA", "CRA", "UA_para", "UA_tmpl", "to_surrogate", "FD")
     probe_keys = ("ASR", "ASR_found")  # paraphrase UA is a metric of every canvas row already
     demo_keys = ("UA", "IRA", "CRA", "UA_para", "FD")
     sample_steps = 25  # == metrics.SAMPLE_STEPS

@@ -51,15 +51,16 @@ def load_classifier():
 
 
 def generate(denoiser, pairs: Sequence[tuple[str, str]], n: int, seed: int = 0, *,
-             wording: int = 0, steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE,
+             wording: int = 0, template: int = 0, steps: int = SAMPLE_STEPS, guidance: float = SAMPLE_GUIDANCE,
              method: str = "ddpm", callback: Callable[[int, int], None] | None = None) -> Tensor:
     """``n`` images per (style, object) pair from its prompt (``wording`` 0: the given names,
-    1: the paraphrase names), in one batched call with noise fixed by ``seed`` and the pair's
+    1: the paraphrase names; ``template`` 0: ``a {o} in {s} style``, 1: ``an image of a {o},
+    {s} style``), in one batched call with noise fixed by ``seed`` and the pair's
     position, so before/after comparisons are paired. Returns ``[len(pairs) * n, 3, 16, 16]``,
     pair-major."""
     from ..sampling import sample
 
-    prompts = [prompt(s, o, wording) for s, o in pairs for _ in range(n)]
+    prompts = [prompt(s, o, wording, template) for s, o in pairs for _ in range(n)]
     return sample(denoiser, prompts, steps=steps, guidance=guidance, method=method,
                   generator=torch.Generator().manual_seed(seed), clip_x0=1.0,
                   callback=callback).clamp(-1, 1)
@@ -99,10 +100,12 @@ def _holds(pair: tuple[str, str], concepts: Sequence[str]) -> bool:
     return pair[0] in concepts or pair[1] in concepts
 
 
-def scores(preds, preds_para, erased: Sequence[str], surrogate: str | None = None) -> dict:
+def scores(preds, preds_para, erased: Sequence[str], surrogate: str | None = None,
+           preds_template=None) -> dict:
     """UA, IRA, CRA, UA_para (and ``to_surrogate`` when the erased concepts share a surrogate
     concept of their domain) from :func:`predictions` of every pair (``preds``) and of the
-    erased concepts' pairs in the paraphrase wording (``preds_para``)."""
+    erased concepts' pairs in the paraphrase wording (``preds_para``); ``UA_tmpl`` from those
+    pairs in the second template, given names (``preds_template``, when given)."""
     domain = check_erased(erased)
     other = "object" if domain == "style" else "style"
     kept = [p for p in preds if not _holds(p, erased)]
@@ -113,6 +116,8 @@ def scores(preds, preds_para, erased: Sequence[str], surrogate: str | None = Non
 
     out = {"UA": ua(preds), "IRA": _rate(_hits(preds, kept, domain)),
            "CRA": _rate(_hits(preds, kept, other)), "UA_para": ua(preds_para)}
+    if preds_template is not None:
+        out["UA_tmpl"] = ua(preds_template)
     if surrogate is not None:
         idx = (STYLES if domain == "style" else OBJECTS).index(surrogate)
         got = torch.cat([(pr[0] if domain == "style" else pr[1]) == idx
@@ -145,21 +150,24 @@ def fd(classifier, images: Tensor, pairs: Sequence[tuple[str, str]]) -> float:
 def canvas_metrics(denoiser, classifier, erased: Sequence[str], n: int, seed: int,
                    steps: int = SAMPLE_STEPS, surrogate: str | None = None,
                    callback: Callable[[int, int], None] | None = None) -> dict:
-    """Every metric of ``denoiser`` for the ``erased`` concepts: UA, IRA, CRA, UA_para, FD
+    """Every metric of ``denoiser`` for the ``erased`` concepts: UA, IRA, CRA, UA_para, UA_tmpl
+    (the erased pairs in the template that the erasure's one-domain prompt does not share), FD
     (retained prompts) and ``to_surrogate``, from ``n`` images per prompt; also ``images``
     ``{(style, object): [n, 3, 16, 16]}`` of every pair (for grids). ``callback(i, total)``
-    reports the sampler's steps over both sampling calls."""
+    reports the sampler's steps over the three sampling calls."""
     check_erased(erased)
     para_pairs = [p for p in PAIRS if _holds(p, erased)]
-    total = 2 * steps
+    total = 3 * steps
 
     def cb(offset):
         return None if callback is None else (lambda i, _n: callback(offset + i, total))
 
     imgs = generate(denoiser, PAIRS, n, seed, steps=steps, callback=cb(0))
     para = generate(denoiser, para_pairs, n, seed, wording=1, steps=steps, callback=cb(steps))
+    tmpl = generate(denoiser, para_pairs, n, seed, template=1, steps=steps, callback=cb(2 * steps))
     preds = predictions(classifier, imgs, PAIRS, n)
-    out = scores(preds, predictions(classifier, para, para_pairs, n), erased, surrogate)
+    out = scores(preds, predictions(classifier, para, para_pairs, n), erased, surrogate,
+                 predictions(classifier, tmpl, para_pairs, n))
     kept_idx = [i for i, p in enumerate(PAIRS) if not _holds(p, erased)]
     kept_imgs = torch.cat([imgs[i * n:(i + 1) * n] for i in kept_idx])
     out["FD"] = fd(classifier, kept_imgs, [PAIRS[i] for i in kept_idx])
