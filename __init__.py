@@ -36,4 +36,8 @@ _provide_spare_core()
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./web"
+"""Served by ComfyUI at /extensions/spare-unlearn/; the frontend's node help opens
+``web/docs/<NodeName>.md`` (one page per node of NODE_CLASS_MAPPINGS)."""
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

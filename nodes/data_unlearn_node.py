@@ -55,7 +55,10 @@ class DataUnlearn:
                 "vae": ("VAE", {"tooltip": "Encodes the images into the model's latents."}),
                 "forget_images": ("IMAGE", {"tooltip": "The training images to forget."}),
                 "keep_images": ("IMAGE", {"tooltip": "Images to keep (same size as the forget images)."}),
-                "method": (list(DATA_METHODS), {"default": "siss"}),
+                "method": (list(DATA_METHODS), {"default": "siss", "tooltip":
+                    "siss: importance-sampled forgetting with a keep term (the recipe); neggrad: "
+                    "gradient ascent on the forget images; erasediff: forget within the keep "
+                    "loss's constraint; naive_deletion: fine-tune on the keep images only."}),
                 "steps": ("INT", {"default": _SISS.steps, "min": 1, "max": 100000,
                                   "tooltip": "Step budget (the early stop may end sooner)."}),
                 "lr": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 1e-6, "round": False,
@@ -69,7 +72,9 @@ class DataUnlearn:
             "optional": {
                 "rank": ("INT", {"default": _SISS.hparams["rank"], "min": 1, "max": 256,
                                  "tooltip": "LoRA rank."}),
-                "batch_size": ("INT", {"default": _SISS.batch_size, "min": 1, "max": 64}),
+                "batch_size": ("INT", {"default": _SISS.batch_size, "min": 1, "max": 64,
+                                       "tooltip": "Forget and keep images per training step "
+                                                  "(each); lower it if memory runs out."}),
                 "early_stop_every": ("INT", {
                     "default": _SISS.hparams["early_stop_every"], "min": 0, "max": 100000,
                     "tooltip": "Every N steps, compare the forget images' denoising loss with "

@@ -100,7 +100,10 @@ class SelfDistillUnlearn:
                 "timestep_sampler": (list(TIMESTEP_SAMPLERS), {
                     "default": SPARE.timestep_sampler,
                     "tooltip": "concept: spend steps where the concept changes the prediction most."}),
-                "objective": (objective_names(), {"default": "self_distill"}),
+                "objective": (objective_names(), {"default": "self_distill", "tooltip":
+                    "self_distill: SPARE (the concept's prediction pulled to the frozen model's "
+                    "surrogate prediction, the preserved prompts held); salun_rl: SalUn's random-"
+                    "label loss; esd: ESD's negative guidance (ignores the surrogate)."}),
                 "seed": SEED,
             },
             "optional": {

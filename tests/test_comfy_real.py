@@ -17,8 +17,8 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
    stock-node table of the unit tests;
 3. validates and queues the shipped API workflow (sizes and steps made tiny: SparseLoRAInit's
    shipped selection (``all``, no saliency map), the concept typed once in SelfDistillUnlearn), follows
-   progress on the websocket and checks ``/history``, the files written and that the adapter sits
-   on the cross-attention to_k / to_v projections only;
+   progress on the websocket and checks ``/history``, the files written (the before / after
+   images and the loss preview) and that the adapter sits on the modules the selection names;
 4. checks that the saved LoRA in the stock LoraLoader samples the same latents as
    LoadUnlearnAdapter -> ApplyUnlearnAdapter, and differs from the original model; again with an
    element-masked adapter (ComputeSaliency with per-weight scores added to the graph,
@@ -44,7 +44,10 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
 11. enables the UI workflow's bypassed *Probe the erasure* group and queues what the frontend
     would: ProbeErasure attacks the patched model through ComfyUI's own CLIP-L (its token
     embedding hooked), reports the found prompt, and its two LATENTs decode to previews; again
-    with SelfDistillUnlearn's adversarial switch on (the attack runs inside training too).
+    with SelfDistillUnlearn's adversarial switch on (the attack runs inside training too);
+12. fetches every node's help page from the URL the frontend's node help asks for
+    (``/extensions/spare-unlearn/docs/<NodeName>.md``), served from the pack's WEB_DIRECTORY;
+13. runs the shipped list workflow (three concepts, per_concept sum) and reads its fused file.
 """
 from __future__ import annotations
 
@@ -133,6 +136,10 @@ class Comfy:
     def get(self, path: str):
         with urllib.request.urlopen(self.url + path, timeout=60) as r:
             return json.load(r)
+
+    def text(self, path: str) -> str:
+        with urllib.request.urlopen(self.url + path, timeout=60) as r:
+            return r.read().decode()
 
     def post(self, path: str, body: dict | None = None):
         data = json.dumps(body or {}).encode()
@@ -384,6 +391,23 @@ def test_stock_node_table_matches_this_comfyui(comfy):
                 for key in ("min", "max", "default", "control_after_generate"):
                     if key in opts:
                         assert ropts.get(key) == opts[key], (name, inp, key)
+
+
+def test_the_server_serves_each_help_page_where_the_frontend_asks(comfy):
+    """The frontend's node help (ComfyUI frontend 1.27, NodeHelpService) fetches
+    ``/extensions/<custom_nodes folder>/docs/<NodeName>.md``, the folder taken from the node's
+    ``python_module``; the pack's WEB_DIRECTORY puts ``web/docs`` there for every node."""
+    ours = {k: v for k, v in comfy.info.items()
+            if v.get("python_module", "").startswith("custom_nodes.spare-unlearn")}
+    pages = {f[:-3] for f in os.listdir(os.path.join(REPO, "web", "docs")) if f.endswith(".md")}
+    assert len(ours) == 10 and set(ours) == pages
+    for name, node in ours.items():
+        module = node["python_module"].split(".")
+        assert module[0] == "custom_nodes", node["python_module"]
+        folder = module[1].split("@")[0]  # the frontend's extractCustomNodeName
+        page = comfy.text(f"/extensions/{folder}/docs/{name}.md")
+        with open(os.path.join(REPO, "web", "docs", f"{name}.md")) as f:
+            assert page == f.read(), name
 
 
 def test_shipped_workflows_validate_against_object_info(comfy):
