@@ -84,6 +84,14 @@ def test_ui_file_has_the_frontend_schema(ui):
     assert len({link[0] for link in ui["links"]}) == len(ui["links"])
 
 
+def test_every_ui_file_has_its_card_picture():
+    from PIL import Image
+
+    for w in WORKFLOWS:
+        with Image.open(os.path.join(REPO, "workflows", f"{w}.jpg")) as im:
+            assert im.format == "JPEG" and im.width == 768 and im.height > 256, w
+
+
 def test_template_browser_gets_only_ui_files():
     """ComfyUI lists every ``workflows/*.json`` of a pack as a template, and its frontend loads
     them as UI graphs: an API-format file there would fail when picked."""
