@@ -144,7 +144,8 @@ STRENGTH_TIP = ("Multiplier of the trained update: 1 = the erasure as trained; b
                 "partial erasure (0 returns the input MODEL). Above 1 the adapter extrapolates "
                 "past what was trained: a stronger push away from the concept that no training "
                 "step checked, so look for damage to other prompts. Below 0 it pushes towards "
-                "the concept.")
+                "the concept. A native file saved with its own strength (the API's "
+                "adapter.strength) keeps it: the patch is the file's strength times this one.")
 
 
 class ApplyUnlearnAdapter:

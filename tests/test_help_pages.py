@@ -58,7 +58,8 @@ def test_each_page_lists_every_input_with_its_default_and_every_output(pack):
             opts = s[1] if len(s) > 1 else {}
             if "default" in opts:
                 assert inputs[k][1] == _shown(opts["default"]), (name, k, inputs[k][1])
-            assert inputs[k][2], (name, k)  # says what it does
+            tip = " ".join(opts.get("tooltip", "").split()).replace("|", "\\|")
+            assert inputs[k][2] and inputs[k][2] == tip, (name, k)  # the node's own words
         outputs = _rows(page, "Outputs")
         names = getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)
         assert list(outputs) == list(names), name

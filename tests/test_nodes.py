@@ -1,6 +1,7 @@
 """Every SPARE node driven through the ComfyUI test double (tests/comfy_double.py)."""
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -219,6 +220,30 @@ def test_save_load_round_trip_and_stock_lora_loader(env):
                         filename_prefix="spare/circle", keep_native=False)
     assert again == "spare/circle_00002_.safetensors"
     assert not os.path.exists(os.path.join(host.loras, "spare/circle_00002_.spare.safetensors"))
+
+
+def test_a_files_own_strength_multiplies_the_nodes(env):
+    """A native file saved from the API at strength 0.5, applied at node strength 2, patches the
+    model as the trained adapter at 1: the file's strength times the node's (the tooltip says so)."""
+    from spare_core.files import save_adapter
+
+    host, nodes, model, trained = env["host"], env["nodes"], env["model"], env["trained"]
+    half = os.path.join(host.loras, "half.spare.safetensors")
+    loaded = copy.deepcopy(trained)
+    loaded.strength = 0.5
+    save_adapter(loaded, half)
+    try:
+        (back,) = host.run(nodes["LoadUnlearnAdapter"], adapter_name="half.spare.safetensors")
+        assert back.strength == 0.5
+        x, t, c = probe(env, CONCEPT)
+        (doubled,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=back, strength=2.0)
+        (plain,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=trained, strength=1.0)
+        torch.testing.assert_close(host.eps(doubled, x, t, c), host.eps(plain, x, t, c),
+                                   rtol=1e-4, atol=1e-5)
+        assert "file's strength times this one" in nodes["ApplyUnlearnAdapter"].INPUT_TYPES()[
+            "required"]["strength"][1]["tooltip"]
+    finally:
+        os.remove(half)
 
 
 def test_element_masked_adapter_saves_full_difference_keys(env):
