@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 
+import torch
+
 from spare_core.adapter import UnlearnAdapter
 from spare_core.concept_list import FUSIONS
 from spare_core.loop import UnlearnConfig, unlearn
@@ -22,8 +24,37 @@ from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, PRESERVE_DEFAU
 
 log = logging.getLogger(__name__)
 SPARE = RECIPES["spare"]
-# several concepts: one adapter, or one each then fused (the fusions that need no layer inputs)
-PER_CONCEPT = ("shared", *(f for f in FUSIONS if f != "least_squares"))
+# several concepts: one adapter, or one each then fused
+PER_CONCEPT = ("shared", *FUSIONS)
+LS_SAMPLES = 4
+"""Latents per concept (and for the preserved prompts) whose layer inputs the least-squares
+fusion reads, as spare_core.multi_concept.unlearn_concepts (``ls_samples``)."""
+
+
+def least_squares_inputs(den, tasks, parts, keep, seed: int):
+    """The least-squares fusion's Grams (spare_core.fusion.GramSums) from what the per-concept
+    jobs already hold: each concept's first :data:`LS_SAMPLES` pool latents read by the base
+    model under its own prompt, and as many of the preserved prompts' pool latents (round robin
+    over ``keep``; none when the objective kept no preserve pools). No new image is generated."""
+    from spare_core.fusion import GramSums, union_names
+    from spare_core.multi_concept import input_grams
+
+    names = union_names(parts)
+    sums = GramSums({n: next(p[n].weight_shape for p in parts if n in p.names) for n in names})
+    for task, part in zip(tasks, parts):
+        lat = task.concept_latents[:LS_SAMPLES]
+        sums.add(part.merged(), input_grams(den, part, list(sums.shapes),
+                                            [task.pairs[0][0]] * lat.shape[0], lat, seed))
+    first = tasks[0]
+    kept = [p for p in keep if p in first.preserve]
+    if kept and first.preserve_latents is not None:
+        rows = [(kept[i % len(kept)], i // len(kept)) for i in range(LS_SAMPLES)]
+        pools = {p: first.preserve_latents[first.preserve.index(p)] for p in kept}
+        rows = [(p, j) for p, j in rows if j < pools[p].shape[0]]
+        lat = torch.stack([pools[p][j] for p, j in rows])
+        sums.set_preserve(input_grams(den, parts[0], list(sums.shapes), [p for p, _ in rows],
+                                      lat, seed + 1))
+    return sums
 
 
 def objective_names() -> list[str]:
@@ -133,10 +164,13 @@ class SelfDistillUnlearn:
                 "per_concept": (list(PER_CONCEPT), {
                     "default": "shared",
                     "tooltip": "Several concepts (one per line): 'shared' trains them together "
-                               "in one adapter; 'sum' / 'ties' train a copy of the adapter per "
-                               "concept (the other concepts join its preserved prompts), one "
-                               "after the other, and fuse them: the sum of the deltas, or "
-                               "TIES-merging. Each concept gets the full steps."}),
+                               "in one adapter; 'sum' / 'ties' / 'least_squares' train a copy of "
+                               "the adapter per concept (the other concepts join its preserved "
+                               "prompts), one after the other, and fuse them: the sum of the deltas, "
+                               "TIES-merging, or least_squares (MACE's closed form on each "
+                               "layer's inputs: every concept's own and the preserved prompts'; "
+                               "ahead of sum on the canvas list of 7 styles). Each concept gets "
+                               "the full steps."}),
             },
         }
 
@@ -220,9 +254,11 @@ class SelfDistillUnlearn:
                 parts.append(trained)
                 runs.append((one.concept, result.history))
                 start += n_pool + steps
+            sums = (least_squares_inputs(den, tasks, parts, keep, int(seed))
+                    if per_concept == "least_squares" and len(parts) > 1 else None)
         if len(parts) > 1:
             from spare_core.fusion import fuse
-            trained = fuse(per_concept, parts)
+            trained = fuse(per_concept, parts, sums=sums)
         trained.to("cpu")  # ComfyUI caches node outputs where its memory manager cannot see them
         losses = result.history.get("loss", [])
         ignored = result.history.get("ignored", [])

@@ -464,16 +464,20 @@ def test_workflow_runs_and_writes_its_outputs(comfy, erased):
           f"{ {wf[k]['class_type']: len(v) for k, v in progress.items()} }")
 
 
-def test_list_workflow_saves_one_fused_adapter_for_its_concepts(comfy):
+@pytest.mark.parametrize("fusion", ["shipped", "least_squares"])
+def test_list_workflow_saves_one_fused_adapter_for_its_concepts(comfy, fusion):
     """The shipped list workflow (tiny): one adapter per concept line, fused by its per_concept
-    choice into one saved file that names every concept and the fusion."""
+    choice (as shipped, and least squares, which reads each layer's inputs through ComfyUI's
+    model) into one saved file that names every concept and the fusion."""
     with open(os.path.join(REPO, "workflows", "api", "spare_erase_list.api.json")) as f:
         wf = tiny_workflow(json.load(f))
+    if fusion != "shipped":
+        wf[node_of(wf, "SelfDistillUnlearn")]["inputs"]["per_concept"] = fusion
     ck, init, unl, save = (node_of(wf, k) for k in ("CheckpointLoaderSimple", "SparseLoRAInit",
                                                      "SelfDistillUnlearn", "SaveUnlearnAdapter"))
     run = keep(wf, [ck, init, unl, save])
     run[unl]["inputs"]["steps"] = 3
-    run[save]["inputs"]["filename_prefix"] = "spare/test_list"
+    run[save]["inputs"]["filename_prefix"] = f"spare/test_list_{fusion}"
     assert validate_api_prompt(run, comfy.info) == []
     history, messages = comfy.run(run)
     assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]

@@ -270,9 +270,9 @@ def test_cli_processes_flag_runs_torchrun_and_matches_one_process(pipe_dir, tmp_
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
-def test_node_per_concept_sum_is_the_sum_of_single_concept_runs(tmp_path, monkeypatch):
-    """SelfDistillUnlearn with two concepts and per_concept 'sum' equals the sum of two
-    single-concept runs of the node, each preserving the other concept."""
+def _node_run(tmp_path, monkeypatch, **settings):
+    """The test double's host, the pack's nodes, and SelfDistillUnlearn's inputs for two-step
+    runs on a tiny checkpoint with a rank-1 LoRA on every module (plus ``settings``)."""
     from comfy_double import Host, load_pack
 
     host = Host(str(tmp_path)).install(monkeypatch)
@@ -281,9 +281,18 @@ def test_node_per_concept_sum_is_the_sum_of_single_concept_runs(tmp_path, monkey
     (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=None,
                        module_selection="all", module_fraction=1.0, rank=1, alpha=1.0,
                        mask_fraction=1.0, seed=0)
-    common = dict(model=model, clip=clip, adapter=init, surrogate="a green line", steps=2,
-                  lr=1e-2, timestep_sampler="uniform", objective="self_distill", seed=0,
-                  batch_size=2, pool_size=1, pool_steps=2, cfg=3.0, width=64, height=64)
+    return host, nodes, dict(model=model, clip=clip, adapter=init, surrogate="a green line",
+                             steps=2, lr=1e-2, timestep_sampler="uniform",
+                             objective="self_distill", seed=0, batch_size=2, pool_steps=2,
+                             cfg=3.0, width=64, height=64, **settings)
+
+
+def test_node_per_concept_sum_is_the_sum_of_single_concept_runs(tmp_path, monkeypatch):
+    """SelfDistillUnlearn with two concepts and per_concept 'sum' equals the sum of two
+    single-concept runs of the node, each preserving the other concept."""
+    from comfy_double import load_pack
+
+    host, nodes, common = _node_run(tmp_path, monkeypatch, pool_size=1)
     (fused, _loss) = host.run(nodes["SelfDistillUnlearn"], concept="a red circle\na blue square",
                         preserve="a purple star", per_concept="sum", **common)
     singles = [host.run(nodes["SelfDistillUnlearn"], concept=c, preserve=f"a purple star\n{o}",
@@ -297,3 +306,28 @@ def test_node_per_concept_sum_is_the_sum_of_single_concept_runs(tmp_path, monkey
     assert fused.meta["per_concept"] == "sum" and set(got) == set(want)
     for n in want:
         torch.testing.assert_close(got[n], want[n])
+
+
+def test_node_per_concept_least_squares_solves_on_linear_layers_and_sums_convs(tmp_path,
+                                                                             monkeypatch):
+    """per_concept 'least_squares' in the node: from the same two per-concept adapters as the
+    sum, the Linear layers get MACE's closed form on the concepts' and the preserved prompt's
+    layer inputs (not the sum), the Conv2d layers their sum; the file records the fusion."""
+    host, nodes, common = _node_run(tmp_path, monkeypatch, pool_size=2,
+                                    concept="a red circle\na blue square",
+                                    preserve="a purple star")
+    assert "least_squares" in nodes["SelfDistillUnlearn"].INPUT_TYPES()["optional"][
+        "per_concept"][0]
+    (summed, _) = host.run(nodes["SelfDistillUnlearn"], per_concept="sum", **common)
+    (solved, _) = host.run(nodes["SelfDistillUnlearn"], per_concept="least_squares", **common)
+    assert solved.meta["per_concept"] == "least_squares" == solved.meta["fusion"]
+    a, b = summed.merged(), solved.merged()
+    assert set(a) == set(b)
+    linear = [n for n in a if a[n].dim() == 2]
+    convs = [n for n in a if a[n].dim() == 4]
+    assert linear and convs
+    for n in convs:  # the closed form covers Linear layers; convolutions are summed
+        torch.testing.assert_close(b[n], a[n])
+    moved = [float((b[n] - a[n]).norm() / a[n].norm().clamp_min(1e-12)) for n in linear]
+    assert max(moved) > 0.05  # the solve changed the Linear deltas
+    assert all(torch.isfinite(b[n]).all() for n in b)
