@@ -113,10 +113,12 @@ def loss_chart(runs: Sequence[tuple[str, Mapping]], *, title: str = "", width: i
     plot_w, plot_h = width - left - right, height - top - bottom
     total = sum(len(h["loss"]) for _, h in runs)
 
+    def x_of(step: int) -> float:
+        return left + plot_w * step / max(1, total - 1)
+
     def xy(step: int, value: float) -> tuple[float, float]:
         v = np.log10(value) if log else value
-        return (left + plot_w * step / max(1, total - 1),
-                top + plot_h * (1 - (v - lo) / (hi - lo)))
+        return x_of(step), top + plot_h * (1 - (v - lo) / (hi - lo))
 
     def line(start: int, values: Sequence[float], color, w: int) -> None:
         pts = [xy(start + i, v) for i, v in enumerate(values) if np.isfinite(v) and (v > 0 or not log)]
@@ -140,7 +142,7 @@ def loss_chart(runs: Sequence[tuple[str, Mapping]], *, title: str = "", width: i
     for label, h in runs:
         n = len(h["loss"])
         if len(runs) > 1:
-            sx = xy(start, lo if not log else 10 ** lo)[0]
+            sx = x_of(start)
             if start:
                 draw.line([(sx, top), (sx, top + plot_h)], fill=SEPARATOR)
             draw.text((sx + 3, top + 2), _short(label, 24), fill=TEXT, font=font)

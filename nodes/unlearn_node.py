@@ -26,35 +26,25 @@ log = logging.getLogger(__name__)
 SPARE = RECIPES["spare"]
 # several concepts: one adapter, or one each then fused
 PER_CONCEPT = ("shared", *FUSIONS)
-LS_SAMPLES = 4
-"""Latents per concept (and for the preserved prompts) whose layer inputs the least-squares
-fusion reads, as spare_core.multi_concept.unlearn_concepts (``ls_samples``)."""
 
 
 def least_squares_inputs(den, tasks, parts, keep, seed: int):
-    """The least-squares fusion's Grams (spare_core.fusion.GramSums) from what the per-concept
-    jobs already hold: each concept's first :data:`LS_SAMPLES` pool latents read by the base
-    model under its own prompt, and as many of the preserved prompts' pool latents (round robin
-    over ``keep``; none when the objective kept no preserve pools). No new image is generated."""
-    from spare_core.fusion import GramSums, union_names
-    from spare_core.multi_concept import input_grams
+    """The least-squares fusion's statistics (spare_core.multi_concept.gram_sums) from what the
+    per-concept jobs already hold: each concept's first LS_SAMPLES pool latents under its own
+    prompt, and as many of the preserved prompts' pool latents (round robin over ``keep``; none
+    when the objective kept no preserve pools). No new image is generated."""
+    from spare_core.multi_concept import LS_SAMPLES, gram_sums
 
-    names = union_names(parts)
-    sums = GramSums({n: next(p[n].weight_shape for p in parts if n in p.names) for n in names})
-    for task, part in zip(tasks, parts):
-        lat = task.concept_latents[:LS_SAMPLES]
-        sums.add(part.merged(), input_grams(den, part, list(sums.shapes),
-                                            [task.pairs[0][0]] * lat.shape[0], lat, seed))
-    first = tasks[0]
-    kept = [p for p in keep if p in first.preserve]
+    mine = {i: ([t.pairs[0][0]] * len(t.concept_latents[:LS_SAMPLES]),
+                t.concept_latents[:LS_SAMPLES]) for i, t in enumerate(tasks)}
+    first, kept = tasks[0], [p for p in keep if p in tasks[0].preserve]
+    preserve = None
     if kept and first.preserve_latents is not None:
-        rows = [(kept[i % len(kept)], i // len(kept)) for i in range(LS_SAMPLES)]
         pools = {p: first.preserve_latents[first.preserve.index(p)] for p in kept}
+        rows = [(kept[i % len(kept)], i // len(kept)) for i in range(LS_SAMPLES)]
         rows = [(p, j) for p, j in rows if j < pools[p].shape[0]]
-        lat = torch.stack([pools[p][j] for p, j in rows])
-        sums.set_preserve(input_grams(den, parts[0], list(sums.shapes), [p for p, _ in rows],
-                                      lat, seed + 1))
-    return sums
+        preserve = ([p for p, _ in rows], torch.stack([pools[p][j] for p, j in rows]))
+    return gram_sums(den, parts, mine, preserve, seed=seed)
 
 
 def objective_names() -> list[str]:

@@ -24,7 +24,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -208,6 +208,32 @@ def input_grams(denoiser: Denoiser, adapter: UnlearnAdapter, names: Sequence[str
     return {n: (acc[n] / max(count[n], 1)).cpu() for n in linear}
 
 
+LS_SAMPLES = 4
+"""Latents per concept (and for the preserved prompts) whose layer inputs the least-squares
+fusion reads."""
+
+
+def gram_sums(denoiser: Denoiser, parts: Sequence[UnlearnAdapter],
+              concept_inputs: Mapping[int, tuple[Sequence[str], Tensor]],
+              preserve_inputs: tuple[Sequence[str], Tensor] | None = None, *, seed: int,
+              preserve_weight: float = 1.0) -> GramSums:
+    """The least-squares fusion's statistics over the Linear modules of ``parts``: for each
+    ``index -> (prompts, latents)`` of ``concept_inputs``, part ``index``'s delta and the Grams of
+    its layer inputs (:func:`input_grams`, ``seed``); the preserved prompts' Grams from
+    ``preserve_inputs`` (``seed + 1``), weighted ``preserve_weight``. Partial when
+    ``concept_inputs`` holds only some parts (one rank's share: the sums add up)."""
+    names = union_names(parts)
+    sums = GramSums({n: next(p[n].weight_shape for p in parts if n in p.names) for n in names})
+    for i, (prompts, lat) in concept_inputs.items():
+        sums.add(parts[i].merged(), input_grams(denoiser, parts[i], list(sums.shapes), prompts,
+                                                lat, seed))
+    if preserve_inputs is not None:
+        prompts, lat = preserve_inputs
+        sums.set_preserve(input_grams(denoiser, parts[0], list(sums.shapes), prompts, lat,
+                                      seed + 1), preserve_weight)
+    return sums
+
+
 def _pool(denoiser, prompts: Sequence[str], n: int, seed: int, settings: dict) -> tuple[list, Tensor]:
     """``n`` prompts drawn round-robin from ``prompts`` and their latents (frozen model, DDIM)."""
     from .sampling import sample
@@ -244,7 +270,7 @@ def _pairs(concepts, surrogate) -> list[tuple[str, str]]:
 def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
                      preserve: Sequence[str] = (), *, fusion: str = "sum",
                      fused_rank: int | None = None, ties_density: float = TIES_DENSITY,
-                     ls_ridge: float = LS_RIDGE, ls_samples: int = 4,
+                     ls_ridge: float = LS_RIDGE, ls_samples: int = LS_SAMPLES,
                      ls_preserve_weight: float = 1.0,
                      bars: Callable[[ConceptJob, int], tuple] | bool | None = None,
                      **run_kwargs) -> MultiConceptResult | None:
@@ -317,23 +343,17 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
     if fusion == "least_squares":
         sums, err = None, None
         try:
-            names = union_names(parts)
-            sums = GramSums({n: next(p[n].weight_shape for p in parts if n in p.names)
-                             for n in names})
             kw = {k: run_kwargs.get(k) for k in ("sample_steps", "guidance", "clip_x0", "seed")}
             settings = {"sample_steps": kw["sample_steps"] or recipe(method).sample_steps,
                         "guidance": guidance_for(denoiser, kw["guidance"]),
                         "clip_x0": kw["clip_x0"]}
             seed = int(kw["seed"] or 0)
-            for job in jobs[rank::size]:
-                prompts, lat = _pool(denoiser, [job.concept], ls_samples, seed, settings)
-                grams = input_grams(denoiser, parts[job.index], list(sums.shapes), prompts, lat,
-                                    seed)
-                sums.add(parts[job.index].merged(), grams)
-            if rank == 0 and preserve:
-                prompts, lat = _pool(denoiser, list(preserve), ls_samples, seed + 1, settings)
-                sums.set_preserve(input_grams(denoiser, parts[0], list(sums.shapes), prompts,
-                                              lat, seed + 1), ls_preserve_weight)
+            mine = {job.index: _pool(denoiser, [job.concept], ls_samples, seed, settings)
+                    for job in jobs[rank::size]}
+            kept = (_pool(denoiser, list(preserve), ls_samples, seed + 1, settings)
+                    if rank == 0 and preserve else None)
+            sums = gram_sums(denoiser, parts, mine, kept, seed=seed,
+                             preserve_weight=ls_preserve_weight)
         except Exception as e:
             if size == 1:
                 raise
