@@ -241,9 +241,13 @@ def set_gradient_checkpointing(unet: nn.Module, enabled: bool) -> None:
                                        args, kwargs, use_reentrant=False)
 
             m._spare_forward = original
+            m._spare_own_forward = "forward" in m.__dict__  # set on the instance by someone else
             m.forward = forward
         elif not enabled and wrapped:
-            del m.forward  # back to the class's forward
+            if m.__dict__.pop("_spare_own_forward"):
+                m.forward = m._spare_forward  # the instance's own forward, as it was
+            else:
+                del m.forward  # back to the class's forward
             del m._spare_forward
 
 

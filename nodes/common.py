@@ -39,9 +39,11 @@ PRESERVE_DEFAULT = "a photo of a cat\na landscape painting"
 """The surrogate and preserved prompts every node that takes them starts with."""
 
 
-def size_input(default: int = 512) -> tuple:
-    return ("INT", {"default": default, "min": 64, "max": 2048, "step": 8,
-                    "tooltip": "Image size of the latents generated for the concept (pixels)."})
+def size_input(default: int = 0) -> tuple:
+    return ("INT", {"default": default, "min": 0, "max": 2048, "step": 8,
+                    "tooltip": "Image size of the latents generated for the concept (pixels); "
+                               "0 = the model family's (SD1.x/SD2.x 512; SDXL, SD3 and Flux "
+                               "1024)."})
 
 
 def parse_prompts(text: str) -> list[str]:
@@ -71,6 +73,17 @@ CFG_INPUT = ("FLOAT", {
     "tooltip": "Classifier-free guidance of the images generated for training; -1 = the model "
                "family's (SD1.x/SD2.x 7.5, SDXL and SD3 7.0, Flux 1.0: its guidance is "
                "distilled)."})
+
+
+def node_size(model, width: int, height: int) -> tuple[int, int]:
+    """``(width, height)`` in pixels, each 0 replaced by the model family's training size."""
+    from spare_core.recipes import image_size
+
+    from . import comfy_bridge as bridge
+    if width > 0 and height > 0:
+        return int(width), int(height)
+    side = image_size(bridge.model_family(model))
+    return int(width) or side, int(height) or side
 
 
 def node_guidance(cfg: float, model) -> float:

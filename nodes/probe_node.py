@@ -9,7 +9,7 @@ from spare_core.probe import AttackConfig, attack
 from spare_core.sampling import sample
 
 from . import comfy_bridge as bridge
-from .common import CATEGORY, MEMORY_INPUTS, SEED, require_text, size_input
+from .common import CATEGORY, MEMORY_INPUTS, SEED, node_size, require_text, size_input
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ class ProbeErasure:
         }
 
     def probe(self, original_model, erased_model, clip, concept: str, attack_tokens: int,
-              attack_steps: int, num_images: int, seed: int, width: int = 512,
-              height: int = 512, sample_steps: int = 25, cfg: float = 7.5,
+              attack_steps: int, num_images: int, seed: int, width: int = 0,
+              height: int = 0, sample_steps: int = 25, cfg: float = 7.5,
               attack_batch: int = 16, micro_batch: int = 1,
               gradient_checkpointing: bool = True) -> dict:
         concept = require_text(concept, "concept prompt",
@@ -86,6 +86,7 @@ class ProbeErasure:
         config = AttackConfig(tokens=int(attack_tokens), steps=int(attack_steps),
                               batch_size=int(attack_batch), seed=int(seed))
         config.validate()
+        width, height = node_size(original_model, width, height)
         for model in (original_model, erased_model):
             bridge.check_inputs(model, clip, width, height)
             bridge.check_prompt_attack(model, clip, [concept], config.tokens)

@@ -5,7 +5,7 @@ import torch
 
 from spare_core.localize import check_ranking_inputs, ranking_saliency
 from spare_core.recipes import RANKED, RECIPES
-from spare_core.saliency import Saliency, check_gradient_storage
+from spare_core.saliency import Saliency
 from spare_core.sampling import sample
 from spare_core.sparse_lora import IO_CONVS
 from spare_core.tasks import ConceptTask
@@ -14,7 +14,7 @@ from . import comfy_bridge as bridge
 from .chart import bar_chart, drawn, to_image_tensor
 from .common import (CATEGORY, CFG_INPUT, MEMORY_INPUTS, MODULE_FRACTION_INPUT, PRESERVE_DEFAULT,
                      SALIENCY, SEED, SURROGATE_DEFAULT, node_guidance, parse_prompts,
-                     prompts_input, require_text, size_input)
+                     node_size, prompts_input, require_text, size_input)
 
 SPARE = RECIPES["spare"]
 DEFAULT_RANKING = (SPARE.hparams["module_selection"]
@@ -70,16 +70,16 @@ class ComputeSaliency:
                 **MEMORY_INPUTS,
                 "element_scores": ("BOOLEAN", {
                     "default": False,
-                    "tooltip": "Keep a score per weight (float32, in system RAM) so that "
-                               "SparseLoRAInit can mask elements (mask_fraction < 1). Off: one "
-                               "score per module only (bfloat16 running sums, no float32 copy "
-                               "of the UNet)."}),
+                    "tooltip": "Keep a score per weight (float32, in system RAM: 4 bytes per "
+                               "weight) so that SparseLoRAInit can mask elements (mask_fraction "
+                               "< 1). Off: one score per module only, each micro-batch's gradient "
+                               "reduced at once (no per-weight buffer anywhere)."}),
             },
         }
 
     def compute(self, model, clip, concept: str, samples: int, ranking: str, seed: int,
-                surrogate: str = SURROGATE_DEFAULT, preserve: str = "", width: int = 512,
-                height: int = 512, sample_steps: int = SPARE.sample_steps, cfg: float = -1.0,
+                surrogate: str = SURROGATE_DEFAULT, preserve: str = "", width: int = 0,
+                height: int = 0, sample_steps: int = SPARE.sample_steps, cfg: float = -1.0,
                 micro_batch: int = 1, gradient_checkpointing: bool = True,
                 element_scores: bool = False) -> tuple[Saliency]:
         require_text(concept, "concept prompt", "the concept to forget, e.g. 'Van Gogh style'")
@@ -92,8 +92,8 @@ class ComputeSaliency:
         task = ConceptTask(concept, "\n".join(parse_prompts(surrogate)), parse_prompts(preserve))
         task.validate()
         check_ranking_inputs(ranking, task.preserve, element_scores)
+        width, height = node_size(model, width, height)
         bridge.check_inputs(model, clip, width, height)
-        check_gradient_storage(bridge.diffusion_model(model))
         guidance = node_guidance(cfg, model)
         with bridge.autograd_enabled():
             prompts = task.sample_prompts(samples)  # `samples` per concept

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from spare_core.adapter import UnlearnAdapter
-from spare_core.concept_list import FUSIONS
+from spare_core.concept_list import DEFAULT_FUSION, FUSIONS
 from spare_core.loop import UnlearnConfig, unlearn
 from spare_core.probe.adversarial import AdversarialConceptTask
 from spare_core.recipes import RECIPES
@@ -19,12 +19,12 @@ from . import comfy_bridge as bridge
 from .adapter_nodes import require_adapter
 from .chart import loss_chart, to_image_tensor
 from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, PRESERVE_DEFAULT, SEED,
-                     SURROGATE_DEFAULT, node_guidance, parse_prompts, prompts_input, require_text,
-                     size_input)
+                     SURROGATE_DEFAULT, node_guidance, node_size, parse_prompts, prompts_input,
+                     require_text, size_input)
 
 log = logging.getLogger(__name__)
 SPARE = RECIPES["spare"]
-# several concepts: one adapter, or one each then fused
+# several concepts: one adapter, or one each then fused (DEFAULT_FUSION by default)
 PER_CONCEPT = ("shared", *FUSIONS)
 
 
@@ -152,25 +152,26 @@ class SelfDistillUnlearn:
                                "SD1.x/SD2.x only."}),
                 **MEMORY_INPUTS,
                 "per_concept": (list(PER_CONCEPT), {
-                    "default": "shared",
-                    "tooltip": "Several concepts (one per line): 'shared' trains them together "
-                               "in one adapter; 'sum' / 'ties' / 'least_squares' train a copy of "
-                               "the adapter per concept (the other concepts join its preserved "
-                               "prompts), one after the other, and fuse them: the sum of the deltas, "
-                               "TIES-merging, or least_squares (MACE's closed form on each "
-                               "layer's inputs: every concept's own and the preserved prompts'; "
-                               "ahead of sum on the canvas list of 7 styles). Each concept gets "
-                               "the full steps."}),
+                    "default": DEFAULT_FUSION,
+                    "tooltip": "Several concepts (one per line): 'least_squares' (default), "
+                               "'sum' and 'ties' train a copy of the adapter per concept (the "
+                               "other concepts join its preserved prompts), one after the other, "
+                               "and fuse them: MACE's closed form on each layer's inputs (every "
+                               "concept's own and the preserved prompts'), the sum of the deltas, "
+                               "or TIES-merging; each concept gets the full steps. 'shared' trains "
+                               "them together in one adapter, in the time of one, erasing less as "
+                               "the list grows (canvas, 4 / 7 styles: UA 0.91 / 0.64 against "
+                               "0.99 / 0.98 with least_squares). One concept: no effect."}),
             },
         }
 
     def run(self, model, clip, adapter: UnlearnAdapter, concept: str, surrogate: str,
             preserve: str, steps: int, lr: float, timestep_sampler: str, objective: str,
-            seed: int, batch_size: int = SPARE.batch_size, width: int = 512, height: int = 512,
+            seed: int, batch_size: int = SPARE.batch_size, width: int = 0, height: int = 0,
             pool_size: int = SPARE.num_samples, pool_steps: int = SPARE.sample_steps,
             cfg: float = -1.0, adversarial: bool = False,
             micro_batch: int = 1, gradient_checkpointing: bool = True,
-            per_concept: str = "shared") -> tuple[UnlearnAdapter]:
+            per_concept: str = DEFAULT_FUSION) -> tuple[UnlearnAdapter]:
         adapter = require_adapter(adapter)
         # empty: the concept the adapter's saliency was computed for, so the artist types it once
         concept = (concept or "").strip() or adapter.meta.get("concept", "")
@@ -212,6 +213,7 @@ class SelfDistillUnlearn:
                                gradient_checkpointing=bool(gradient_checkpointing),
                                backward_per_term=True)  # forget, then preserve: a lower peak
         config.validate()
+        width, height = node_size(model, width, height)
         bridge.check_inputs(model, clip, width, height)
         try:
             adapter.check_compatible(bridge.diffusion_model(model))

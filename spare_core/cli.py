@@ -12,6 +12,7 @@ import os
 import sys
 from contextlib import nullcontext
 
+from . import auto_settings
 from . import cli_args as A
 from . import concept_list
 from .cli_args import CONCEPT_METHODS, DATA_METHODS, METHOD_NAMES
@@ -103,15 +104,21 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--seed", type=A.seed, default=0, help="seed of sampling and training")
     p.add_argument("--device", type=A.device, default="auto",
                    help="auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="dtype the model is loaded and computed in (the adapter trains in float32; "
-                        "float16 uses dynamic loss scaling)")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in backward: far less memory, ~1.2-1.4x the time")
-    p.add_argument("--split-backward", action="store_true",
-                   help="back-propagate the forget and preserve terms one at a time (spare)")
-    p.add_argument("--micro-batch", type=A.positive_int, default=8,
-                   help="concept images per saliency forward/backward (spare, salun)")
+                        "float16 uses dynamic loss scaling); auto: bfloat16 on GPUs that compute "
+                        "it, float16 on other GPUs, float32 on the CPU")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="recompute activations in backward: far less memory, ~1.2-1.4x the time "
+                        "(default: on when the device's free memory is under "
+                        f"{auto_settings.CONTROLS_OFF_FACTOR:g}x the weights' size)")
+    p.add_argument("--split-backward", action=argparse.BooleanOptionalAction, default=None,
+                   help="back-propagate the forget and preserve terms one at a time (spare; "
+                        "default: as --gradient-checkpointing)")
+    p.add_argument("--micro-batch", type=A.positive_int, default=None,
+                   help="concept images per saliency forward/backward (spare, salun; default: 1 "
+                        "where the memory controls are on, else 8)")
     p.add_argument("--early-stop-every", type=int, default=None, metavar="N",
                    help="data methods: every N steps, check whether the forget images are still "
                         "memorised and stop once they are not (0 = off; default: the method's "
@@ -300,6 +307,13 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
         from .multi_concept import init_distributed, rank_device
         a.device = rank_device(a.device)
         init_distributed(a.device)
+    auto = auto_settings.choose(a.device, auto_settings.network_parameters(a.model),
+                                dtype=a.dtype, gradient_checkpointing=a.gradient_checkpointing,
+                                split_backward=a.split_backward, micro_batch=a.micro_batch)
+    a.dtype, a.micro_batch = auto.dtype, auto.micro_batch
+    a.gradient_checkpointing, a.split_backward = auto.gradient_checkpointing, auto.split_backward
+    for reason in auto.reasons:  # what "auto" chose, and why
+        print(f"spare unlearn: auto: {reason}", file=sys.stderr)
     den = load_denoiser(a.model, dtype=getattr(torch, a.dtype), device=a.device)
     if a.device == "cpu":
         apply_threads(den)

@@ -279,12 +279,14 @@ class DataTask:
         return getattr(self, "_probe", None) is not None
 
     @torch.no_grad()
-    def stop_probe(self, denoiser: Denoiser, predict: Callable[[Tensor, Tensor, Tensor], Tensor]) -> dict:
+    def stop_probe(self, denoiser: Denoiser, predict: Callable[[Tensor, Tensor, Tensor], Tensor],
+                   max_rows: int = PROBE_BATCH) -> dict:
         """Is the forget set gone? ``predict(x_t, t, ctx)`` is the model being trained.
 
         Denoises ``PROBE_IMAGES`` forget images and as many held-out keep images at the
-        ``PROBE_TIMESTEPS`` fixed timesteps with the same fixed noise, one call of both sets per
-        timestep. Returns ``forget`` and ``keep`` (mean squared error of the prediction to its
+        ``PROBE_TIMESTEPS`` fixed timesteps with the same fixed noise, at most ``max_rows``
+        latents per call (the training run's micro-batch: at 1024 px on a 12 B DiT, 64 rows at
+        once would hold 40 GB of activations). Returns ``forget`` and ``keep`` (mean squared error of the prediction to its
         target, averaged over timesteps and images), ``ratio`` (forget / keep) and ``gone``
         (``ratio >= stop_ratio``): a memorised image has a far lower loss than unseen data
         (ratio well below 1), an image the model does not reproduce does not.
@@ -297,14 +299,17 @@ class DataTask:
         n = fx.shape[0]
         x0, cidx = torch.cat([fx, kx]), torch.cat([fc, kc])
         per_t = []
-        group = max(1, PROBE_BATCH // (2 * n))  # timesteps per call
+        group = max(1, min(PROBE_BATCH, max_rows) // (2 * n))  # timesteps per group
         for lo in range(0, len(ts), group):
             tg, ng = ts[lo:lo + group], noise[lo:lo + group]
             nz = torch.cat([torch.cat([z, z]) for z in ng])  # forget and keep share the noise
             tt = torch.tensor([t for t in tg for _ in range(2 * n)], dtype=torch.long)
             xs = x0.repeat(len(tg), 1, 1, 1)
-            ctx = self._ctx[cidx.repeat(len(tg))].to(dev, dtype)
-            pred = predict(proc.q_sample(xs, tt, nz).to(dev, dtype), tt.to(dev), ctx).float()
+            ctx = self._ctx[cidx.repeat(len(tg))]
+            x_t = proc.q_sample(xs, tt, nz)
+            pred = torch.cat([predict(x_t[a:a + max_rows].to(dev, dtype), tt[a:a + max_rows].to(dev),
+                                      ctx[a:a + max_rows].to(dev, dtype)).float()
+                              for a in range(0, xs.shape[0], max_rows)])
             err = ((pred - proc.target(xs, nz).to(dev)) ** 2).flatten(1).mean(1).view(len(tg), 2, n)
             per_t += [[t, float(e[0].mean()), float(e[1].mean())] for t, e in zip(tg, err)]
         lf = sum(f for _, f, _ in per_t) / len(per_t)

@@ -184,9 +184,11 @@ class DiffusersDenoiser:
             self.unet.disable_gradient_checkpointing()
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "DiffusersDenoiser":
-        """Wrap the parts of a loaded diffusers pipeline (the pipeline is not copied)."""
-        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+    def from_pipeline(cls, pipe, compute_dtype: torch.dtype | None = None) -> "DiffusersDenoiser":
+        """Wrap the parts of a loaded diffusers pipeline (the pipeline is not copied);
+        ``compute_dtype`` for a UNet stored in fp8."""
+        return cls(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+                   compute_dtype=compute_dtype)
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: torch.dtype = torch.float32,

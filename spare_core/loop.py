@@ -180,7 +180,7 @@ def unlearn(denoiser: Denoiser, adapter: UnlearnAdapter, task, objective: str | 
     def gone(step: int) -> bool:
         """The task's stop probe on the model trained so far (no gradient, no random draw)."""
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            r = task.stop_probe(denoiser, student)
+            r = task.stop_probe(denoiser, student, max_rows=config.batch_size)
         checks.append({"step": step, **{k: v for k, v in r.items() if k != "gone"}})
         return bool(r["gone"])
     try:

@@ -100,10 +100,13 @@ class TensorPeak(TorchDispatchMode):
         """Route ``F.scaled_dot_product_attention`` to the flash kernel (meta runs only)."""
         original = F.scaled_dot_product_attention
 
-        def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-            if q.device.type != "meta" or attn_mask is not None or kw:
+        def sdpa(query=None, key=None, value=None, attn_mask=None, dropout_p=0.0,
+                 is_causal=False, scale=None, enable_gqa=False, **kw):
+            # diffusers' attention dispatch passes query= / key= / value= by name
+            q, k, v = query, key, value
+            if q.device.type != "meta" or attn_mask is not None or enable_gqa or kw:
                 return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                is_causal=is_causal, scale=scale, **kw)
+                                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **kw)
             out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, dropout_p, is_causal, scale=scale)
             return out

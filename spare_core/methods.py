@@ -313,9 +313,6 @@ def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
         raise ValueError(f"parameterization must be 'full' or 'lora', got {hp['parameterization']!r}")
     if name == "salun" and not (0.0 < hp["mask_fraction"] <= 1.0):
         raise ValueError(f"mask_fraction must be in (0, 1], got {hp['mask_fraction']}")
-    if name == "salun":  # saliency needs weight gradients (fp8 storage cannot hold them)
-        from .saliency import check_gradient_storage
-        check_gradient_storage(denoiser.unet)
 
     gen = torch.Generator().manual_seed(config.seed)
     prompts = task.sample_prompts(num_samples)  # num_samples per concept line

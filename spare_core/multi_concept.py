@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .adapter import UnlearnAdapter
-from .concept_list import ConceptJob, plan_jobs
+from .concept_list import DEFAULT_FUSION, ConceptJob, plan_jobs
 from .denoiser import Denoiser, compute_dtype_of, device_of, prediction
 from .families.unet import adaptable_modules
 from .fusion import LS_RIDGE, TIES_DENSITY, GramSums, check_fusion, fuse, union_names
@@ -268,7 +268,7 @@ def _pairs(concepts, surrogate) -> list[tuple[str, str]]:
 
 
 def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
-                     preserve: Sequence[str] = (), *, fusion: str = "sum",
+                     preserve: Sequence[str] = (), *, fusion: str = DEFAULT_FUSION,
                      fused_rank: int | None = None, ties_density: float = TIES_DENSITY,
                      ls_ridge: float = LS_RIDGE, ls_samples: int = LS_SAMPLES,
                      ls_preserve_weight: float = 1.0,

@@ -12,7 +12,7 @@ from .loop import UnlearnConfig, unlearn
 from .recipes import RECIPES, guidance_for
 from .localize import (check_ranking_inputs, needs_saliency, network_for, rank_for_budget,
                        ranking_saliency, select_modules)
-from .saliency import Saliency, check_gradient_storage
+from .saliency import Saliency
 from .sampling import sample
 from .sparse_lora import check_rank, check_selection, sparse_lora_on
 from .tasks import ConceptTask, PoolConfig
@@ -106,8 +106,6 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                          f"encoder; {why}, or choose a UNet module selection")
     check_ranking_inputs(module_selection, concept_task.preserve,
                          element_masks and needs_saliency(module_selection))
-    if needs_saliency(module_selection) or element_masks:
-        check_gradient_storage(denoiser.unet)
     if not (0.0 < module_fraction <= 1.0):
         raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
     if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):

@@ -371,3 +371,50 @@ def test_probe_attacks_the_erased_model_and_writes_grid_and_json(pipe_dir, tmp_p
     w, h = Image.open(grid).size
     assert w > 3 * 2 * 64 and h >= 2 * 64  # original, erased, found prompt; paraphrase row
     assert main(args) == 2 and "--grid" in capsys.readouterr().err  # no overwrite
+
+
+SD15_UNET_PARAMETERS = 859_520_964  # the SD1.5 UNet (benchmarks/memory.py's SD1.5 shape)
+
+
+def test_auto_settings_fit_an_8gb_card_and_explicit_flags_win(monkeypatch):
+    """--dtype auto and the memory controls' auto: an SD1.5-sized UNet on a GPU with 8 GB free
+    gets bf16 and every control on (the meter's phases at those settings: 2.17 GB or less), on
+    80 GB free
+    every control off; a GPU without bf16 gets float16; the CPU float32, controls off; a flag the
+    user gave is kept."""
+    from spare_core import auto_settings as auto
+
+    gb = 2 ** 30
+    monkeypatch.setattr(auto, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(auto, "free_device_memory", lambda device: 8 * gb)
+    small = auto.choose("cuda", SD15_UNET_PARAMETERS)
+    assert (small.dtype, small.gradient_checkpointing, small.split_backward,
+            small.micro_batch) == ("bfloat16", True, True, 1)
+    assert "8.0 GB free on cuda < 6 x 1.60 GB of bfloat16 weights" in " ".join(small.reasons)
+    kept = auto.choose("cuda", SD15_UNET_PARAMETERS, dtype="float32",
+                       gradient_checkpointing=False, micro_batch=4)
+    assert (kept.dtype, kept.gradient_checkpointing, kept.split_backward,
+            kept.micro_batch) == ("float32", False, True, 4)  # 8 GB < 6 x 3.2 GB: split on
+    monkeypatch.setattr(auto, "free_device_memory", lambda device: 80 * gb)
+    big = auto.choose("cuda", SD15_UNET_PARAMETERS)
+    assert (big.gradient_checkpointing, big.split_backward, big.micro_batch) == (False, False, 8)
+    monkeypatch.setattr(auto, "bf16_supported", lambda device: False)
+    assert auto.choose("cuda", SD15_UNET_PARAMETERS).dtype == "float16"
+    monkeypatch.setattr(auto, "free_device_memory", lambda device: None)
+    cpu = auto.choose("cpu", SD15_UNET_PARAMETERS)
+    assert (cpu.dtype, cpu.gradient_checkpointing, cpu.micro_batch) == ("float32", False, 8)
+
+
+def test_cli_prints_what_auto_chose_from_the_folders_parameter_count(pipe_dir, tmp_path,
+                                                                     capsys):
+    from spare_core.auto_settings import network_parameters
+
+    den = tiny_denoiser()
+    assert network_parameters(pipe_dir) == sum(p.numel() for p in den.unet.parameters())
+    out = str(tmp_path / "a.safetensors")
+    assert main(["unlearn", "--model", pipe_dir, "--concept", "a cat", "--surrogate", "a dog",
+                 "--steps", "1", "--num-samples", "1", "--sample-steps", "1", "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert "auto: dtype float32 (the CPU computes in float32)" in err
+    assert "gradient checkpointing off, split backward off, micro-batch 8 (cpu: memory is the " \
+           "machine's RAM)" in err

@@ -37,17 +37,18 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
    with the memory controls explicitly on and explicitly off: at a training batch of 1 their
    adapters change the concept's samples alike; at a batch of 2 (2 accumulated micro-batches vs
    one piece) both train and move the samples by a similar amount;
-10. loads the UNet alone with the stock UNETLoader at weight_dtype fp8_e4m3fn: ComputeSaliency
-    fails at once naming the fix; the shipped path (SparseLoRAInit's shipped selection on the fp8 UNet ->
-    SelfDistillUnlearn) trains on it, and so does a LoRA placed by a saliency map of the normally
-    loaded checkpoint;
+10. loads the UNet alone with the stock UNETLoader at weight_dtype fp8_e4m3fn: the shipped path
+    (SparseLoRAInit's shipped selection on the fp8 UNet -> SelfDistillUnlearn) trains on it, and
+    so do a LoRA placed by a saliency map of the normally loaded checkpoint and one placed by
+    ComputeSaliency on the fp8 UNet itself;
 11. enables the UI workflow's bypassed *Probe the erasure* group and queues what the frontend
     would: ProbeErasure attacks the patched model through ComfyUI's own CLIP-L (its token
     embedding hooked), reports the found prompt, and its two LATENTs decode to previews; again
     with SelfDistillUnlearn's adversarial switch on (the attack runs inside training too);
 12. fetches every node's help page from the URL the frontend's node help asks for
     (``/extensions/spare-unlearn/docs/<NodeName>.md``), served from the pack's WEB_DIRECTORY;
-13. runs the shipped list workflow (three concepts, per_concept sum) and reads its fused file.
+13. runs the shipped list workflow (three concepts, per_concept least_squares, and sum) and reads
+    its fused file.
 """
 from __future__ import annotations
 
@@ -464,11 +465,11 @@ def test_workflow_runs_and_writes_its_outputs(comfy, erased):
           f"{ {wf[k]['class_type']: len(v) for k, v in progress.items()} }")
 
 
-@pytest.mark.parametrize("fusion", ["shipped", "least_squares"])
+@pytest.mark.parametrize("fusion", ["shipped", "sum"])
 def test_list_workflow_saves_one_fused_adapter_for_its_concepts(comfy, fusion):
     """The shipped list workflow (tiny): one adapter per concept line, fused by its per_concept
-    choice (as shipped, and least squares, which reads each layer's inputs through ComfyUI's
-    model) into one saved file that names every concept and the fusion."""
+    choice (as shipped: least squares, which reads each layer's inputs through ComfyUI's model;
+    and sum) into one saved file that names every concept and the fusion."""
     with open(os.path.join(REPO, "workflows", "api", "spare_erase_list.api.json")) as f:
         wf = tiny_workflow(json.load(f))
     if fusion != "shipped":
@@ -888,12 +889,14 @@ def _unet_only_file(comfy) -> str:
     return UNET_FILE
 
 
-def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
-    """The UNet loaded by the stock UNETLoader with weight_dtype fp8_e4m3fn: ComputeSaliency
-    fails at once, naming the fix (weight_dtype 'default'), before any progress. LoRAs train on
-    it (ComfyUI computes in its manual-cast dtype): the shipped path, SparseLoRAInit's shipped selection
-    on the fp8 UNet itself -> SelfDistillUnlearn, and a LoRA placed by a saliency map of the
-    normally loaded checkpoint (module_selection ``saliency``)."""
+def test_fp8_storage_saliency_and_lora_train(comfy, erased):
+    """The UNet loaded by the stock UNETLoader with weight_dtype fp8_e4m3fn (ComfyUI computes in
+    its manual-cast dtype). Three LoRAs train on it: the shipped path (SparseLoRAInit's shipped
+    selection on the fp8 UNet itself -> SelfDistillUnlearn); a LoRA placed by a saliency map of
+    the normally loaded checkpoint; and one placed by ComputeSaliency on the fp8 UNet itself
+    (each layer's weight gradient read from the bf16 copy its manual cast makes). The two
+    saliency maps rank from different concept images (sampled by the fp8 and the full-precision
+    model), so their selections agree only up to fp8 rounding: at least half of the modules."""
     wf = tiny_workflow()
     ck, init, unl = (node_of(wf, k) for k in ("CheckpointLoaderSimple", "SparseLoRAInit",
                                                "SelfDistillUnlearn"))
@@ -902,24 +905,6 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
     assert unet_name in info["UNETLoader"]["input"]["required"]["unet_name"][0]
     fp8 = {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name,
                                                   "weight_dtype": "fp8_e4m3fn"}}
-
-    refused = keep(wf, [ck])
-    refused["70"] = fp8
-    refused["71"] = saliency_node(wf, model=["70", 0], seed=31)
-    refused["72"] = {"class_type": "SaliencyPreview", "inputs": {
-        "saliency": ["71", 0], "reduce": "mean", "max_modules": 10}}
-    refused["73"] = {"class_type": "PreviewImage", "inputs": {"images": ["72", 0]}}
-    assert validate_api_prompt(refused, info) == []
-    t = time.time()
-    history, messages = comfy.run(refused)
-    took = time.time() - t
-    errors = [m["data"] for m in messages if m["type"] == "execution_error"]
-    assert errors and errors[0]["node_id"] == "71", json.dumps(messages)[-3000:]
-    message = errors[0]["exception_message"]
-    assert "float8_e4m3fn" in message and "weight_dtype 'default'" in message, message
-    assert not [m for m in messages if m["type"] == "progress" and m["data"]["node"] == "71"]
-    print(f"\nfp8 UNet -> ComputeSaliency: {errors[0]['exception_type']}: {message.strip()} "
-          f"({took:.1f}s)")
 
     trains = keep(wf, [ck, "2", "3", node_of(wf, "EmptyLatentImage")])
     trains["70"] = fp8
@@ -934,7 +919,16 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
     trains["81"] = saliency_init(wf, "80")
     trains["82"] = {"class_type": "SelfDistillUnlearn", "inputs": {
         **wf[unl]["inputs"], "model": ["70", 0], "adapter": ["81", 0], "steps": 4, "seed": 31}}
-    branches = {"shipped": (unl, "74", "75", "76"), "saliency": ("82", "84", "85", "86")}
+    # a LoRA placed by ComputeSaliency on the fp8 UNet itself
+    trains["71"] = saliency_node(wf, model=["70", 0], seed=31)
+    trains["72"] = {"class_type": "SaliencyPreview", "inputs": {
+        "saliency": ["71", 0], "reduce": "mean", "max_modules": 10}}
+    trains["73"] = {"class_type": "PreviewImage", "inputs": {"images": ["72", 0]}}
+    trains["78"] = saliency_init(wf, "71")
+    trains["79"] = {"class_type": "SelfDistillUnlearn", "inputs": {
+        **wf[unl]["inputs"], "model": ["70", 0], "adapter": ["78", 0], "steps": 4, "seed": 31}}
+    branches = {"shipped": (unl, "74", "75", "76"), "saliency": ("82", "84", "85", "86"),
+                "fp8_saliency": ("79", "87", "88", "89")}
     for name, (u, save, apply, sample) in branches.items():
         trains[save] = {"class_type": "SaveUnlearnAdapter", "inputs": {
             "adapter": [u, 0], "filename_prefix": f"spare/fp8_{name}", "keep_native": True}}
@@ -950,6 +944,10 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
 
     from safetensors.torch import load_file
     base = _latent(comfy, history, "770")
+    salience = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == "71"]
+    assert salience and salience[-1]["value"] == salience[-1]["max"], salience
+    assert history["outputs"]["73"]["images"]  # the fp8 saliency map, previewed
+    chosen = {}
     for name, (u, save, _, sample) in branches.items():
         steps = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == u]
         assert steps and steps[-1]["value"] == steps[-1]["max"], (name, steps)
@@ -962,12 +960,16 @@ def test_fp8_storage_saliency_refused_and_lora_trains(comfy, erased):
         mods = _adapter_modules(comfy, lora)
         if name == "shipped":
             assert is_shipped_selection(mods), sorted(mods)
+        chosen[name] = mods
         effect = float((_latent(comfy, history, sample + "0") - base).abs().max())
         print(f"{name} LoRA on the fp8 UNet ({len(mods)} modules): {len(steps)} progress "
               f"updates, max |lora_B| {trained:.2e}, effect on the fp8 model's latents "
               f"{effect:.2e}")
         assert trained > 0 and effect > 0, name
-    print(f"both fp8 trainings ran in {took:.0f}s")
+    same = len(chosen["saliency"] & chosen["fp8_saliency"]) / len(chosen["saliency"])
+    print(f"the three fp8 trainings ran in {took:.0f}s; the fp8 saliency map chose "
+          f"{same:.0%} of the modules the full-precision one chose")
+    assert len(chosen["fp8_saliency"]) == len(chosen["saliency"]) and same >= 0.5, same
 
 
 @pytest.mark.parametrize("adversarial", [False, True])

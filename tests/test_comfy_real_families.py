@@ -50,6 +50,10 @@ Flux; ``.diff`` for the masked one): every key loads in the stock LoraLoaderMode
 latents change; the same adapter under the other prefix is reported "lora key not loaded" key by
 key.
 
+For each family also the diffusion model loaded by UNETLoader at weight_dtype fp8_e4m3fn:
+ComputeSaliency (ranking saliency) -> SparseLoRAInit (saliency) -> SelfDistillUnlearn ->
+ApplyUnlearnAdapter, which moves the fp8 model's samples.
+
 The shipped SDXL and Flux workflows (workflows/api/spare_erase_concept_{sdxl,flux}.api.json) are
 queued headless with their nodes, links and settings as shipped (SparseLoRAInit's shipped
 selection, no saliency map: the concept is typed once, in SelfDistillUnlearn); TINY_RUN lists
@@ -388,6 +392,44 @@ def diffusers_names(comfy, family: str) -> dict:
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fp8_unet_saliency_and_training(comfy, family):
+    """The family's diffusion model loaded by the stock UNETLoader at weight_dtype fp8_e4m3fn
+    (ComfyUI computes in its manual-cast dtype): ComputeSaliency ranks it (each layer's weight
+    gradient read from the copy its manual cast makes), SparseLoRAInit places a LoRA by that map,
+    SelfDistillUnlearn trains it, and the applied adapter moves the fp8 model's samples."""
+    run = loaders(family)
+    run["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
+    run["3"] = {"class_type": "ComputeSaliency", "inputs": {
+        "model": ["1", 0], "clip": ["2", 0], "concept": CONCEPT, "samples": 1,
+        "ranking": "saliency", "seed": 0, "width": 64, "height": 64, "sample_steps": 2,
+        "cfg": 2.0}}
+    run["4"] = {"class_type": "SparseLoRAInit", "inputs": {
+        "model": ["1", 0], "saliency": ["3", 0], "module_selection": "saliency",
+        "module_fraction": 0.15, "rank": 2, "alpha": 2.0, "mask_fraction": 1.0, "seed": 0}}
+    run["5"] = {"class_type": "SelfDistillUnlearn", "inputs": {
+        "model": ["1", 0], "clip": ["2", 0], "adapter": ["4", 0], "concept": CONCEPT,
+        "surrogate": SURROGATE, "preserve": "", "steps": 3, "lr": 2e-2,
+        "timestep_sampler": "uniform", "objective": "self_distill", "seed": 0, "batch_size": 1,
+        "width": 64, "height": 64, "pool_size": 1, "pool_steps": 2, "cfg": 2.0}}
+    run["6"] = {"class_type": "ApplyUnlearnAdapter",
+                "inputs": {"model": ["1", 0], "adapter": ["5", 0], "strength": 1.0}}
+    sampled(run, "40", ["6", 0], family, "fp8_apply")
+    sampled(run, "41", ["1", 0], family, "fp8_base")
+    t = time.time()
+    history, messages = comfy.run(run)
+    assert history.get("status", {}).get("status_str") == "success", json.dumps(
+        [m for m in messages if m["type"] == "execution_error"])[-4000:]
+    took = time.time() - t
+    steps = [m["data"] for m in messages if m["type"] == "progress" and m["data"]["node"] == "3"]
+    assert steps and steps[-1]["value"] == steps[-1]["max"], steps
+    applied, base = (latent(comfy, history, n) for n in ("400", "410"))
+    effect = float((applied - base).abs().max())
+    print(f"\n{family} in fp8: saliency, a LoRA placed by it and trained, in {took:.0f}s; "
+          f"effect on the fp8 model's latents {effect:.2e}")
+    assert effect > 0
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -127,6 +127,55 @@ def test_concept_methods_train_on_each_family(family, method):
     assert not torch.allclose(moved, _probe(den))
 
 
+def _fp8_twin(name: str):
+    """The family's tiny pipeline twice, as the same numbers: one network in bf16 whose layers
+    diffusers' layerwise casting stores in fp8 (the rest, e.g. SD3's patch embedding, stay bf16),
+    and one that holds the fp8-rounded values of those layers in bf16 (what the casting computes
+    with)."""
+    from spare_core.storage_cast import layerwise_cast_hooks
+
+    kw = {"sd3": {"max_sequence_length": 8},
+          "flux": {"height": 64, "width": 64, "max_sequence_length": 8}}.get(name, {})
+    nets, dens = [], []
+    for _ in range(2):
+        pipe, _ = tiny_family_denoiser(name)
+        nets.append((pipe.unet if name == "sdxl" else pipe.transformer).to(torch.bfloat16))
+        dens.append((pipe, kw))
+    nets[0].enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                     compute_dtype=torch.bfloat16)
+    cast = {n for n, m in nets[0].named_modules()
+            if any(m is h for h, _ in layerwise_cast_hooks(nets[0]))}
+    with torch.no_grad():
+        for n, m in nets[1].named_modules():
+            if n in cast:
+                m.to(torch.float8_e4m3fn).to(torch.bfloat16)
+    dens = [denoiser_from_pipeline(pipe, compute_dtype=torch.bfloat16, **kw) for pipe, kw in dens]
+    return dens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_fp8_storage_saliency_and_spare_on_each_family(name):
+    """SDXL, SD3 and Flux stored in fp8 (diffusers' layerwise casting, bf16 compute): saliency
+    equals that of the same values held in bf16, bit for bit, and SPARE with a saliency-ranked
+    selection trains end to end, choosing the modules the bf16 twin chooses."""
+    from spare_core import compute_saliency, spare_unlearn
+
+    fp8, ref = _fp8_twin(name)
+    assert any(p.dtype == torch.float8_e4m3fn for p in fp8.unet.parameters())
+    assert not any(p.dtype == torch.float8_e4m3fn for p in ref.unet.parameters())
+    latents = torch.randn(2, *fp8.latent_shape, generator=torch.Generator().manual_seed(0))
+    sal = [compute_saliency(d, "a cat", latents, batch_size=1, seed=0) for d in (fp8, ref)]
+    assert set(sal[0].scores) == set(sal[1].scores)
+    for k in sal[0].scores:
+        assert torch.equal(sal[0].scores[k], sal[1].scores[k]), (name, k)
+    runs = [spare_unlearn(d, "a cat", "a dog", ["a bird"], steps=2, num_samples=2, sample_steps=2,
+                          batch_size=2, module_selection="saliency", rank=2, seed=0)
+            for d in (fp8, ref)]
+    assert runs[0].adapter.names == runs[1].adapter.names
+    assert any(float(runs[0].adapter[n].lora_B.detach().abs().sum()) > 0
+               for n in runs[0].adapter.names)
+
+
 def test_data_unlearning_uses_the_flow_target():
     """SISS on a flow model: forget/keep images noised by the flow; the keep term's target is the
     velocity, so the naive-deletion loss of the frozen model equals the velocity MSE."""

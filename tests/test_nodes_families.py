@@ -223,16 +223,19 @@ class _Sampled(Exception):
     """Raised by the recording ``sample`` once it has seen the guidance."""
 
 
-def test_cfg_minus_one_samples_with_the_family_guidance(host, run, monkeypatch):
-    """cfg -1 (the default): ComputeSaliency's images and SelfDistillUnlearn's pools are sampled
-    with the family's guidance (spare_core.recipes.pool_guidance: SDXL and SD3 7.0, Flux 1.0)."""
+def test_cfg_minus_one_samples_with_the_family_guidance_and_size(host, run, monkeypatch):
+    """cfg -1 and width/height 0 (the defaults): ComputeSaliency's images and SelfDistillUnlearn's
+    pools are sampled with the family's guidance (spare_core.recipes.pool_guidance: SDXL and SD3
+    7.0, Flux 1.0) at the family's size (spare_core.recipes.image_size: 1024 px, 128x128
+    latents)."""
     import spare_core.tasks
-    from spare_core.recipes import pool_guidance
+    from spare_core.recipes import image_size, pool_guidance
 
-    seen = []
+    seen, sizes = [], []
 
-    def sample(*args, guidance, **kwargs):
+    def sample(den, *args, guidance, **kwargs):
         seen.append(guidance)
+        sizes.append(tuple(den.latent_shape[1:]))
         raise _Sampled
     saliency_nodes = sys.modules[f"{load_pack().__name__}.nodes.saliency_nodes"]
     monkeypatch.setattr(saliency_nodes, "sample", sample)
@@ -240,14 +243,16 @@ def test_cfg_minus_one_samples_with_the_family_guidance(host, run, monkeypatch):
     model, clip, nodes = run["model"], run["clip"], run["nodes"]
     with pytest.raises(_Sampled):
         host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT, samples=1,
-                 ranking="saliency", seed=0, sample_steps=1, cfg=-1.0, **SIZE)
+                 ranking="saliency", seed=0, sample_steps=1, cfg=-1.0, width=0, height=0)
     with pytest.raises(_Sampled):
         host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=run["init"],
                  concept=CONCEPT, surrogate=SURROGATE, preserve="", steps=1, lr=1e-2,
                  timestep_sampler="uniform", objective="self_distill", seed=0, pool_size=1,
-                 pool_steps=1, cfg=-1.0, **SIZE)
+                 pool_steps=1, cfg=-1.0, width=0, height=0)
     want = {"sdxl": 7.0, "sd3": 7.0, "flux": 1.0}[run["family"]]
     assert pool_guidance(run["family"]) == want and seen == [want, want]
+    assert image_size(run["family"]) == 1024 and sizes == [(128, 128), (128, 128)]
+    assert image_size("sd") == 512
 
 
 # ---------------------------------------------------------------- the bridge per family

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from spare_core.concept_list import DEFAULT_FUSION
 from spare_core import load_adapter, save_adapter, to_comfy_lora
 from spare_core.adapter import LoRADelta, MaskedFullDelta, UnlearnAdapter
 from spare_core.cli import main
@@ -47,7 +48,7 @@ def test_each_job_equals_a_single_concept_run_with_the_others_preserved(den):
         _equal_adapters(part, alone.adapter)
     assert [j["concept"] for j in res.history["jobs"]] == ["a red circle", "a blue square"]
     assert res.adapter.meta["concept"] == "a red circle\na blue square"
-    assert res.adapter.meta["fusion"] == "sum"
+    assert res.adapter.meta["fusion"] == DEFAULT_FUSION == "least_squares"
 
 
 def test_plan_adds_the_other_concepts_to_each_preserve_set():

@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from spare_core.concept_list import DEFAULT_FUSION
 from spare_core.recipes import RECIPES
 from comfy_double import (BYPASSED, MUTED, REPO, Host, load_pack, object_info, readme_bake_entry,
                           ui_to_api, validate_api_prompt, validate_ui_workflow)
@@ -176,17 +177,18 @@ def test_graph_shows_before_and_after_with_the_same_sampling(api, name):
 
 def test_the_list_workflow_trains_one_adapter_per_concept(api, name, info):
     """The list variant erases several concepts, each from the base model with its own adapter,
-    fused into one file (per_concept); the single-concept graphs train the shared adapter."""
+    fused into one file by the default fusion (per_concept); the single-concept graphs carry the
+    same choice (no effect on one concept), so a list typed into them gets it too."""
     trained = next(v["inputs"] for v in api.values() if v["class_type"] == "SelfDistillUnlearn")
     concepts = [c for c in trained["concept"].splitlines() if c.strip()]
     inputs = info["SelfDistillUnlearn"]["input"]
     fusions = {**inputs["required"], **inputs.get("optional", {})}["per_concept"][0]
     if name == "spare_erase_list":
         assert len(concepts) >= 3 and trained["per_concept"] in fusions
-        assert trained["per_concept"] != "shared"
         assert not set(concepts) & set(trained["preserve"].splitlines())
     else:
-        assert len(concepts) == 1 and trained["per_concept"] == "shared"
+        assert len(concepts) == 1
+    assert trained["per_concept"] == DEFAULT_FUSION
 
 
 def test_node_defaults_are_valid(info):

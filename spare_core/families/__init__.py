@@ -61,7 +61,8 @@ def is_time_embedding(name: str) -> bool:
 def denoiser_from_pipeline(pipe, **kwargs):
     """The engine's backend for a loaded diffusers pipeline (components are not copied):
     SD1.x/SD2.x, SDXL, SD3 or Flux; any other pipeline raises ValueError listing these.
-    ``kwargs`` go to the family's ``from_pipeline`` (Flux: ``height``, ``width``, ``guidance``)."""
+    ``kwargs`` go to the family's ``from_pipeline`` (Flux: ``height``, ``width``, ``guidance``;
+    every family: ``compute_dtype``, e.g. bfloat16 for weights stored in fp8)."""
     name = type(pipe).__name__
     if name == "StableDiffusionXLPipeline":
         from .sdxl import SDXLDenoiser
@@ -74,7 +75,7 @@ def denoiser_from_pipeline(pipe, **kwargs):
         return FluxDenoiser.from_pipeline(pipe, **kwargs)
     if name == "StableDiffusionPipeline":
         from ..denoiser import DiffusersDenoiser
-        return DiffusersDenoiser.from_pipeline(pipe)
+        return DiffusersDenoiser.from_pipeline(pipe, **kwargs)
     raise ValueError(f"{name} is not a supported pipeline; supported: "
                      f"{', '.join(SUPPORTED_PIPELINES)}")
 

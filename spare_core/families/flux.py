@@ -69,8 +69,10 @@ class FluxDenoiser(FlowTransformerDenoiser):
 
     @classmethod
     def from_pipeline(cls, pipe, height: int = 1024, width: int = 1024, guidance: float = 3.5,
-                      max_sequence_length: int = 512) -> "FluxDenoiser":
-        """Wrap a loaded ``FluxPipeline`` for images of ``height`` x ``width`` pixels."""
+                      max_sequence_length: int = 512,
+                      compute_dtype: torch.dtype | None = None) -> "FluxDenoiser":
+        """Wrap a loaded ``FluxPipeline`` for images of ``height`` x ``width`` pixels
+        (``compute_dtype``: for a transformer stored in fp8, e.g. bfloat16)."""
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder_2.requires_grad_(False)
 
@@ -82,4 +84,5 @@ class FluxDenoiser(FlowTransformerDenoiser):
 
         f = int(pipe.vae_scale_factor)
         c = int(pipe.transformer.config.in_channels) // 4
-        return cls(pipe.transformer, encode, pipe.scheduler, (c, height // f, width // f), guidance)
+        return cls(pipe.transformer, encode, pipe.scheduler, (c, height // f, width // f), guidance,
+                   compute_dtype=compute_dtype)

@@ -46,9 +46,11 @@ class SD3Denoiser(FlowTransformerDenoiser):
                          pooled_projections=ctx.field("pooled"), timestep=model_t).sample
 
     @classmethod
-    def from_pipeline(cls, pipe, max_sequence_length: int = 256) -> "SD3Denoiser":
+    def from_pipeline(cls, pipe, max_sequence_length: int = 256,
+                      compute_dtype: torch.dtype | None = None) -> "SD3Denoiser":
         """Wrap a loaded ``StableDiffusion3Pipeline`` (not copied); prompts go through its
-        ``encode_prompt`` (T5 optional, as in the pipeline)."""
+        ``encode_prompt`` (T5 optional, as in the pipeline); ``compute_dtype`` for a transformer
+        stored in fp8."""
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder_2.requires_grad_(False)
         if pipe.text_encoder_3 is not None:
@@ -63,7 +65,7 @@ class SD3Denoiser(FlowTransformerDenoiser):
 
         size = int(pipe.transformer.config.sample_size)
         shape = (int(pipe.transformer.config.in_channels), size, size)
-        return cls(pipe.transformer, encode, pipe.scheduler, shape)
+        return cls(pipe.transformer, encode, pipe.scheduler, shape, compute_dtype=compute_dtype)
 
 
 def clip_encoder(text_encoder: nn.Module, tokenizer) -> "callable":

@@ -55,7 +55,7 @@ class SDXLDenoiser(DiffusersDenoiser):
                                             "time_ids": context.field("time_ids")}).sample
 
     @classmethod
-    def from_pipeline(cls, pipe) -> "SDXLDenoiser":
+    def from_pipeline(cls, pipe, compute_dtype: torch.dtype | None = None) -> "SDXLDenoiser":
         """Wrap a loaded ``StableDiffusionXLPipeline`` (not copied). Prompts go through its
         ``encode_prompt``; the empty prompt is encoded as zeros where the pipeline does so for
         its negative prompt (``force_zeros_for_empty_prompt``, SDXL base's setting), so the
@@ -79,4 +79,4 @@ class SDXLDenoiser(DiffusersDenoiser):
 
         tok = pipe.tokenizer if pipe.tokenizer is not None else pipe.tokenizer_2
         return cls(pipe.unet, encode, pipe.scheduler, vae_scale_factor=int(pipe.vae_scale_factor),
-                   tokenizer=tok)
+                   tokenizer=tok, compute_dtype=compute_dtype)
