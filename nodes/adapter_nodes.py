@@ -152,7 +152,11 @@ class ApplyUnlearnAdapter:
     """A clone of MODEL with the adapter's weight update as ComfyUI patches (``W + strength *
     delta``); the input MODEL and every other clone of it are left unchanged. Wire the output
     into a KSampler like any MODEL, or into the stock CheckpointSave to ship the erased model as
-    one checkpoint. ``strength`` above 1 extrapolates past the trained update."""
+    one checkpoint. ``strength`` above 1 extrapolates past the trained update. On a MODEL stored
+    in fp8 (UNETLoader weight_dtype fp8_e4m3fn) the update is added after ComfyUI's cast, at
+    compute precision, as training computed it (W + delta rounded back to fp8 would keep little
+    of it); CheckpointSave does not bake such an update: save the adapter, or load the model at
+    weight_dtype default to bake it."""
 
     DESCRIPTION = __doc__
     CATEGORY = CATEGORY
@@ -187,4 +191,10 @@ class ApplyUnlearnAdapter:
                         "MODEL (same layers); applying it anyway")
         if strength == 0.0:
             return (model,)
-        return (bridge.patched_clone(model, adapter.merged(), strength),)
+        clone = bridge.patched_clone(model, adapter, strength)
+        if getattr(clone, "weight_wrapper_patches", None):
+            log.info("ApplyUnlearnAdapter: %d fp8-stored layers get the update after ComfyUI's "
+                     "cast (weight wrappers); CheckpointSave does not bake those: save the "
+                     "adapter, or load the model at weight_dtype default to bake it",
+                     len(clone.weight_wrapper_patches))
+        return (clone,)

@@ -11,7 +11,10 @@ ComfyUI on the path; node modules call only what is defined here. What each piec
   "model_sampling")`` (``.sigmas`` of ModelSamplingDiscrete, or of ModelSamplingDiscreteFlow /
   ModelSamplingFlux with ``.timestep(sigma)``), ``.backup`` (original weights while another
   clone's patches are in the shared module), ``.clone()``, ``.add_patches()`` with
-  ``("diff", (delta,))``.
+  ``("diff", (delta,))``, and for weights stored narrower than they compute in (fp8)
+  ``.add_weight_wrapper(key, fn)`` (comfy/model_patcher.py: at load, ``fn`` joins the layer's
+  ``weight_function`` list, which comfy/ops.py ``cast_bias_weight`` applies to the cast weight;
+  ``fn.move_to(device=)`` is called with the model's device).
 - CLIP (``comfy.sd.CLIP``): ``.tokenize(text)``, ``.encode_from_tokens(tokens,
   return_pooled=True)`` (as CLIPTextEncode: the sequence and the pooled vector); for UCE's token
   pairing ``.tokenize(text, return_word_ids=True)`` (comfy/sd1_clip.py
@@ -34,12 +37,13 @@ ComfyUI on the path; node modules call only what is defined here. What each piec
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import numbers
 import os
 from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -304,17 +308,52 @@ def fingerprint(model, names: Sequence[str] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def patched_clone(model, deltas: Mapping[str, Tensor], strength: float):
-    """A clone of MODEL whose UNet weights get ``W + strength * delta`` (ComfyUI 'diff' patches;
-    the input MODEL and its other clones keep their own weights)."""
+class AfterCastDelta:
+    """A ComfyUI weight wrapper: the layer's weight *after* ComfyUI's manual cast, plus
+    ``strength`` x the adapter's delta, in the cast weight's dtype. For weights stored in fp8 a
+    'diff' patch would be rounded back to fp8 with the weight (a small erasure survives only as
+    rounding noise); this applies it at compute precision, as training computed it. The delta
+    module (a LoRA's factors, or a masked dense delta) is kept as trained and formed per call,
+    so a LoRA costs its factors' memory, not a dense copy of the layer."""
+
+    def __init__(self, delta: nn.Module, strength: float) -> None:
+        self.delta, self.strength = delta, float(strength)
+
+    def move_to(self, device=None) -> int:
+        """ComfyUI's hook when the model moves; the bytes now held on ``device``."""
+        if device is not None:
+            self.delta = self.delta.to(device)
+        return sum(t.numel() * t.element_size()
+                   for t in (*self.delta.parameters(), *self.delta.buffers()))
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        with torch.no_grad():
+            d = self.delta.to(weight.device).delta()
+        return weight + (self.strength * d).to(weight.dtype)
+
+
+def patched_clone(model, adapter, strength: float):
+    """A clone of MODEL whose UNet weights get ``W + strength * adapter strength * delta``: a
+    ComfyUI 'diff' patch where the weight is stored in a dtype that holds the sum, an
+    :class:`AfterCastDelta` weight wrapper where it is stored narrower (fp8). The input MODEL and
+    its other clones keep their own weights."""
     clone = model.clone()
-    patches = {f"diffusion_model.{n}.weight": ("diff", (d.detach().float().cpu(),))
-               for n, d in deltas.items()}
+    mods = adaptable_modules(diffusion_model(model))
+    narrow = {n for n in adapter.names
+              if n in mods and _base_weight(model, n).dtype not in TRAIN_DTYPES}
+    scale = float(strength) * float(adapter.strength)
+    with torch.no_grad():
+        patches = {f"diffusion_model.{n}.weight": ("diff", (adapter[n].delta().detach().float()
+                                                            .cpu() * adapter.strength,))
+                   for n in adapter.names if n not in narrow}
     done = set(clone.add_patches(patches, float(strength)))
-    missing = [k for k in patches if k not in done]
+    missing = [k for k in patches if k not in done] + [n for n in adapter.names if n not in mods]
     if missing:
         raise ValueError(f"adapter was made for a model with different layers: {missing[0]!r} is "
                          "not in this MODEL; connect the checkpoint the adapter was trained on")
+    for n in narrow:
+        delta = copy.deepcopy(adapter[n]).float().cpu().requires_grad_(False)
+        clone.add_weight_wrapper(f"diffusion_model.{n}.weight", AfterCastDelta(delta, scale))
     return clone
 
 

@@ -9,7 +9,10 @@ SD1.5 size. :func:`choose` picks, before anything is loaded:
   fast half-precision matmul, and the CPU's memory is the machine's RAM);
 - the memory controls (gradient checkpointing, one backward per loss term, saliency micro-batch
   1): on where the network's weights in that dtype times :data:`CONTROLS_OFF_FACTOR` exceed the
-  device's free memory, off where they fit (faster), off on the CPU.
+  device's free memory, off where they fit (faster), off on the CPU;
+- where the text encoders live: on the CPU where the controls are on for a GPU (they encode a
+  run's few prompts; T5-XXL alone is 9.5 GB in bf16), else on the device. A localisation that
+  trains the text encoder keeps it on the device.
 
 :data:`CONTROLS_OFF_FACTOR` is the measured peak of the heaviest phase with every control off
 over the weights' bytes (``python benchmarks/memory.py``: SD1.5 at 512 px, a SPARE step 4.75 GB
@@ -41,6 +44,7 @@ class AutoSettings:
     gradient_checkpointing: bool
     split_backward: bool
     micro_batch: int
+    text_encoders: str = "device"  # "device" or "cpu"
     reasons: list[str] = field(default_factory=list)
 
 
@@ -79,7 +83,8 @@ def free_device_memory(device: str) -> int | None:
 
 def choose(device: str, parameters: int, *, dtype: str = "auto",
            gradient_checkpointing: bool | None = None, split_backward: bool | None = None,
-           micro_batch: int | None = None) -> AutoSettings:
+           micro_batch: int | None = None, text_encoders: str = "auto",
+           trains_text_encoder: bool = False) -> AutoSettings:
     """Resolve ``auto`` / ``None`` settings for a network of ``parameters`` weights on
     ``device`` (``cpu``, ``cuda[:N]``, ``mps``); given values are kept as they are."""
     reasons = []
@@ -91,17 +96,17 @@ def choose(device: str, parameters: int, *, dtype: str = "auto",
         else:
             dtype, why = "float16", f"{device} has no bfloat16: float16 with loss scaling"
         reasons.append(f"dtype {dtype} ({why})")
-    controls = (gradient_checkpointing, split_backward, micro_batch)
-    if any(c is None for c in controls):
-        free = free_device_memory(device)
-        weights = parameters * {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-        if free is None:
-            on, why = False, f"{device}: memory is the machine's RAM"
-        else:
-            on = weights * CONTROLS_OFF_FACTOR > free
-            why = (f"{free / 2**30:.1f} GB free on {device} "
-                   f"{'<' if on else '>='} {CONTROLS_OFF_FACTOR:g} x "
-                   f"{weights / 2**30:.2f} GB of {dtype} weights")
+    free = free_device_memory(device)
+    weights = parameters * {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+    tight = free is not None and weights * CONTROLS_OFF_FACTOR > free
+    if free is None:
+        why_memory = f"{device}: memory is the machine's RAM"
+    else:
+        why_memory = (f"{free / 2**30:.1f} GB free on {device} "
+                      f"{'<' if tight else '>='} {CONTROLS_OFF_FACTOR:g} x "
+                      f"{weights / 2**30:.2f} GB of {dtype} weights")
+    if any(c is None for c in (gradient_checkpointing, split_backward, micro_batch)):
+        on, why = tight, why_memory
         chosen = []
         if gradient_checkpointing is None:
             gradient_checkpointing = on
@@ -113,5 +118,13 @@ def choose(device: str, parameters: int, *, dtype: str = "auto",
             micro_batch = 1 if on else 8
             chosen.append(f"micro-batch {micro_batch}")
         reasons.append(f"{', '.join(chosen)} ({why})")
+    if text_encoders == "auto":
+        if trains_text_encoder:
+            text_encoders, why = "device", "the localisation trains the text encoder"
+        elif tight:
+            text_encoders, why = "cpu", f"{why_memory}; they encode a few prompts"
+        else:
+            text_encoders, why = "device", "room on the device" if device != "cpu" else "the CPU"
+        reasons.append(f"text encoders on the {text_encoders} ({why})")
     return AutoSettings(dtype, bool(gradient_checkpointing), bool(split_backward),
-                        int(micro_batch), reasons)
+                        int(micro_batch), text_encoders, reasons)

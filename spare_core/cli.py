@@ -116,6 +116,10 @@ def _add_unlearn(sub) -> None:
     p.add_argument("--split-backward", action=argparse.BooleanOptionalAction, default=None,
                    help="back-propagate the forget and preserve terms one at a time (spare; "
                         "default: as --gradient-checkpointing)")
+    p.add_argument("--text-encoders", choices=["auto", "device", "cpu"], default="auto",
+                   help="where the pipeline's text encoders live (they encode the run's prompts "
+                        "once per use; T5-XXL is 9.5 GB in bf16); auto: the CPU where the "
+                        "memory controls are on for a GPU, else the device")
     p.add_argument("--micro-batch", type=A.positive_int, default=None,
                    help="concept images per saliency forward/backward (spare, salun; default: 1 "
                         "where the memory controls are on, else 8)")
@@ -309,12 +313,16 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
         init_distributed(a.device)
     auto = auto_settings.choose(a.device, auto_settings.network_parameters(a.model),
                                 dtype=a.dtype, gradient_checkpointing=a.gradient_checkpointing,
-                                split_backward=a.split_backward, micro_batch=a.micro_batch)
+                                split_backward=a.split_backward, micro_batch=a.micro_batch,
+                                text_encoders=a.text_encoders,
+                                trains_text_encoder=getattr(a, "module_selection", None)
+                                == "text_encoder")
     a.dtype, a.micro_batch = auto.dtype, auto.micro_batch
     a.gradient_checkpointing, a.split_backward = auto.gradient_checkpointing, auto.split_backward
     for reason in auto.reasons:  # what "auto" chose, and why
         print(f"spare unlearn: auto: {reason}", file=sys.stderr)
-    den = load_denoiser(a.model, dtype=getattr(torch, a.dtype), device=a.device)
+    den = load_denoiser(a.model, dtype=getattr(torch, a.dtype), device=a.device,
+                        text_encoders_device="cpu" if auto.text_encoders == "cpu" else None)
     if a.device == "cpu":
         apply_threads(den)
     # unset sampling flags: the method's recipe, the family's guidance (also for --grid)

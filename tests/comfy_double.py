@@ -146,7 +146,8 @@ class BaseModel(nn.Module):
 def store_weights_as(model: "ModelPatcher", storage: torch.dtype, compute: torch.dtype) -> None:
     """What UNETLoader(weight_dtype=fp8_e4m3fn) gives: Linear/Conv2d weights stored in
     ``storage`` and cast to ``compute`` at every call (comfy.ops.manual_cast:
-    cast_bias_weight makes new tensors, the stored weights are never changed), with
+    cast_bias_weight makes new tensors, the stored weights are never changed, then applies the
+    layer's ``weight_function`` list to the cast weight), with
     ``BaseModel.manual_cast_dtype = compute``."""
     import torch.nn.functional as F
 
@@ -155,9 +156,12 @@ def store_weights_as(model: "ModelPatcher", storage: torch.dtype, compute: torch
             if not isinstance(m, (nn.Linear, nn.Conv2d)):
                 continue
             m.weight = nn.Parameter(m.weight.detach().to(storage), requires_grad=False)
+            m.weight_function = []
 
             def forward(x, _m=m):
                 w = _m.weight.to(x.dtype)
+                for f in _m.weight_function:
+                    w = f(w)
                 b = None if _m.bias is None else _m.bias.to(x.dtype)
                 if isinstance(_m, nn.Conv2d):
                     return _m._conv_forward(x, w, b)
@@ -199,6 +203,7 @@ class ModelPatcher:
     def __init__(self, model: BaseModel) -> None:
         self.model = model
         self.patches: dict[str, list] = {}
+        self.weight_wrapper_patches: dict[str, list] = {}
         self.backup: dict[str, Backup] = {}
         self.patches_uuid = uuid.uuid4()
         self.load_device = torch.device("cpu")
@@ -206,6 +211,7 @@ class ModelPatcher:
     def clone(self) -> "ModelPatcher":
         n = ModelPatcher(self.model)
         n.patches = {k: v[:] for k, v in self.patches.items()}
+        n.weight_wrapper_patches = self.weight_wrapper_patches.copy()
         n.patches_uuid = self.patches_uuid
         n.backup = self.backup
         return n
@@ -220,6 +226,11 @@ class ModelPatcher:
         self.patches_uuid = uuid.uuid4()
         return added
 
+    def add_weight_wrapper(self, name: str, function) -> None:
+        """comfy/model_patcher.py: ``function`` joins the layer's ``weight_function`` at load."""
+        self.weight_wrapper_patches[name] = self.weight_wrapper_patches.get(name, []) + [function]
+        self.patches_uuid = uuid.uuid4()
+
     def get_model_object(self, name: str):
         return _get_attr(self.model, name)
 
@@ -228,6 +239,9 @@ class ModelPatcher:
         for k, bk in self.backup.items():
             _set_param(self.model, k, bk.weight)
         self.backup.clear()
+        for m in self.model.modules():  # as comfy's unpatch: the wrappers leave with the clone
+            if hasattr(m, "weight_function"):
+                m.weight_function = []
         self.model.current_weight_patches_uuid = None
 
     def patch_model(self) -> None:
@@ -241,6 +255,12 @@ class ModelPatcher:
                 assert kind == "diff", f"the double only knows 'diff' patches, got {kind!r}"
                 w = w * strength_model + strength * args[0].to(w)
             _set_param(self.model, key, w.to(weight.dtype))
+        for name, m in self.model.named_modules():  # layers that cast their weight per call
+            if hasattr(m, "weight_function"):
+                m.weight_function = list(self.weight_wrapper_patches.get(f"{name}.weight", []))
+                for f in m.weight_function:
+                    if hasattr(f, "move_to"):
+                        f.move_to(device=self.load_device)
         self.model.current_weight_patches_uuid = self.patches_uuid
 
 

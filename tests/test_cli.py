@@ -389,20 +389,24 @@ def test_auto_settings_fit_an_8gb_card_and_explicit_flags_win(monkeypatch):
     monkeypatch.setattr(auto, "free_device_memory", lambda device: 8 * gb)
     small = auto.choose("cuda", SD15_UNET_PARAMETERS)
     assert (small.dtype, small.gradient_checkpointing, small.split_backward,
-            small.micro_batch) == ("bfloat16", True, True, 1)
+            small.micro_batch, small.text_encoders) == ("bfloat16", True, True, 1, "cpu")
     assert "8.0 GB free on cuda < 6 x 1.60 GB of bfloat16 weights" in " ".join(small.reasons)
+    assert auto.choose("cuda", SD15_UNET_PARAMETERS, trains_text_encoder=True,
+                       ).text_encoders == "device"  # a localisation that trains it
     kept = auto.choose("cuda", SD15_UNET_PARAMETERS, dtype="float32",
                        gradient_checkpointing=False, micro_batch=4)
     assert (kept.dtype, kept.gradient_checkpointing, kept.split_backward,
             kept.micro_batch) == ("float32", False, True, 4)  # 8 GB < 6 x 3.2 GB: split on
     monkeypatch.setattr(auto, "free_device_memory", lambda device: 80 * gb)
     big = auto.choose("cuda", SD15_UNET_PARAMETERS)
-    assert (big.gradient_checkpointing, big.split_backward, big.micro_batch) == (False, False, 8)
+    assert (big.gradient_checkpointing, big.split_backward, big.micro_batch,
+            big.text_encoders) == (False, False, 8, "device")
     monkeypatch.setattr(auto, "bf16_supported", lambda device: False)
     assert auto.choose("cuda", SD15_UNET_PARAMETERS).dtype == "float16"
     monkeypatch.setattr(auto, "free_device_memory", lambda device: None)
     cpu = auto.choose("cpu", SD15_UNET_PARAMETERS)
-    assert (cpu.dtype, cpu.gradient_checkpointing, cpu.micro_batch) == ("float32", False, 8)
+    assert (cpu.dtype, cpu.gradient_checkpointing, cpu.micro_batch,
+            cpu.text_encoders) == ("float32", False, 8, "device")
 
 
 def test_cli_prints_what_auto_chose_from_the_folders_parameter_count(pipe_dir, tmp_path,

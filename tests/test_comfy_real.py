@@ -48,7 +48,10 @@ What it does, all through ComfyUI's HTTP/websocket API as a headless client woul
 12. fetches every node's help page from the URL the frontend's node help asks for
     (``/extensions/spare-unlearn/docs/<NodeName>.md``), served from the pack's WEB_DIRECTORY;
 13. runs the shipped list workflow (three concepts, per_concept least_squares, and sum) and reads
-    its fused file.
+    its fused file;
+14. loads one UNet file of fp8 values at weight_dtype default and fp8_e4m3fn, applies the same
+    adapter to both (a weight patch on float32, a wrapper after the cast on fp8): bit-equal
+    latents.
 """
 from __future__ import annotations
 
@@ -870,23 +873,69 @@ def test_memory_controls_on_and_off_both_train(comfy, erased):
 
 
 UNET_FILE = "tiny_sd15_unet.safetensors"
+ROUNDED_FILE = "tiny_sd15_unet_fp8_values.safetensors"
 
 
-def _unet_only_file(comfy) -> str:
+def _unet_only_file(comfy, fp8_values: bool = False) -> str:
     """The checkpoint's UNet saved alone (diffusion-model keys, no prefix), as a file the stock
-    UNETLoader lists (models/diffusion_models)."""
+    UNETLoader lists (models/diffusion_models); ``fp8_values``: every Linear/Conv weight rounded
+    through float8_e4m3fn and saved in float32, so that weight_dtype default and fp8_e4m3fn load
+    the same numbers."""
+    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     folder = os.path.join(comfy.base, "models", "diffusion_models")
-    path = os.path.join(folder, UNET_FILE)
+    name = ROUNDED_FILE if fp8_values else UNET_FILE
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
         os.makedirs(folder, exist_ok=True)
         prefix = "model.diffusion_model."
         with safe_open(os.path.join(comfy.base, "models", "checkpoints", CKPT), "pt") as f:
             sd = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        if fp8_values:
+            sd = {k: (v.to(torch.float8_e4m3fn).float() if k.endswith(".weight") and v.dim() >= 2
+                      else v.float()) for k, v in sd.items()}
         save_file(sd, path)
-    return UNET_FILE
+    return name
+
+
+def test_adapter_on_fp8_weights_samples_what_it_computes(comfy, erased):
+    """One UNet file whose weights are fp8 values (saved in float32), loaded twice by the stock
+    UNETLoader: weight_dtype default (float32 weights) and fp8_e4m3fn (the same numbers stored in
+    fp8, cast per call). A LoRA trained on the fp8 model is applied to both: on the float32 model
+    as a weight patch (W + delta, exact: the function the adapter computes), on the fp8 model as
+    a weight wrapper after the cast. The two KSamplers' latents agree to float rounding (bound:
+    1e-3 of the latents' scale), while the adapter moves the latents by far more."""
+    wf = tiny_workflow()
+    ck, init, unl = (node_of(wf, k) for k in ("CheckpointLoaderSimple", "SparseLoRAInit",
+                                               "SelfDistillUnlearn"))
+    name = _unet_only_file(comfy, fp8_values=True)
+    run = keep(wf, [ck, "2", "3", node_of(wf, "EmptyLatentImage")])
+    run["70"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name,
+                                                        "weight_dtype": "fp8_e4m3fn"}}
+    run["71"] = {"class_type": "UNETLoader", "inputs": {"unet_name": name,
+                                                        "weight_dtype": "default"}}
+    run[init] = {"class_type": "SparseLoRAInit", "inputs": {**wf[init]["inputs"],
+                                                           "model": ["70", 0]}}
+    run[unl] = {"class_type": "SelfDistillUnlearn", "inputs": {
+        **wf[unl]["inputs"], "model": ["70", 0], "steps": 3, "seed": 5}}
+    for nid, src in (("72", "70"), ("73", "71")):
+        run[nid] = {"class_type": "ApplyUnlearnAdapter",
+                    "inputs": {"model": [src, 0], "adapter": [unl, 0], "strength": 1.0}}
+    sample_branch(run, "74", ["72", 0], "fp8_wrapped")
+    sample_branch(run, "75", ["73", 0], "fp32_patched")
+    sample_branch(run, "76", ["70", 0], "fp8_plain")
+    assert validate_api_prompt(run, comfy.get("/object_info")) == []  # lists the new file
+    history, messages = comfy.run(run)
+    assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    wrapped, patched, plain = (_latent(comfy, history, n + "0") for n in ("74", "75", "76"))
+    scale = float(patched.abs().max())
+    diff = float((wrapped - patched).abs().max())
+    effect = float((patched - plain).abs().max())
+    print(f"\nfp8 MODEL + adapter vs float32 MODEL of the same values + adapter: max |latent "
+          f"difference| {diff:.2e}; the adapter's effect {effect:.2e} (latent scale {scale:.2f})")
+    assert diff <= 1e-3 * max(scale, 1.0) and effect > 100 * max(diff, 1e-6)
 
 
 def test_fp8_storage_saliency_and_lora_train(comfy, erased):

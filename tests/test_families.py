@@ -262,6 +262,25 @@ def test_saved_pipeline_folders_load_offline(tmp_path, name):
                                atol=1e-5, rtol=1e-4)
 
 
+def test_text_encoders_can_live_apart_from_the_network(tmp_path):
+    """``load_denoiser(..., text_encoders_device="cpu")`` (the CLI's --text-encoders cpu): the
+    network goes to ``device`` (here ``meta``, standing in for a GPU), the text encoders stay on
+    the CPU, and every encoded context arrives on the network's device with the values the
+    in-memory pipeline encodes."""
+    from spare_core import load_denoiser
+
+    pipe, den = tiny_family_denoiser("flux")
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    loaded = load_denoiser(str(tmp_path / "pipe"), device="meta", text_encoders_device="cpu",
+                           height=64, width=64, max_sequence_length=8)
+    assert {p.device.type for p in loaded.unet.parameters()} == {"meta"}
+    ctx = loaded.encode(["a cat"])
+    assert ctx.device.type == "meta" and ctx.field("pooled").device.type == "meta"
+    on_cpu = load_denoiser(str(tmp_path / "pipe"), text_encoders_device="cpu", height=64,
+                           width=64, max_sequence_length=8)  # same device: nothing moves
+    torch.testing.assert_close(on_cpu.encode(["a cat"]).seq, den.encode(["a cat"]).seq)
+
+
 def test_unsupported_folder_is_refused_before_loading(tmp_path):
     from spare_core import load_denoiser
 

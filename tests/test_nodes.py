@@ -1004,3 +1004,41 @@ def test_size_zero_is_the_sd_familys_512(env, monkeypatch):
                      concept=CONCEPT, samples=1, ranking="saliency", seed=0, sample_steps=1,
                      width=w, height=h)
     assert sizes == [(64, 64), (64, 8), (16, 8)]  # (H, W) latents
+
+
+def test_apply_on_fp8_weights_adds_the_delta_after_the_cast(env):
+    """ApplyUnlearnAdapter on a MODEL stored in fp8 (UNETLoader weight_dtype fp8_e4m3fn): the
+    update is a weight wrapper on the cast weight (ComfyUI's add_weight_wrapper), so the patched
+    model computes what the adapter computed in training, W_cast x + delta x, to float rounding;
+    a 'diff' patch would round W + delta back to fp8, which moves the output by far more than
+    float rounding (asserted 100x). No weight is written; the input MODEL keeps no wrapper."""
+    host, nodes, trained = env["host"], env["nodes"], env["trained"]
+    model, _ = host.load_checkpoint(seed=0)
+    store_weights_as(model, torch.float8_e4m3fn, torch.bfloat16)
+    stored = {n: p.detach().clone() for n, p in model.model.diffusion_model.named_parameters()}
+    x, t, c = probe(env, CONCEPT)
+    base = host.eps(model, x, t, c)
+    (erased,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=trained, strength=1.0)
+    keys = {f"diffusion_model.{n}.weight" for n in trained.names}
+    assert erased.patches == {} and set(erased.weight_wrapper_patches) == keys
+    assert model.weight_wrapper_patches == {}
+    patched = host.eps(erased, x, t, c)
+    assert torch.equal(host.eps(model, x, t, c), base)  # the wrappers left with the clone
+    unet = model.model.diffusion_model
+    host.load(model)
+    with torch.no_grad(), trained.applied(unet):  # the function the adapter was trained as
+        direct = unet(x, t.float(), context=c)
+    rounded = model.clone()  # the old way: W + delta stored back in fp8
+    rounded.add_patches({k: ("diff", (trained[k[len("diffusion_model."):-len(".weight")]]
+                                      .delta().detach().float() * trained.strength,))
+                         for k in keys})
+    via_diff = host.eps(rounded, x, t, c)
+    err, err_diff = float((patched - direct).abs().max()), float((via_diff - direct).abs().max())
+    assert not torch.equal(patched, base)
+    assert err <= 1e-5 * float(direct.abs().max()) and err_diff > 100 * max(err, 1e-8), (err, err_diff)
+    print(f"fp8 MODEL, max |output - trained function|: weight wrapper {err:.1e}, "
+          f"'diff' patch rounded to fp8 {err_diff:.1e}")
+    host.load(model)  # the shared UNet holds the loaded clone's weights
+    for n, p in model.model.diffusion_model.named_parameters():
+        assert p.dtype == stored[n].dtype and torch.equal(p.detach().view(torch.uint8),
+                                                          stored[n].view(torch.uint8)), n

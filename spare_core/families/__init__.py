@@ -80,12 +80,20 @@ def denoiser_from_pipeline(pipe, **kwargs):
                      f"{', '.join(SUPPORTED_PIPELINES)}")
 
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # a pipeline's encoders
+
+
 def load_denoiser(folder: str, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu", **kwargs):
+                  device: str | torch.device = "cpu",
+                  text_encoders_device: str | torch.device | None = None, **kwargs):
     """Load a diffusers pipeline folder offline and wrap it (:func:`denoiser_from_pipeline`).
     The VAE and safety checker are not loaded (the engine works on latents). A folder without
     ``model_index.json`` is read as the embedded models' layout: ``unet/`` (SD UNet) or
-    ``transformer/`` (digits-dit: SD3 transformer with one CLIP)."""
+    ``transformer/`` (digits-dit: SD3 transformer with one CLIP).
+
+    ``text_encoders_device`` (pipeline folders): keep the text encoders there instead of on
+    ``device`` (e.g. ``"cpu"``: Flux's T5-XXL is 9.5 GB in bf16, SD3's as much); prompts are
+    encoded there and the contexts moved to ``device``."""
     index = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index):
         if os.path.isdir(os.path.join(folder, "transformer")):
@@ -109,5 +117,16 @@ def load_denoiser(folder: str, dtype: torch.dtype = torch.float32,
         or (isinstance(v, list) and v[0] is None))}
     pipe = getattr(diffusers, cls_name).from_pretrained(folder, dtype=dtype,
                                                         use_safetensors=True, **skip)
-    pipe.to(device)
-    return denoiser_from_pipeline(pipe, **kwargs)
+    apart = text_encoders_device is not None and torch.device(text_encoders_device) != \
+        torch.device(device)
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module):
+            part.to(text_encoders_device if apart and name in TEXT_ENCODERS else device)
+    den = denoiser_from_pipeline(pipe, **kwargs)
+    if apart:
+        encode = den.encode
+
+        def encode_to_device(prompts):  # the contexts go where the network computes
+            return encode(prompts).to(device)
+        den.encode = encode_to_device
+    return den
