@@ -549,7 +549,7 @@ class ComfyDenoiser:
         """spare_core.probe's differentiable prompt access over this CLIP (SD1.x/SD2.x only:
         :func:`check_prompt_attack`), contexts shaped as :meth:`encode` gives them."""
         check_prompt_attack(self.model)
-        return ComfyPromptAccess(self.clip, self.context_length)
+        return ComfyPromptAccess(self.clip, self.context_length, self.model)
 
 
 # ---------------------------------------------------------------- the prompt attack's CLIP
@@ -601,9 +601,12 @@ class ComfyPromptAccess:
     tokens is refused), and encodes with ``CLIP.encode_from_tokens`` (clip skip, weights and
     embeddings as ComfyUI applies them) while a hook on the embedding puts the prefix in place
     of the placeholders (and the layers run on copies of their inputs: :func:`_inputs_copied`).
-    Gradients reach the prefix, never the CLIP's weights (frozen)."""
+    Gradients reach the prefix, never the CLIP's weights (frozen). With ``model`` (the MODEL
+    whose network computes on these contexts: the attack runs inside training), its full load is
+    re-asserted after every encode: ComfyUI loads CLIP for ``encode_from_tokens`` and may unload
+    part of the network to make room (a no-op when nothing was unloaded)."""
 
-    def __init__(self, clip, context_length: int | None = None) -> None:
+    def __init__(self, clip, context_length: int | None = None, model=None) -> None:
         stage = getattr(clip, "cond_stage_model", None)
         name = getattr(stage, "clip", None)
         encoder = getattr(stage, name, None) if isinstance(name, str) else None
@@ -612,7 +615,7 @@ class ComfyPromptAccess:
             raise ValueError(f"this CLIP is not the one CLIP of an SD1.x/SD2.x checkpoint; "
                              f"{PROBE_SUPPORTED}: connect the CLIP output of the same "
                              "checkpoint loader as the MODEL")
-        self.clip, self.key, self.encoder = clip, stage.clip_name, encoder
+        self.clip, self.key, self.encoder, self.model = clip, stage.clip_name, encoder, model
         self.embedding = encoder.transformer.get_input_embeddings()
         self.tokenizer = tokenizer.tokenizer
         self.special = dict(encoder.special_tokens)
@@ -660,6 +663,8 @@ class ComfyPromptAccess:
                     cond = self.clip.encode_from_tokens(tokens)
                 out.append((cond[0] if isinstance(cond, (tuple, list)) else cond).float())
             seq = torch.cat(out)
+            if self.model is not None:  # CLIP was loaded for that: the network comes back whole
+                load_for_compute(self.model)
         if self.context_length:  # as ComfyDenoiser.encode: repeated to the run's length
             seq = seq.repeat(1, self.context_length // seq.shape[1], 1)
         return seq

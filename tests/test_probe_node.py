@@ -233,6 +233,41 @@ def test_self_distill_unlearn_trains_against_the_attack(env, caplog):
     assert not access.embedding._forward_hooks
 
 
+def test_adversarial_training_reloads_the_network_after_each_attack_encode(env, monkeypatch):
+    """The attack encodes prompts with CLIP in the middle of training; ComfyUI loads CLIP for
+    that and may unload part of the network. The bridge re-asserts the MODEL's full load after
+    every such encode: in the run's record of events, every forward of the network that follows
+    a CLIP encode has a load of the MODEL between them."""
+    nodes, host, model = env["nodes"], env["host"], env["model"]
+    events = []
+    clip_type = type(env["clip"])
+    encode = clip_type.encode_from_tokens
+    monkeypatch.setattr(clip_type, "encode_from_tokens",
+                        lambda self, *a, **k: events.append("clip") or encode(self, *a, **k))
+    load = host.load
+    monkeypatch.setattr(host, "load", lambda patcher: events.append("load") or load(patcher))
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, module_selection="all",
+                       module_fraction=1.0, rank=2, alpha=2.0, mask_fraction=1.0, seed=0)
+    hook = model.model.diffusion_model.register_forward_pre_hook(
+        lambda *a: events.append("unet"))
+    try:
+        host.run(nodes["SelfDistillUnlearn"], model=model, clip=env["clip"], adapter=init,
+                 concept=CONCEPT, surrogate="a blue square", preserve="", steps=3, lr=1e-2,
+                 timestep_sampler="uniform", objective="self_distill", seed=0, pool_size=1,
+                 pool_steps=2, adversarial=True, **SIZE)
+    finally:
+        hook.remove()
+    start = events.index("load")  # the run's prompts are encoded before the first load
+    last, checked = None, 0
+    for e in events[start:]:
+        if e == "unet":
+            assert last != "clip", "the network computed after a CLIP encode without a reload"
+            checked += 1
+        else:
+            last = e
+    assert checked and events[start:].count("clip") > 0  # the attack encoded mid-training
+
+
 def test_adversarial_with_another_objective_is_refused_before_sampling(env):
     """SelfDistillUnlearn(adversarial=True) trains the attack's rows toward the surrogate, which
     only self_distill reads: ESD is refused, naming the fix, before any pool is sampled."""
