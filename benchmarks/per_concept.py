@@ -27,9 +27,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--peers", default="", help="other methods run on the whole list (one shared "
                    "edit each, at their recipes), e.g. uce,esd,salun")
-    p.add_argument("--ls-preserve-weight", type=float, default=1.0,
+    p.add_argument("--ls-preserve-weight", type=float, default=None,
                    help="weight of the preserved prompts' rows in the least-squares fusion "
-                        "(unlearn_concepts' ls_preserve_weight)")
+                        "(default: unlearn_concepts' ls_preserve_weight)")
     a = p.parse_args()
 
     from spare_core.bench import Row, format_row, mean_over_seeds, markdown_table
@@ -73,11 +73,13 @@ def main() -> int:
         t0 = time.perf_counter()
         res = unlearn_concepts(a.method, den, concept_pairs(req["concept"], req["surrogate"]),
                                preserve=req["preserve"], fusion="least_squares",
-                               ls_preserve_weight=a.ls_preserve_weight, **kw)
+                               **({} if a.ls_preserve_weight is None
+                                  else {"ls_preserve_weight": a.ls_preserve_weight}), **kw)
         secs = time.perf_counter() - t0
         rows.append(row(f"{a.method} per-concept sum", fuse_sum(res.parts), secs))
         rows.append(row(f"{a.method} per-concept ties", fuse_ties(res.parts), secs))
-        ls = "least_squares" + (f" w={a.ls_preserve_weight:g}" if a.ls_preserve_weight != 1 else "")
+        ls = "least_squares" + ("" if a.ls_preserve_weight is None
+                                else f" w={a.ls_preserve_weight:g}")
         rows.append(row(f"{a.method} per-concept {ls}", res.adapter, secs))
         for peer in [m.strip() for m in a.peers.split(",") if m.strip()]:
             t0 = time.perf_counter()

@@ -342,10 +342,9 @@ def patched_clone(model, adapter, strength: float):
     narrow = {n for n in adapter.names
               if n in mods and _base_weight(model, n).dtype not in TRAIN_DTYPES}
     scale = float(strength) * float(adapter.strength)
-    with torch.no_grad():
-        patches = {f"diffusion_model.{n}.weight": ("diff", (adapter[n].delta().detach().float()
-                                                            .cpu() * adapter.strength,))
-                   for n in adapter.names if n not in narrow}
+    wide = [n for n in adapter.names if n not in narrow]
+    patches = {f"diffusion_model.{n}.weight": ("diff", (d.float().cpu(),))
+               for n, d in adapter.merged(wide).items()}
     done = set(clone.add_patches(patches, float(strength)))
     missing = [k for k in patches if k not in done] + [n for n in adapter.names if n not in mods]
     if missing:

@@ -171,7 +171,7 @@ class SelfDistillUnlearn:
             pool_size: int = SPARE.num_samples, pool_steps: int = SPARE.sample_steps,
             cfg: float = -1.0, adversarial: bool = False,
             micro_batch: int = 1, gradient_checkpointing: bool = True,
-            per_concept: str = DEFAULT_FUSION) -> tuple[UnlearnAdapter]:
+            per_concept: str = DEFAULT_FUSION) -> tuple[UnlearnAdapter, torch.Tensor]:
         adapter = require_adapter(adapter)
         # empty: the concept the adapter's saliency was computed for, so the artist types it once
         concept = (concept or "").strip() or adapter.meta.get("concept", "")

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -255,10 +255,12 @@ class UnlearnAdapter(nn.Module):
         d = self[name].delta()
         return d if self.strength == 1.0 else d * self.strength
 
-    def merged(self) -> dict[str, Tensor]:
-        """Dense deltas (weight-shaped, detached, strength applied) by module name."""
+    def merged(self, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """Dense deltas (weight-shaped, detached, strength applied) by module name (of every
+        module, or of ``names``)."""
         with torch.no_grad():
-            return {n: self[n].delta().detach() * self.strength for n in self.names}
+            return {n: self[n].delta().detach() * self.strength
+                    for n in (self.names if names is None else names)}
 
     def num_trainable(self) -> int:
         return sum(self[n].num_trainable() for n in self.names)

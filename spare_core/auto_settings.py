@@ -11,8 +11,9 @@ SD1.5 size. :func:`choose` picks, before anything is loaded:
   1): on where the network's weights in that dtype times :data:`CONTROLS_OFF_FACTOR` exceed the
   device's free memory, off where they fit (faster), off on the CPU;
 - where the text encoders live: on the CPU where the controls are on for a GPU (they encode a
-  run's few prompts; T5-XXL alone is 9.5 GB in bf16), else on the device. A localisation that
-  trains the text encoder keeps it on the device.
+  run's few prompts; T5-XXL alone is 8.87 GB in bf16), else on the device. A run that
+  differentiates through the text encoder (its localisation, the adversarial attack) keeps it on
+  the device.
 
 :data:`CONTROLS_OFF_FACTOR` is the measured peak of the heaviest phase with every control off
 over the weights' bytes (``python benchmarks/memory.py``: SD1.5 at 512 px, a SPARE step 4.75 GB
@@ -23,10 +24,8 @@ what was chosen and why, for the CLI to print.
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 
 # torch is imported inside the functions: the CLI reads this module to build its --help
@@ -50,21 +49,27 @@ class AutoSettings:
 
 def network_parameters(folder: str) -> int:
     """Parameters of the pipeline folder's UNet or transformer, read from the ``.safetensors``
-    headers (no tensor is loaded); 0 when there is none to read."""
+    headers (``safe_open`` reads the header only; no tensor is loaded); 0 when there is none."""
+    from safetensors import safe_open
+
     for sub in NETWORK_FOLDERS:
         files = sorted(glob.glob(os.path.join(folder, sub, "*.safetensors")))
         if files:
-            return sum(_header_parameters(f) for f in files)
+            total = 0
+            for path in files:
+                with safe_open(path, "pt") as f:
+                    total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+            return total
     return 0
 
 
-def _header_parameters(path: str) -> int:
-    """Element count of every tensor in one ``.safetensors`` file, from its JSON header (its
-    first 8 bytes give the header's length; the format is fixed, so no tensor is read)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+def _api_micro_batch() -> int:
+    """The API's own saliency micro-batch (``run_method``'s ``saliency_batch_size`` default),
+    the setting where memory is not tight."""
+    import inspect
+
+    from .methods import run_method
+    return inspect.signature(run_method).parameters["saliency_batch_size"].default
 
 
 def bf16_supported(device: str) -> bool:
@@ -84,7 +89,7 @@ def free_device_memory(device: str) -> int | None:
 def choose(device: str, parameters: int, *, dtype: str = "auto",
            gradient_checkpointing: bool | None = None, split_backward: bool | None = None,
            micro_batch: int | None = None, text_encoders: str = "auto",
-           trains_text_encoder: bool = False) -> AutoSettings:
+           needs_text_encoder: bool = False) -> AutoSettings:
     """Resolve ``auto`` / ``None`` settings for a network of ``parameters`` weights on
     ``device`` (``cpu``, ``cuda[:N]``, ``mps``); given values are kept as they are."""
     reasons = []
@@ -115,12 +120,12 @@ def choose(device: str, parameters: int, *, dtype: str = "auto",
             split_backward = on
             chosen.append(f"split backward {'on' if on else 'off'}")
         if micro_batch is None:
-            micro_batch = 1 if on else 8
+            micro_batch = 1 if on else _api_micro_batch()
             chosen.append(f"micro-batch {micro_batch}")
         reasons.append(f"{', '.join(chosen)} ({why})")
     if text_encoders == "auto":
-        if trains_text_encoder:
-            text_encoders, why = "device", "the localisation trains the text encoder"
+        if needs_text_encoder:
+            text_encoders, why = "device", "the run differentiates through the text encoder"
         elif tight:
             text_encoders, why = "cpu", f"{why_memory}; they encode a few prompts"
         else:

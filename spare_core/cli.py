@@ -118,7 +118,7 @@ def _add_unlearn(sub) -> None:
                         "default: as --gradient-checkpointing)")
     p.add_argument("--text-encoders", choices=["auto", "device", "cpu"], default="auto",
                    help="where the pipeline's text encoders live (they encode the run's prompts "
-                        "once per use; T5-XXL is 9.5 GB in bf16); auto: the CPU where the "
+                        "once per use; T5-XXL is 8.87 GB in bf16); auto: the CPU where the "
                         "memory controls are on for a GPU, else the device")
     p.add_argument("--micro-batch", type=A.positive_int, default=None,
                    help="concept images per saliency forward/backward (spare, salun; default: 1 "
@@ -173,6 +173,16 @@ def check_unlearn_args(a: argparse.Namespace) -> None:
     if every is not None and (every < 0 or a.method in CONCEPT_METHODS):
         raise ValueError(f"--early-stop-every takes an integer >= 0 (0 = off) and applies to the "
                          f"data methods {', '.join(DATA_METHODS)}")
+
+
+def _needs_text_encoder(method: str, hp: dict) -> bool:
+    """Whether the run differentiates through the text encoder on the device: SPARE's
+    ``text_encoder`` localisation trains it, and the adversarial option's attack back-propagates
+    through it to its prompt tokens (the recipe's values where ``hp`` names none)."""
+    from .methods import METHODS
+
+    full = {**METHODS[method].hparams, **hp}
+    return full.get("module_selection") == "text_encoder" or bool(full.get("adversarial"))
 
 
 def method_hparams(a: argparse.Namespace) -> dict:
@@ -315,8 +325,7 @@ def cmd_unlearn(a: argparse.Namespace) -> int:
                                 dtype=a.dtype, gradient_checkpointing=a.gradient_checkpointing,
                                 split_backward=a.split_backward, micro_batch=a.micro_batch,
                                 text_encoders=a.text_encoders,
-                                trains_text_encoder=getattr(a, "module_selection", None)
-                                == "text_encoder")
+                                needs_text_encoder=_needs_text_encoder(a.method, hp))
     a.dtype, a.micro_batch = auto.dtype, auto.micro_batch
     a.gradient_checkpointing, a.split_backward = auto.gradient_checkpointing, auto.split_backward
     for reason in auto.reasons:  # what "auto" chose, and why

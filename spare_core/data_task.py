@@ -286,7 +286,8 @@ class DataTask:
         Denoises ``PROBE_IMAGES`` forget images and as many held-out keep images at the
         ``PROBE_TIMESTEPS`` fixed timesteps with the same fixed noise, at most ``max_rows``
         latents per call (the training run's micro-batch: at 1024 px on a 12 B DiT, 64 rows at
-        once would hold 40 GB of activations). Returns ``forget`` and ``keep`` (mean squared error of the prediction to its
+        once would hold 40 GB of activations). Returns ``forget`` and ``keep`` (mean squared
+        error of the prediction to its
         target, averaged over timesteps and images), ``ratio`` (forget / keep) and ``gone``
         (``ratio >= stop_ratio``): a memorised image has a far lower loss than unseen data
         (ratio well below 1), an image the model does not reproduce does not.
@@ -299,7 +300,7 @@ class DataTask:
         n = fx.shape[0]
         x0, cidx = torch.cat([fx, kx]), torch.cat([fc, kc])
         per_t = []
-        group = max(1, min(PROBE_BATCH, max_rows) // (2 * n))  # timesteps per group
+        group = max(1, PROBE_BATCH // (2 * n))  # timesteps per group (calls: max_rows each)
         for lo in range(0, len(ts), group):
             tg, ng = ts[lo:lo + group], noise[lo:lo + group]
             nz = torch.cat([torch.cat([z, z]) for z in ng])  # forget and keep share the noise

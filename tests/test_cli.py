@@ -391,8 +391,8 @@ def test_auto_settings_fit_an_8gb_card_and_explicit_flags_win(monkeypatch):
     assert (small.dtype, small.gradient_checkpointing, small.split_backward,
             small.micro_batch, small.text_encoders) == ("bfloat16", True, True, 1, "cpu")
     assert "8.0 GB free on cuda < 6 x 1.60 GB of bfloat16 weights" in " ".join(small.reasons)
-    assert auto.choose("cuda", SD15_UNET_PARAMETERS, trains_text_encoder=True,
-                       ).text_encoders == "device"  # a localisation that trains it
+    assert auto.choose("cuda", SD15_UNET_PARAMETERS, needs_text_encoder=True,
+                       ).text_encoders == "device"  # a run that differentiates through it
     kept = auto.choose("cuda", SD15_UNET_PARAMETERS, dtype="float32",
                        gradient_checkpointing=False, micro_batch=4)
     assert (kept.dtype, kept.gradient_checkpointing, kept.split_backward,
@@ -422,3 +422,15 @@ def test_cli_prints_what_auto_chose_from_the_folders_parameter_count(pipe_dir, t
     assert "auto: dtype float32 (the CPU computes in float32)" in err
     assert "gradient checkpointing off, split backward off, micro-batch 8 (cpu: memory is the " \
            "machine's RAM)" in err
+
+
+def test_text_encoders_stay_on_the_device_when_the_run_differentiates_through_them():
+    """--text-encoders auto never moves the encoders off the device for a run that back-
+    propagates through them: SPARE's text_encoder localisation, or the adversarial option's
+    prompt attack (given as a flag, a --param, or not at all: the recipe's value)."""
+    from spare_core.cli import _needs_text_encoder
+
+    assert _needs_text_encoder("spare", {"module_selection": "text_encoder"})
+    assert _needs_text_encoder("spare", {"adversarial": True})
+    assert not _needs_text_encoder("spare", {})  # the recipe: neither
+    assert not _needs_text_encoder("siss", {})

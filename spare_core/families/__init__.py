@@ -92,7 +92,7 @@ def load_denoiser(folder: str, dtype: torch.dtype = torch.float32,
     ``transformer/`` (digits-dit: SD3 transformer with one CLIP).
 
     ``text_encoders_device`` (pipeline folders): keep the text encoders there instead of on
-    ``device`` (e.g. ``"cpu"``: Flux's T5-XXL is 9.5 GB in bf16, SD3's as much); prompts are
+    ``device`` (e.g. ``"cpu"``: Flux's and SD3's T5-XXL encoder is 8.87 GB in bf16); prompts are
     encoded there and the contexts moved to ``device``."""
     index = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index):
