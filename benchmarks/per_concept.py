@@ -17,6 +17,23 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def polish(den, fused, req: dict, steps: int, seed: int):
+    """A copy of ``fused`` trained ``steps`` more on the whole list at once (the shared
+    task: every concept with its surrogate, the preserved prompts; SPARE's objective, lr and
+    batch from the recipe)."""
+    from spare_core.adapter import UnlearnAdapter
+    from spare_core.loop import UnlearnConfig, unlearn
+    from spare_core.recipes import recipe
+    from spare_core.tasks import ConceptTask
+
+    r = recipe("spare")
+    task = ConceptTask(concept=req["concept"], surrogate=req["surrogate"], preserve=req["preserve"])
+    cfg = UnlearnConfig(steps=steps, lr=r.lr, batch_size=r.batch_size, seed=seed,
+                        timestep_sampler=r.timestep_sampler)
+    return unlearn(den, UnlearnAdapter.from_tensors(*fused.to_tensors()), task, "self_distill",
+                   cfg).adapter
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="canvas")
@@ -25,6 +42,14 @@ def main() -> int:
     p.add_argument("--seeds", default="0")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--shared-steps", default="",
+                   help="step counts of the shared-adapter rows, e.g. 100,400 (default: --steps; "
+                        "k x steps is the per-concept run's total budget)")
+    p.add_argument("--polish-steps", default="",
+                   help="also train each fused adapter (sum, least squares) this many more steps "
+                        "on the whole list at once, e.g. 50,100 (a measured idea, not shipped)")
+    p.add_argument("--no-per-concept", action="store_true",
+                   help="only the original, the shared-adapter rows and the peers")
     p.add_argument("--peers", default="", help="other methods run on the whole list (one shared "
                    "edit each, at their recipes), e.g. uce,esd,salun")
     p.add_argument("--ls-preserve-weight", type=float, default=None,
@@ -67,20 +92,29 @@ def main() -> int:
             return r
 
         rows = [row("original", None, None)]
-        t0 = time.perf_counter()
-        shared = run_method(a.method, den, **req, **kw)
-        rows.append(row(f"{a.method} shared", shared.adapter, time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        res = unlearn_concepts(a.method, den, concept_pairs(req["concept"], req["surrogate"]),
-                               preserve=req["preserve"], fusion="least_squares",
-                               **({} if a.ls_preserve_weight is None
-                                  else {"ls_preserve_weight": a.ls_preserve_weight}), **kw)
-        secs = time.perf_counter() - t0
-        rows.append(row(f"{a.method} per-concept sum", fuse_sum(res.parts), secs))
-        rows.append(row(f"{a.method} per-concept ties", fuse_ties(res.parts), secs))
-        ls = "least_squares" + ("" if a.ls_preserve_weight is None
-                                else f" w={a.ls_preserve_weight:g}")
-        rows.append(row(f"{a.method} per-concept {ls}", res.adapter, secs))
+        for n_steps in [int(x) for x in a.shared_steps.split(",") if x.strip()] or [steps]:
+            t0 = time.perf_counter()
+            shared = run_method(a.method, den, **req, **{**kw, "steps": n_steps})
+            rows.append(row(f"{a.method} shared" + ("" if n_steps == steps else f", {n_steps} steps"),
+                            shared.adapter, time.perf_counter() - t0))
+        if not a.no_per_concept:
+            t0 = time.perf_counter()
+            res = unlearn_concepts(a.method, den, concept_pairs(req["concept"], req["surrogate"]),
+                                   preserve=req["preserve"], fusion="least_squares",
+                                   **({} if a.ls_preserve_weight is None
+                                      else {"ls_preserve_weight": a.ls_preserve_weight}), **kw)
+            secs = time.perf_counter() - t0
+            rows.append(row(f"{a.method} per-concept sum", fuse_sum(res.parts), secs))
+            rows.append(row(f"{a.method} per-concept ties", fuse_ties(res.parts), secs))
+            ls = "least_squares" + ("" if a.ls_preserve_weight is None
+                                    else f" w={a.ls_preserve_weight:g}")
+            rows.append(row(f"{a.method} per-concept {ls}", res.adapter, secs))
+            for name, fused in (("sum", fuse_sum(res.parts)), (ls, res.adapter)):
+                for n_steps in [int(x) for x in a.polish_steps.split(",") if x.strip()]:
+                    t0 = time.perf_counter()
+                    done = polish(den, fused, req, n_steps, seed)
+                    rows.append(row(f"{a.method} per-concept {name} + {n_steps} joint steps",
+                                    done, secs + time.perf_counter() - t0))
         for peer in [m.strip() for m in a.peers.split(",") if m.strip()]:
             t0 = time.perf_counter()
             done = run_method(peer, den, **req,

@@ -33,11 +33,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 def jobs(methods: list[str], targets: list[str], seeds: list[int],
          shard: int = 0, shards: int = 1) -> list[tuple[str, str, int]]:
     """Shard ``shard`` of ``shards`` of every (label, target, seed), seed-major so that an
-    early report covers every variant. The original model's rows and each variant's rows are
-    dealt out separately, so every shard gets its share of the long training runs."""
+    early report covers every variant. The original model's rows, then each variant's, are
+    dealt round-robin with one running count, so every shard gets its share of the long
+    training runs (to within one per variant), also when a sweep has one target and one seed."""
     groups = [[("original", t, s) for s in seeds for t in targets]]
     groups += [[(m, t, s) for s in seeds for t in targets] for m in methods]
-    mine = [j for g in groups for i, j in enumerate(g) if i % shards == shard]
+    mine = [j for i, j in enumerate(j for g in groups for j in g) if i % shards == shard]
     order = {j: k for k, j in enumerate((m, t, s) for s in seeds for t in targets
                                         for m in ["original"] + methods)}
     return sorted(mine, key=order.__getitem__)

@@ -215,7 +215,7 @@ def bench_data(methods, *, n: int, steps: int | None, seed: int, sample_steps: i
     return rows
 
 
-COLUMNS = ["UA", "RA", "IRA", "CRA", "UA_para", "UA_tmpl", "ASR", "ASR_found", "to_surrogate", "FD", "FD_forget", "FD_retain",
+COLUMNS = ["UA", "RA", "IRA", "CRA", "RA_style", "RA_object", "UA_para", "UA_tmpl", "ASR", "ASR_found", "to_surrogate", "FD", "FD_forget", "FD_retain",
            "pattern_rate", "FD_rest", "steps", "seconds", "trainable", "adapter_kB", "peak_rss_MB"]
 
 

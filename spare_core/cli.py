@@ -41,7 +41,8 @@ def _add_unlearn(sub) -> None:
                         f"methods {', '.join(DATA_METHODS)} take --forget-images/--keep-images")
     p.add_argument("--concept", type=A.prompt, action="append", default=None,
                    help="prompt of the concept to forget; repeat it (or put one per line) to "
-                        "erase several concepts in one adapter")
+                        "erase several (spare: one adapter per concept, fused; --shared for one "
+                        "adapter)")
     p.add_argument("--surrogate", action="append", default=None,
                    help="what the concept becomes ('' = the unconditional prediction); repeat "
                         "it once per --concept, or give one for all")

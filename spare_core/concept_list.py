@@ -19,6 +19,10 @@ DEFAULT_FUSION = "least_squares"
 """The fusion a list gets unless one is named: chosen by the lists' table (benchmarks/RESULTS.md,
 "Lists of 4 and 7 styles"): on the mean of UA, IRA and CRA over k = 4 and 7, seeds 0 and 1, it is
 ahead of ``sum`` (0.991 against 0.987) with the kept prompts' FD lower on every list."""
+LIST_PER_CONCEPT_METHOD = "spare"
+"""The method whose lists of several concepts train per concept (fused by
+:data:`DEFAULT_FUSION`) unless told ``--shared``, in the CLI as in the node (canvas lists of 4 and 7
+styles and the mixed list of 14: benchmarks/RESULTS.md)."""
 
 
 def prompt_key(p: str) -> str:
@@ -107,11 +111,17 @@ def add_arguments(p) -> None:
     p.add_argument("--per-concept", action="store_true",
                    help="train one adapter per concept from the base model (the list's other "
                         "concepts join its --preserve prompts), then fuse them into one file "
-                        "(--fusion); spread over processes with torchrun or --processes")
+                        "(--fusion); spread over processes with torchrun or --processes. "
+                        "The default for a list of several concepts with --method "
+                        f"{LIST_PER_CONCEPT_METHOD}; other methods opt in")
+    p.add_argument("--shared", action="store_true",
+                   help="train one adapter for the whole list instead, in the time of one "
+                        "concept's run (it erases less as the list grows)")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
-                   help="how --per-concept adapters become one: sum of the deltas (default), "
-                        "ties (TIES-merging), least_squares (MACE's closed form on each "
-                        "concept's and the preserved prompts' layer inputs)")
+                   help="how --per-concept adapters become one: least_squares (MACE's closed "
+                        "form on each concept's and the preserved prompts' layer inputs), sum "
+                        "of the deltas, or ties (TIES-merging); default "
+                        f"{DEFAULT_FUSION}")
     p.add_argument("--fused-rank", type=int, default=None, metavar="R",
                    help="rank of the fused LoRA where the fusion is not an exact sum (default: "
                         "the sum of the jobs' ranks; 0 keeps it dense)")
@@ -139,6 +149,12 @@ def check_arguments(a) -> None:
         a.concept = "\n".join(c for c, _ in pairs)
         a.surrogate = "\n".join(sur) if len(set(sur)) > 1 else sur[0]
     per = getattr(a, "per_concept", False)
+    if getattr(a, "shared", False):
+        if per:
+            raise ValueError("--per-concept and --shared contradict: choose one")
+    elif (getattr(a, "method", None) == LIST_PER_CONCEPT_METHOD and a.concept is not None
+          and len([c for c in a.concept.split("\n") if c.strip()]) > 1):
+        per = a.per_concept = True  # a list: one adapter per concept, fused (the default)
     if not per:
         for flag, v in (("--fusion", a.fusion), ("--fused-rank", a.fused_rank),
                         ("--processes", a.processes)):

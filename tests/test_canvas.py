@@ -122,7 +122,26 @@ def test_scores_follow_unlearn_canvas_definitions():
     assert got["UA_tmpl"] == pytest.approx(7 / 8)         # 1 of 8 in the other template
     assert "UA_tmpl" not in M.scores(preds, para, erased)
     with pytest.raises(ValueError, match="one domain at a time"):
-        M.scores(preds, para, ["stripes", "circle"])
+        M.check_erased(["stripes", "circle"])
+
+
+def test_scores_of_a_mixed_list_measure_each_concept_in_its_domain_and_retention_per_domain():
+    """Stripes and circle erased together: UA counts stripes by style and circle by object;
+    RA_style is the style accuracy on the prompts whose style is kept, RA_object the object
+    accuracy on the prompts whose object is kept (whatever the other half of the prompt)."""
+    erased = ["stripes", "circle"]
+    # stripes images come out plain; circles come out as squares; neon-square loses its style
+    style = lambda p: "plain" if p[0] == "stripes" else ("plain" if p == ("neon", "square") else p[0])
+    obj = lambda p: "square" if p[1] == "circle" else p[1]
+    preds = _preds(style, obj, M.PAIRS)
+    para_pairs = [p for p in M.PAIRS if p[0] in erased or p[1] in erased]
+    para = _preds(lambda p: p[0], obj, para_pairs)     # paraphrased stripes keep their style
+    got = M.scores(preds, para, erased)
+    assert got["UA"] == 1.0
+    assert got["UA_para"] == pytest.approx((0 + 1) / 2)   # stripes 0, circle 1
+    assert got["RA_style"] == pytest.approx(55 / 56)      # 7 kept styles x 8 objects, one wrong
+    assert got["RA_object"] == pytest.approx(1.0)         # 7 kept objects x 8 styles, all right
+    assert "IRA" not in got and "CRA" not in got and "to_surrogate" not in got
 
 
 def test_spare_erases_two_styles_in_one_adapter_and_keeps_the_rest(model, clf):
@@ -168,3 +187,21 @@ def test_canvas_arguments_are_refused_before_loading(argv, message, capsys):
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_request_of_a_mixed_list_keeps_both_domains_and_picks_kept_surrogates():
+    """A list of styles and objects: each concept turns into a kept concept of its own domain
+    (an object's default is the next object that is not erased), and every concept left of
+    both domains is preserved."""
+    from spare_core.canvas.bench import CanvasBench
+
+    b = CanvasBench()
+    req = b.request(["stripes", "circle", "square"])
+    assert req["concept"].splitlines() == ["stripes style", "a circle", "a square"]
+    assert req["surrogate"].splitlines() == ["plain style", "a triangle", "a triangle"]
+    assert "a triangle" in req["preserve"] and "plain style" in req["preserve"]
+    assert not {"stripes style", "a circle", "a square"} & set(req["preserve"])
+    assert len(req["preserve"]) == 16 - 3
+    assert b.request(["circle"])["surrogate"] == "a square"   # one object: the next, as before
+    with pytest.raises(ValueError, match="its target's domain"):
+        b.request(["stripes", "circle"], ["plain", "plain"])

@@ -328,20 +328,31 @@ def test_unlearn_in_bfloat16_with_the_memory_controls(pipe_dir, tmp_path):
     assert any(float(ad[n].lora_B.detach().abs().sum()) > 0 for n in ad.names)
 
 
-def test_repeated_concept_erases_several_in_one_adapter(pipe_dir, tmp_path):
-    """``--concept`` repeated (with one ``--surrogate`` each): one adapter for both, its metadata
-    lists them one per line, the grid has a row per prompt; a surrogate count that matches
-    neither one nor the concepts is refused."""
-    out, grid = str(tmp_path / "two.safetensors"), str(tmp_path / "two.png")
-    args = ["unlearn", "--model", pipe_dir, "--concept", "a cat", "--concept", "a fox",
-            "--surrogate", "a dog", "--surrogate", "a cow", "--preserve", "the ocean",
-            "--out", out, "--steps", "3", "--num-samples", "2", "--sample-steps", "3"]
-    assert main(args + ["--grid", grid]) == 0
+def test_repeated_concept_erases_several_per_concept_or_in_one_shared_adapter(pipe_dir, tmp_path,
+                                                                             capsys):
+    """``--concept`` repeated (with one ``--surrogate`` each): by default one adapter per
+    concept, fused by least squares (what the lists' table chose; the node's default too);
+    ``--shared`` trains one adapter for both. Either file's metadata lists them one per line, the
+    grid has a row per prompt; ``--shared`` with ``--per-concept`` is refused."""
     from diffusers import UNet2DConditionModel
     from PIL import Image
-    ad = load_adapter(out, unet=UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet"))
-    assert ad.meta["concept"] == "a cat\na fox" and ad.meta["surrogate"] == "a dog\na cow"
-    assert Image.open(grid).size[1] >= 5 * 64  # a cat, a dog, a fox, a cow, the ocean
+
+    args = ["unlearn", "--model", pipe_dir, "--concept", "a cat", "--concept", "a fox",
+            "--surrogate", "a dog", "--surrogate", "a cow", "--preserve", "the ocean",
+            "--steps", "3", "--num-samples", "2", "--sample-steps", "3"]
+    unet = UNet2DConditionModel.from_pretrained(pipe_dir, subfolder="unet")
+    for extra, per in (([], "true"), (["--shared"], None)):
+        out, grid = str(tmp_path / f"two{len(extra)}.safetensors"), str(tmp_path / f"two{len(extra)}.png")
+        assert main(args + extra + ["--out", out, "--grid", grid]) == 0
+        ad = load_adapter(out, unet=unet)
+        assert ad.meta["concept"] == "a cat\na fox" and ad.meta["surrogate"] == "a dog\na cow"
+        assert ad.meta.get("per_concept") == per
+        assert ad.meta.get("fusion") == ("least_squares" if per else None)
+        assert Image.open(grid).size[1] >= 5 * 64  # a cat, a dog, a fox, a cow, the ocean
+    bad = str(tmp_path / "bad.safetensors")
+    assert main(args + ["--shared", "--per-concept", "--out", bad]) == 2
+    assert "--per-concept and --shared contradict" in capsys.readouterr().err
+    assert not os.path.exists(bad)
 
 
 

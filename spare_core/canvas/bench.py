@@ -1,11 +1,12 @@
 """The canvas model as an :class:`~spare_core.embedded.EmbeddedBench`: forget styles or objects
-(one domain at a time, several at once in one adapter) and measure UA, IRA, CRA, paraphrase UA
-and FD as UnlearnCanvas does (:mod:`spare_core.canvas.metrics`).
+(several at once; a list may mix the two domains) and measure UA, IRA, CRA, paraphrase UA and
+FD as UnlearnCanvas does (:mod:`spare_core.canvas.metrics`).
 
 The erasure is given the concept's one-domain prompt (``"stripes style"``, ``"a circle"``), the
-surrogate's (default: ``"plain style"`` for a style, UnlearnCanvas's photo class; the next object
-for an object) and the other concepts of the domain as preserved prompts; it is measured on the
-full prompts ``a {object} in {style} style``.
+surrogate's (default: ``"plain style"`` for a style, UnlearnCanvas's photo class; for an object
+the next object that is not erased) and the other concepts of the domain (of both domains,
+for a mixed list) as preserved prompts; it is measured on the full prompts
+``a {object} in {style} style``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from .names import OBJECTS, STYLES, concept_prompt, domain_of
 class CanvasBench:
     """The ``canvas`` model (16x16 RGB, 8 styles x 8 objects, DDPM)."""
 
-    metric_keys = ("UA", "IRA", "CRA", "UA_para", "UA_tmpl", "to_surrogate", "FD")
+    metric_keys = ("UA", "IRA", "CRA", "RA_style", "RA_object", "UA_para", "UA_tmpl", "to_surrogate",
+                   "FD")  # RA_*: mixed lists only
     probe_keys = ("ASR", "ASR_found")  # paraphrase UA is a metric of every canvas row already
     demo_keys = ("UA", "IRA", "CRA", "UA_para", "FD")
     sample_steps = 25  # == metrics.SAMPLE_STEPS
@@ -28,29 +30,36 @@ class CanvasBench:
     def label(self, target: str) -> str:
         return target
 
-    def default_surrogate(self, target: str) -> str:
+    def default_surrogate(self, target: str, erased: Sequence[str] = ()) -> str:
+        """``plain`` for a style (``dots`` for plain); for an object the next object of the
+        list that is not ``erased`` too."""
         if domain_of(target) == "style":
             return "plain" if target != "plain" else "dots"
-        return OBJECTS[(OBJECTS.index(target) + 1) % len(OBJECTS)]
+        i = OBJECTS.index(target)
+        return next(o for o in OBJECTS[i + 1:] + OBJECTS[:i] if o not in erased)
 
     def _surrogates(self, targets: Sequence[str], surrogates) -> list[str]:
         from .metrics import check_erased
 
-        domain = check_erased(targets)
-        sur = [self.default_surrogate(t) for t in targets] if surrogates is None else list(surrogates)
+        check_erased(targets, mixed=True)
+        sur = ([self.default_surrogate(t, targets) for t in targets] if surrogates is None
+               else list(surrogates))
         if len(sur) == 1 and len(targets) > 1:
             sur = sur * len(targets)
-        pool = STYLES if domain == "style" else OBJECTS
-        bad = [s for s in sur if s not in pool or s in targets]
+        bad = [s for s, t in zip(sur, targets)
+               if s in targets or s not in (STYLES + OBJECTS) or domain_of(s) != domain_of(t)]
         if len(sur) != len(targets) or bad:
-            raise ValueError(f"surrogates must be {domain}s other than the erased ones, one per "
-                             f"target or one for all; got {list(sur)} for {list(targets)}")
+            raise ValueError(f"each surrogate must be a concept of its target's domain (style or "
+                             f"object) that is not erased, one per target or one for all; got "
+                             f"{list(sur)} for {list(targets)}")
         return sur
 
     def request(self, targets: Sequence[str], surrogates: Sequence[str] | None = None) -> dict:
+        """The erasure's prompts: each target's one-domain prompt with its surrogate's, and every
+        concept left of the targets' domains (both, for a mixed list) as preserved prompts."""
         sur = self._surrogates(targets, surrogates)
-        pool = STYLES if domain_of(targets[0]) == "style" else OBJECTS
-        keep = [c for c in pool if c not in targets]
+        domains = {domain_of(t) for t in targets}
+        keep = [c for c in STYLES + OBJECTS if domain_of(c) in domains and c not in targets]
         return {"concept": "\n".join(concept_prompt(t) for t in targets),
                 "surrogate": "\n".join(concept_prompt(s) for s in sur),
                 "preserve": [concept_prompt(c) for c in keep]}

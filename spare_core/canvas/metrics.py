@@ -5,10 +5,16 @@ For erased concepts of one domain (styles, or objects) and images generated from
 ``a {object} in {style} style`` prompt:
 
 - **UA**: share of the images of prompts holding an erased concept that the classifier does NOT
-  give that concept (mean over the erased concepts);
+  give that concept (mean over the erased concepts; each in its own domain);
 - **IRA** (in-domain retain): accuracy in the erased domain on the prompts holding no erased
   concept;
 - **CRA** (cross-domain retain): accuracy in the other domain on those same prompts;
+- a list of both domains (a "mixed" list: every concept but ``plain`` and ``square``, say) has no
+  in- and cross-domain; its retention is measured per domain instead, **RA_style**: the style
+  accuracy on every prompt whose style is kept (whatever its object), and **RA_object**: the
+  object accuracy on every prompt whose object is kept. (On a one-domain list RA of the erased
+  domain is IRA and RA of the other is CRA's accuracy over more prompts; only mixed lists get
+  them.)
 - **UA_para**: UA on the same prompts worded with the concepts' other names (``"a circle in lines
   style"`` for stripes): wordings the erasure was not given;
 - **FD**: Frechet distance of classifier features, retained prompts' images vs renders of the same
@@ -86,12 +92,15 @@ def _rate(hits: Tensor) -> float:
     return int(hits.sum()) / hits.numel() if hits.numel() else float("nan")
 
 
-def check_erased(erased: Sequence[str]) -> str:
-    """The domain of the erased concepts (all of one domain); ValueError otherwise."""
+def check_erased(erased: Sequence[str], mixed: bool = False) -> str:
+    """The domain of the erased concepts: ``"style"`` or ``"object"``, or ``"mixed"`` for a
+    list of both when ``mixed`` is allowed; ValueError otherwise."""
     if not erased:
         raise ValueError("name at least one erased concept")
     domains = {domain_of(c) for c in erased}
     if len(domains) != 1:
+        if mixed:
+            return "mixed"
         raise ValueError(f"erase concepts of one domain at a time (styles or objects), got {list(erased)}")
     return domains.pop()
 
@@ -106,19 +115,25 @@ def scores(preds, preds_para, erased: Sequence[str], surrogate: str | None = Non
     concept of their domain) from :func:`predictions` of every pair (``preds``) and of the
     erased concepts' pairs in the paraphrase wording (``preds_para``); ``UA_tmpl`` from those
     pairs in the second template, given names (``preds_template``, when given)."""
-    domain = check_erased(erased)
-    other = "object" if domain == "style" else "style"
-    kept = [p for p in preds if not _holds(p, erased)]
+    domain = check_erased(erased, mixed=True)
 
     def ua(pr) -> float:
-        per = [1 - _rate(_hits(pr, [p for p in pr if _holds(p, [c])], domain)) for c in erased]
+        per = [1 - _rate(_hits(pr, [p for p in pr if _holds(p, [c])], domain_of(c)))
+               for c in erased]
         return sum(per) / len(per)
 
-    out = {"UA": ua(preds), "IRA": _rate(_hits(preds, kept, domain)),
-           "CRA": _rate(_hits(preds, kept, other)), "UA_para": ua(preds_para)}
+    out = {"UA": ua(preds), "UA_para": ua(preds_para)}
+    if domain == "mixed":
+        out["RA_style"] = _rate(_hits(preds, [p for p in preds if p[0] not in erased], "style"))
+        out["RA_object"] = _rate(_hits(preds, [p for p in preds if p[1] not in erased], "object"))
+    else:
+        other = "object" if domain == "style" else "style"
+        kept = [p for p in preds if not _holds(p, erased)]
+        out["IRA"] = _rate(_hits(preds, kept, domain))
+        out["CRA"] = _rate(_hits(preds, kept, other))
     if preds_template is not None:
         out["UA_tmpl"] = ua(preds_template)
-    if surrogate is not None:
+    if surrogate is not None and domain != "mixed":
         idx = (STYLES if domain == "style" else OBJECTS).index(surrogate)
         got = torch.cat([(pr[0] if domain == "style" else pr[1]) == idx
                          for p, pr in preds.items() if _holds(p, erased)])
@@ -150,12 +165,13 @@ def fd(classifier, images: Tensor, pairs: Sequence[tuple[str, str]]) -> float:
 def canvas_metrics(denoiser, classifier, erased: Sequence[str], n: int, seed: int,
                    steps: int = SAMPLE_STEPS, surrogate: str | None = None,
                    callback: Callable[[int, int], None] | None = None) -> dict:
-    """Every metric of ``denoiser`` for the ``erased`` concepts: UA, IRA, CRA, UA_para, UA_tmpl
+    """Every metric of ``denoiser`` for the ``erased`` concepts: UA, IRA and CRA (a list of both
+    domains: RA_style and RA_object instead), UA_para, UA_tmpl
     (the erased pairs in the template that the erasure's one-domain prompt does not share), FD
     (retained prompts) and ``to_surrogate``, from ``n`` images per prompt; also ``images``
     ``{(style, object): [n, 3, 16, 16]}`` of every pair (for grids). ``callback(i, total)``
     reports the sampler's steps over the three sampling calls."""
-    check_erased(erased)
+    check_erased(erased, mixed=True)
     para_pairs = [p for p in PAIRS if _holds(p, erased)]
     total = 3 * steps
 
