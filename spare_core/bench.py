@@ -277,7 +277,8 @@ def add_command(sub) -> None:
                         "after colons, e.g. spare:timestep_sampler=uniform:module_selection=random")
     p.add_argument("--forget", default=None,
                    help="comma list of what to forget (concept bench): digits 0..9 (default 3), "
-                        "or canvas styles / objects (default stripes)")
+                        "or canvas styles / objects (default stripes; with --together a list of "
+                        "both is measured per domain)")
     p.add_argument("--together", action="store_true",
                    help="erase every --forget target at once, in one adapter (multi-concept "
                         "erasure; canvas model)")
@@ -345,7 +346,10 @@ def check_bench_args(a: argparse.Namespace) -> None:
                          "--model at digits")
     a.seed_list = _parse_seeds(a.seeds)
     default = "stripes" if a.model == "canvas" else "3"
-    a.targets = A.forget_targets(a.model, a.forget if a.forget is not None else default)
+    # one at a time, any target goes; together, a list of styles and objects gets the mixed
+    # metrics (retention per domain), but the attack probe measures one domain
+    a.targets = A.forget_targets(a.model, a.forget if a.forget is not None else default,
+                                 mixed=not (a.together and a.probe))
     if a.together and a.model != "canvas":
         raise ValueError("--together erases several concepts at once on the canvas model; add "
                          "--model canvas")

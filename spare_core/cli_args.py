@@ -128,10 +128,10 @@ def digit_list(text: str) -> list[int]:
     return [int(x) for x in items]
 
 
-def forget_targets(model: str, text: str) -> list:
+def forget_targets(model: str, text: str, mixed: bool = False) -> list:
     """``--forget`` of embedded ``model``: digits ``"3,5"`` -> ``[3, 5]``; canvas styles or
-    objects ``"stripes,dots"`` -> ``["stripes", "dots"]`` (one domain at a time). ValueError
-    naming the fix otherwise."""
+    objects ``"stripes,dots"`` -> ``["stripes", "dots"]`` (one domain at a time unless
+    ``mixed``). ValueError naming the fix otherwise."""
     if model != "canvas":
         return digit_list(text)
     from .canvas.names import OBJECTS, STYLES  # no torch
@@ -141,7 +141,7 @@ def forget_targets(model: str, text: str) -> list:
     if not items or bad:
         raise ValueError(f"--forget on the canvas model takes a comma list of styles "
                          f"({', '.join(STYLES)}) or objects ({', '.join(OBJECTS)}); got {text!r}")
-    if any(x in STYLES for x in items) and any(x in OBJECTS for x in items):
+    if not mixed and any(x in STYLES for x in items) and any(x in OBJECTS for x in items):
         raise ValueError(f"--forget {text!r} mixes styles and objects: erase one domain at a time")
     return items
 

@@ -176,7 +176,8 @@ def test_demo_on_canvas_writes_a_style_grid(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["bench", "--model", "canvas", "--forget", "stripes,circle"], "mixes styles and objects"),
+    (["bench", "--model", "canvas", "--forget", "stripes,circle", "--together", "--probe"],
+     "mixes styles and objects"),
     (["bench", "--model", "canvas", "--forget", "zigzag"], "comma list of styles"),
     (["bench", "--forget", "3,5", "--together"], "add --model canvas"),
     (["demo", "--model", "canvas", "--forget", "stripes", "--surrogate", "circle"],
@@ -205,3 +206,13 @@ def test_bench_request_of_a_mixed_list_keeps_both_domains_and_picks_kept_surroga
     assert b.request(["circle"])["surrogate"] == "a square"   # one object: the next, as before
     with pytest.raises(ValueError, match="its target's domain"):
         b.request(["stripes", "circle"], ["plain", "plain"])
+
+
+def test_bench_takes_a_mixed_list_together_without_the_probe():
+    from spare_core.bench import check_bench_args
+    from spare_core.cli import build_parser
+
+    a = build_parser().parse_args(["bench", "--model", "canvas", "--forget", "stripes,circle",
+                                   "--together"])
+    check_bench_args(a)
+    assert a.targets == ["stripes", "circle"]
