@@ -17,18 +17,21 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def polish(den, fused, req: dict, steps: int, seed: int):
+def polish(den, fused, req: dict, steps: int, kw: dict):
     """A copy of ``fused`` trained ``steps`` more on the whole list at once (the shared
-    task: every concept with its surrogate, the preserved prompts; SPARE's objective, lr and
-    batch from the recipe)."""
+    task: every concept with its surrogate, the preserved prompts; SPARE's objective, lr, batch
+    and pools from the recipe, sampled at the bench's settings ``kw`` as the jobs' were)."""
     from spare_core.adapter import UnlearnAdapter
     from spare_core.loop import UnlearnConfig, unlearn
-    from spare_core.recipes import recipe
-    from spare_core.tasks import ConceptTask
+    from spare_core.recipes import guidance_for, recipe
+    from spare_core.tasks import ConceptTask, PoolConfig
 
     r = recipe("spare")
-    task = ConceptTask(concept=req["concept"], surrogate=req["surrogate"], preserve=req["preserve"])
-    cfg = UnlearnConfig(steps=steps, lr=r.lr, batch_size=r.batch_size, seed=seed,
+    pool = PoolConfig(size=r.num_samples, steps=r.sample_steps,
+                      guidance=guidance_for(den, kw.get("guidance")), clip_x0=kw.get("clip_x0"))
+    task = ConceptTask(concept=req["concept"], surrogate=req["surrogate"],
+                       preserve=req["preserve"], pool=pool)
+    cfg = UnlearnConfig(steps=steps, lr=r.lr, batch_size=r.batch_size, seed=kw["seed"],
                         timestep_sampler=r.timestep_sampler)
     return unlearn(den, UnlearnAdapter.from_tensors(*fused.to_tensors()), task, "self_distill",
                    cfg).adapter
@@ -112,7 +115,7 @@ def main() -> int:
             for name, fused in (("sum", fuse_sum(res.parts)), (ls, res.adapter)):
                 for n_steps in [int(x) for x in a.polish_steps.split(",") if x.strip()]:
                     t0 = time.perf_counter()
-                    done = polish(den, fused, req, n_steps, seed)
+                    done = polish(den, fused, req, n_steps, kw)
                     rows.append(row(f"{a.method} per-concept {name} + {n_steps} joint steps",
                                     done, secs + time.perf_counter() - t0))
         for peer in [m.strip() for m in a.peers.split(",") if m.strip()]:

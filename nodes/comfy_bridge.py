@@ -337,19 +337,18 @@ def patched_clone(model, adapter, strength: float):
     ComfyUI 'diff' patch where the weight is stored in a dtype that holds the sum, an
     :class:`AfterCastDelta` weight wrapper where it is stored narrower (fp8). The input MODEL and
     its other clones keep their own weights."""
-    clone = model.clone()
-    mods = adaptable_modules(diffusion_model(model))
-    narrow = {n for n in adapter.names
-              if n in mods and _base_weight(model, n).dtype not in TRAIN_DTYPES}
+    adapter.check_compatible(diffusion_model(model))  # every module there, same shapes
+    narrow = {n for n in adapter.names if _base_weight(model, n).dtype not in TRAIN_DTYPES}
     scale = float(strength) * float(adapter.strength)
     wide = [n for n in adapter.names if n not in narrow]
     patches = {f"diffusion_model.{n}.weight": ("diff", (d.float().cpu(),))
                for n, d in adapter.merged(wide).items()}
+    clone = model.clone()
     done = set(clone.add_patches(patches, float(strength)))
-    missing = [k for k in patches if k not in done] + [n for n in adapter.names if n not in mods]
-    if missing:
-        raise ValueError(f"adapter was made for a model with different layers: {missing[0]!r} is "
-                         "not in this MODEL; connect the checkpoint the adapter was trained on")
+    missing = [k for k in patches if k not in done]
+    if missing:  # the module exists, but the host keys its weight otherwise
+        raise ValueError(f"ComfyUI has no weight {missing[0]!r} in this MODEL; connect the "
+                         "checkpoint the adapter was trained on")
     for n in narrow:
         delta = copy.deepcopy(adapter[n]).float().cpu().requires_grad_(False)
         clone.add_weight_wrapper(f"diffusion_model.{n}.weight", AfterCastDelta(delta, scale))

@@ -28,6 +28,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from .recipes import SALIENCY_MICRO_BATCH
+
 # torch is imported inside the functions: the CLI reads this module to build its --help
 CONTROLS_OFF_FACTOR = 6.0
 """Free device memory, in multiples of the weights' bytes, above which the controls stay off."""
@@ -61,15 +63,6 @@ def network_parameters(folder: str) -> int:
                     total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
             return total
     return 0
-
-
-def _api_micro_batch() -> int:
-    """The API's own saliency micro-batch (``run_method``'s ``saliency_batch_size`` default),
-    the setting where memory is not tight."""
-    import inspect
-
-    from .methods import run_method
-    return inspect.signature(run_method).parameters["saliency_batch_size"].default
 
 
 def bf16_supported(device: str) -> bool:
@@ -120,7 +113,7 @@ def choose(device: str, parameters: int, *, dtype: str = "auto",
             split_backward = on
             chosen.append(f"split backward {'on' if on else 'off'}")
         if micro_batch is None:
-            micro_batch = 1 if on else _api_micro_batch()
+            micro_batch = 1 if on else SALIENCY_MICRO_BATCH
             chosen.append(f"micro-batch {micro_batch}")
         reasons.append(f"{', '.join(chosen)} ({why})")
     if text_encoders == "auto":

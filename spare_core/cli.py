@@ -16,7 +16,8 @@ from . import auto_settings
 from . import cli_args as A
 from . import concept_list
 from .cli_args import CONCEPT_METHODS, DATA_METHODS, METHOD_NAMES
-from .recipes import FAMILY_GUIDANCE, LOCALIZATIONS, RECIPES, guidance_for, recipe
+from .recipes import (FAMILY_GUIDANCE, LOCALIZATIONS, RECIPES, SALIENCY_MICRO_BATCH, guidance_for,
+                      recipe)
 
 _SPARE = RECIPES["spare"]
 
@@ -123,7 +124,7 @@ def _add_unlearn(sub) -> None:
                         "memory controls are on for a GPU, else the device")
     p.add_argument("--micro-batch", type=A.positive_int, default=None,
                    help="concept images per saliency forward/backward (spare, salun; default: 1 "
-                        "where the memory controls are on, else 8)")
+                        f"where the memory controls are on, else {SALIENCY_MICRO_BATCH})")
     p.add_argument("--early-stop-every", type=int, default=None, metavar="N",
                    help="data methods: every N steps, check whether the forget images are still "
                         "memorised and stop once they are not (0 = off; default: the method's "

@@ -52,7 +52,7 @@ from torch import Tensor
 from .denoiser import Denoiser
 from .loop import UnlearnConfig, UnlearnResult, unlearn
 from .objectives import make_objective
-from .recipes import RECIPES, Recipe, guidance_for
+from .recipes import RECIPES, SALIENCY_MICRO_BATCH, Recipe, guidance_for
 from .spare import phase_callback
 from .tasks import concept_pairs
 
@@ -163,7 +163,7 @@ def run_method(name: str, denoiser: Denoiser, *,
                should_stop: Callable[[], bool] | None = None,
                phase_progress: Callable[[str, int, int], None] | None = None,
                gradient_checkpointing: bool = False, backward_per_term: bool = False,
-               saliency_batch_size: int = 8,
+               saliency_batch_size: int = SALIENCY_MICRO_BATCH,
                **hparams) -> UnlearnResult:
     """Run method ``name`` (one of :data:`METHODS`) and return the trained adapter and history.
 
@@ -272,7 +272,7 @@ def _finish(res: UnlearnResult, name: str, config: UnlearnConfig) -> UnlearnResu
 
 def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, sample_steps,
                guidance, clip_x0, progress, should_stop, phase_progress=None,
-               saliency_batch_size=8) -> UnlearnResult:
+               saliency_batch_size=SALIENCY_MICRO_BATCH) -> UnlearnResult:
     from .spare import spare_unlearn
 
     adversarial = None
@@ -299,7 +299,7 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
 
 def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp, num_samples,
                  sample_steps, guidance, clip_x0, progress, should_stop,
-                 phase_progress=None, saliency_batch_size=8) -> UnlearnResult:
+                 phase_progress=None, saliency_batch_size=SALIENCY_MICRO_BATCH) -> UnlearnResult:
     from .esd import init_esd_adapter
     from .saliency import compute_saliency
     from .sampling import sample

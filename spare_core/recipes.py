@@ -153,6 +153,9 @@ RECIPES: dict[str, Recipe] = {
         reference=f"{_DATA_FRONT}: its lowest pattern rate (0.023); SISS code naive_del"),
 }
 
+SALIENCY_MICRO_BATCH = 8
+"""Concept latents per saliency forward/backward where memory is not tight (the API's default;
+the CLI's ``--micro-batch`` when the memory controls are off; the nodes default to 1)."""
 FAMILY_IMAGE_SIZE = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
 FAMILY_GUIDANCE = {"sd": 7.5, "sdxl": 7.0, "sd3": 7.0, "flux": 1.0}
 

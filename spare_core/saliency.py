@@ -5,7 +5,6 @@ latents of the concept conditioned on the concept prompt, summed over N samples 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -18,6 +17,7 @@ from .denoiser import (TRAIN_DTYPES, Denoiser, check_checkpointing, compute_dtyp
 from .conditioning import context_rows, per_latent_context
 from .families.unet import adaptable_modules
 from .process import process_of
+from .recipes import SALIENCY_MICRO_BATCH
 from .storage_cast import gradient_taps
 
 
@@ -176,7 +176,7 @@ def top_k_masks(tensors: Sequence[Tensor], k: int) -> list[Tensor]:
 
 
 def compute_saliency(denoiser: Denoiser, concept: str | Sequence[str], latents: Tensor, *,
-                     timesteps: Tensor | None = None, batch_size: int = 8,
+                     timesteps: Tensor | None = None, batch_size: int = SALIENCY_MICRO_BATCH,
                      modules: Sequence[str] | None = None, seed: int = 0,
                      element_scores: bool = True, gradient_checkpointing: bool = False,
                      target_prompts: str | Sequence[str] | None = None,
@@ -303,7 +303,8 @@ def _accumulate(denoiser, weights, held, tapped, latents, timesteps, noise, cont
     if element_scores:
         sums = {k: torch.zeros(w.shape, dtype=torch.float32) for k, w in weights.items()}
     else:
-        sums = {k: torch.zeros(2, dtype=torch.float64, device=dev) for k in weights}
+        # float32, not float64: some devices (MPS) have no float64
+        sums = {k: torch.zeros(2, dtype=torch.float32, device=dev) for k in weights}
     finite = torch.ones((), dtype=torch.bool, device=dev)
 
     def add(name: str, g: Tensor) -> None:
@@ -313,8 +314,8 @@ def _accumulate(denoiser, weights, held, tapped, latents, timesteps, noise, cont
             acc.add_(g.to(acc.device, acc.dtype), alpha=1.0 / scale)  # scale: a power of two
             return
         a = g.detach().abs()
-        acc[0] += a.mean(dtype=torch.float32).double() / scale
-        acc[1] = torch.maximum(acc[1], a.amax().double() / scale)
+        acc[0] += a.mean(dtype=torch.float32) / scale
+        acc[1] = torch.maximum(acc[1], a.amax().float() / scale)
 
     def take(name: str):
         def hook(param: Tensor) -> None:
@@ -326,38 +327,36 @@ def _accumulate(denoiser, weights, held, tapped, latents, timesteps, noise, cont
     handles = [w.register_post_accumulate_grad_hook(take(k)) for k, w in held.items()]
     n = latents.shape[0]
     proc = process_of(denoiser)
-    stack = contextlib.ExitStack()
-    stack.enter_context(gradient_taps(denoiser.unet, tapped, dtype, add))
     try:
-        for lo in range(0, n, batch_size):
-            if should_stop is not None and should_stop():
-                raise InterruptedError("saliency computation was cancelled")
-            x0 = latents[lo:lo + batch_size]
-            t = timesteps[lo:lo + batch_size]
-            eps = noise[lo:lo + batch_size].float()
-            x_t = proc.q_sample(x0.float(), t, eps).to(dev, dtype)
-            if target_context is None:  # the family's own training target
-                target = proc.target(x0.float(), eps).to(dev)
-            else:  # the model's own prediction under the target prompts (the objective's pull)
-                with torch.no_grad():
-                    rows = context_rows(target_context, lo, x0.shape[0], n).to(dev)
-                    target = prediction(denoiser, x_t, t.to(dev), rows).float()
-            with torch.enable_grad():
-                pred = prediction(denoiser, x_t, t.to(dev),
-                                  context_rows(context, lo, x0.shape[0], n).to(dev))
-                # sum over the batch of per-sample MSE: gradients add over samples as in SalUn
-                loss = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).sum()
-                if not torch.isfinite(loss):
-                    raise SaliencyError(f"the denoising loss became {float(loss.detach())} on the concept's "
-                                        "latents: the model's outputs are not finite in "
-                                        f"{dtype}; try float32 or bfloat16. Nothing was changed")
-                (loss * scale if scale != 1.0 else loss).backward()
-            if not bool(finite):
-                return None
-            if progress is not None:
-                progress(min(lo + batch_size, n), n)
+        with gradient_taps(denoiser.unet, tapped, dtype, add):
+            for lo in range(0, n, batch_size):
+                if should_stop is not None and should_stop():
+                    raise InterruptedError("saliency computation was cancelled")
+                x0 = latents[lo:lo + batch_size]
+                t = timesteps[lo:lo + batch_size]
+                eps = noise[lo:lo + batch_size].float()
+                x_t = proc.q_sample(x0.float(), t, eps).to(dev, dtype)
+                if target_context is None:  # the family's own training target
+                    target = proc.target(x0.float(), eps).to(dev)
+                else:  # the model's own prediction under the target prompts (the objective's pull)
+                    with torch.no_grad():
+                        rows = context_rows(target_context, lo, x0.shape[0], n).to(dev)
+                        target = prediction(denoiser, x_t, t.to(dev), rows).float()
+                with torch.enable_grad():
+                    pred = prediction(denoiser, x_t, t.to(dev),
+                                      context_rows(context, lo, x0.shape[0], n).to(dev))
+                    # sum over the batch of per-sample MSE: gradients add over samples as in SalUn
+                    loss = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).sum()
+                    if not torch.isfinite(loss):
+                        raise SaliencyError(f"the denoising loss became {float(loss.detach())} on the concept's "
+                                            "latents: the model's outputs are not finite in "
+                                            f"{dtype}; try float32 or bfloat16. Nothing was changed")
+                    (loss * scale if scale != 1.0 else loss).backward()
+                if not bool(finite):
+                    return None
+                if progress is not None:
+                    progress(min(lo + batch_size, n), n)
     finally:
-        stack.close()
         for h in handles:
             h.remove()
     return sums

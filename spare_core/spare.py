@@ -9,7 +9,7 @@ import torch
 from .adapter import UnlearnAdapter
 from .denoiser import Denoiser
 from .loop import UnlearnConfig, unlearn
-from .recipes import RECIPES, guidance_for
+from .recipes import RECIPES, SALIENCY_MICRO_BATCH, guidance_for
 from .localize import (check_ranking_inputs, needs_saliency, network_for, rank_for_budget,
                        ranking_saliency, select_modules)
 from .saliency import Saliency
@@ -43,7 +43,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                   forget_weight: float = _H["forget_weight"],
                   preserve_weight: float = _H["preserve_weight"],
                   compose: float = _H["compose"], seed: int = 0,
-                  saliency_batch_size: int = 8, gradient_checkpointing: bool = False,
+                  saliency_batch_size: int = SALIENCY_MICRO_BATCH, gradient_checkpointing: bool = False,
                   backward_per_term: bool = False, adversarial=None,
                   progress: Callable[[int, int, float], None] | None = None,
                   should_stop: Callable[[], bool] | None = None,

@@ -187,6 +187,26 @@ def test_apply_leaves_input_and_other_clones_bit_identical(env):
     torch.testing.assert_close(patched, direct, rtol=1e-4, atol=1e-5)
 
 
+def test_apply_refuses_an_adapter_for_other_layers_and_patches_nothing(env):
+    """An adapter naming a module this MODEL lacks (one module renamed, as in a file made for
+    another checkpoint) is refused by the node and by the bridge, naming the module and the
+    fix; no clone with part of the update comes back and the input keeps no patch."""
+    from spare_core.adapter import UnlearnAdapter
+
+    host, model, nodes, trained = env["host"], env["model"], env["nodes"], env["trained"]
+    tensors, meta = trained.to_tensors()
+    name = trained.names[-1]
+    renamed = {k.replace(name, name + "_elsewhere"): v for k, v in tensors.items()}
+    other = UnlearnAdapter.from_tensors(
+        renamed, {k: v.replace(f'"{name}"', f'"{name}_elsewhere"') for k, v in meta.items()})
+    assert other.names != trained.names
+    with pytest.raises(ValueError, match="connect the checkpoint the adapter was trained on"):
+        host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=other, strength=1.0)
+    with pytest.raises(ValueError, match=f"{name}_elsewhere"):
+        pack_module("comfy_bridge").patched_clone(model, other, 1.0)
+    assert model.patches == {}
+
+
 def test_fingerprint_ignores_other_clones_patches(env):
     host, model, trained = env["host"], env["model"], env["trained"]
     want = model_fingerprint(model.model.diffusion_model)
