@@ -41,7 +41,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="canvas")
     p.add_argument("--forget", default="stripes,dots")
-    p.add_argument("--method", default="spare")
+    p.add_argument("--method", default="spare",
+                   help="the method of the shared and per-concept rows, with options as the "
+                        "sweep takes them, e.g. spare:preserve_weight=2")
+    p.add_argument("--surrogate", default=None,
+                   help="the surrogate of every target, or one per target (comma-separated); "
+                        "default: the bench's (canvas: plain for a style, the next object kept "
+                        "for an object)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--steps", type=int, default=None)
@@ -69,17 +75,21 @@ def main() -> int:
     from spare_core.tasks import concept_pairs
     from spare_core.threads import apply as apply_threads
 
+    from spare_core.bench import parse_methods
+    from spare_core.methods import METHODS
+
+    variant = parse_methods(a.method, tuple(METHODS))[0]  # errors before any model loads
     bench = get(a.model)
     den, clf = bench.load()
     apply_threads(den)
     targets = a.forget.split(",")
-    steps = a.steps or recipe(a.method).steps
+    steps = a.steps or recipe(variant.name).steps
     keys = bench.metric_keys
     label = "+".join(bench.label(t) for t in targets)
     runs = []
     for seed in [int(s) for s in a.seeds.split(",")]:
-        req = bench.request(targets)
-        kw = bench.settings(a.method, steps, seed)
+        req = bench.request(targets, None if a.surrogate is None else a.surrogate.split(","))
+        kw = {**bench.settings(variant.name, steps, seed), **variant.options}
 
         def row(name, adapter, secs):
             ctx = adapter.applied_to(den) if adapter is not None else None
@@ -97,12 +107,12 @@ def main() -> int:
         rows = [row("original", None, None)]
         for n_steps in [int(x) for x in a.shared_steps.split(",") if x.strip()] or [steps]:
             t0 = time.perf_counter()
-            shared = run_method(a.method, den, **req, **{**kw, "steps": n_steps})
+            shared = run_method(variant.name, den, **req, **{**kw, "steps": n_steps})
             rows.append(row(f"{a.method} shared" + ("" if n_steps == steps else f", {n_steps} steps"),
                             shared.adapter, time.perf_counter() - t0))
         if not a.no_per_concept:
             t0 = time.perf_counter()
-            res = unlearn_concepts(a.method, den, concept_pairs(req["concept"], req["surrogate"]),
+            res = unlearn_concepts(variant.name, den, concept_pairs(req["concept"], req["surrogate"]),
                                    preserve=req["preserve"], fusion="least_squares",
                                    **({} if a.ls_preserve_weight is None
                                       else {"ls_preserve_weight": a.ls_preserve_weight}), **kw)

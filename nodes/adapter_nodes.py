@@ -11,6 +11,7 @@ from spare_core.saliency import Saliency
 from spare_core.sparse_lora import sparse_lora_on
 
 from . import comfy_bridge as bridge
+from .concept_pool import carried, carry
 from .common import ADAPTER, CATEGORY, MODULE_FRACTION_INPUT, SALIENCY, SEED
 
 SPARE = RECIPES["spare"]
@@ -137,6 +138,7 @@ class SparseLoRAInit:
         adapter.meta.update(method="spare", backend="comfyui",
                             concept=saliency.concept if saliency is not None else "",
                             base_model_fingerprint=bridge.fingerprint(model, adapter.names))
+        carry(adapter, carried(saliency))  # the saliency's concept images, for the training
         return (adapter,)
 
 

@@ -10,7 +10,8 @@ ComfyUI on the path; node modules call only what is defined here. What each piec
   ``.model.encode_adm(...)`` (SDXL's pooled text + size vector), ``.get_model_object(
   "model_sampling")`` (``.sigmas`` of ModelSamplingDiscrete, or of ModelSamplingDiscreteFlow /
   ModelSamplingFlux with ``.timestep(sigma)``), ``.backup`` (original weights while another
-  clone's patches are in the shared module), ``.clone()``, ``.add_patches()`` with
+  clone's patches are in the shared module), ``.patches_uuid`` (a clone keeps it, every new
+  patch or weight wrapper renews it: whether two MODELs sample alike), ``.clone()``, ``.add_patches()`` with
   ``("diff", (delta,))``, and for weights stored narrower than they compute in (fp8)
   ``.add_weight_wrapper(key, fn)`` (comfy/model_patcher.py: at load, ``fn`` joins the layer's
   ``weight_function`` list, which comfy/ops.py ``cast_bias_weight`` applies to the cast weight;
@@ -111,11 +112,26 @@ class Progress:
         return update
 
 
+_SCOPES: list[list[tuple[dict, str, Tensor, Tensor]]] = []  # aliases made in each open scope
+
+
 @contextmanager
 def autograd_enabled() -> Iterator[None]:
-    """ComfyUI runs every node under ``torch.inference_mode()``; training needs it off."""
-    with torch.inference_mode(False), torch.enable_grad():
-        yield
+    """ComfyUI runs every node under ``torch.inference_mode()``; training needs it off. The
+    trainable aliases that :func:`load_for_compute` puts in place of inference weights during
+    the scope are taken out at its end: every module gets back its own Parameter and buffer
+    objects, so whatever holds them (a model compiled by TorchCompileModel, another extension)
+    never sees a stale one."""
+    made: list[tuple[dict, str, Tensor, Tensor]] = []
+    _SCOPES.append(made)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        del _SCOPES[next(i for i, s in enumerate(_SCOPES) if s is made)]  # by identity
+        for table, name, original, alias in reversed(made):
+            if table.get(name) is alias:  # the host may have put a patched weight there since
+                table[name] = original
 
 
 # ---------------------------------------------------------------- the MODEL
@@ -272,17 +288,30 @@ def load_for_compute(model) -> nn.Module:
     return unet
 
 
+def _normal_alias(t: Tensor) -> Tensor:
+    """A normal (not inference) tensor on ``t``'s own storage: no copy. An inference tensor
+    cannot become a normal one in place (``.data =`` keeps the inference impl) and torch has no
+    public view that changes the mode, hence ``set_`` on the storage."""
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    return alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
 def _normalize_inference_params(module: nn.Module) -> None:
     """Checkpoints load under inference mode, so their weights are inference tensors, which
-    autograd can't save for backward. Swap each for a bit-identical normal tensor, once
-    (idempotent; outputs are unchanged)."""
+    autograd can't save for backward. Put a normal alias of each in its place (same storage,
+    so no memory and bit-identical outputs; idempotent); inside :func:`autograd_enabled`, which
+    puts the originals back at its end."""
+    made = _SCOPES[-1] if _SCOPES else []
     for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_inference():
-                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-        for name, b in list(m._buffers.items()):
-            if b is not None and b.is_inference():
-                m._buffers[name] = b.clone()
+        for table, param in ((m._parameters, True), (m._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None or not t.is_inference():
+                    continue
+                alias = _normal_alias(t)
+                if param:
+                    alias = nn.Parameter(alias, requires_grad=t.requires_grad)
+                table[name] = alias
+                made.append((table, name, t, alias))
 
 
 def _base_weight(model, name: str) -> Tensor:
@@ -306,6 +335,13 @@ def fingerprint(model, names: Sequence[str] | None = None) -> str:
         h.update(str(tuple(w.shape)).encode())
         h.update(w.flatten()[:64].to("cpu", torch.float16).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def sampling_identity(model) -> str:
+    """What a MODEL samples with: its checkpoint's weights (:func:`fingerprint`) and its own
+    patches (ModelPatcher.patches_uuid, which a clone keeps and every new patch or weight wrapper
+    renews). Two MODELs with the same identity generate the same images."""
+    return f"{fingerprint(model)}/{getattr(model, 'patches_uuid', '')}"
 
 
 class AfterCastDelta:

@@ -12,6 +12,7 @@ from spare_core.tasks import ConceptTask
 
 from . import comfy_bridge as bridge
 from .chart import bar_chart, drawn, to_image_tensor
+from .concept_pool import SampledPool, carry
 from .common import (CATEGORY, CFG_INPUT, MEMORY_INPUTS, MODULE_FRACTION_INPUT, PRESERVE_DEFAULT,
                      SALIENCY, SEED, SURROGATE_DEFAULT, node_guidance, parse_prompts,
                      node_size, prompts_input, require_text, size_input)
@@ -47,7 +48,11 @@ class ComputeSaliency:
                                                   "together: one per line."}),
                 "samples": ("INT", {"default": SPARE.num_samples, "min": 1, "max": 512,
                                     "tooltip": "Images generated per concept, the gradients are "
-                                               "summed over them."}),
+                                               "summed over them. They travel on the SALIENCY "
+                                               "(in memory, never saved): Self-Distill Unlearn "
+                                               "trains on them instead of sampling the concept "
+                                               "again when it asks for no more (pool_size) with "
+                                               "the same pool_steps, cfg, size and MODEL."}),
                 "ranking": (list(RANKED), {
                     "default": DEFAULT_RANKING,
                     "tooltip": "Which loss ranks the modules: saliency (plain denoising loss), "
@@ -122,6 +127,9 @@ class ComputeSaliency:
                                    progress=progress, should_stop=bridge.should_stop)
         sal.meta.update(ranking=ranking, model_fingerprint=bridge.fingerprint(model),
                         size=f"{width}x{height}")
+        # SelfDistillUnlearn trains on these images when it would sample the same ones
+        carry(sal, SampledPool(latents.detach().cpu(), tuple(concepts), samples, sample_steps,
+                               float(guidance), (width, height), bridge.sampling_identity(model)))
         return (sal,)
 
 

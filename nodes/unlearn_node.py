@@ -18,6 +18,7 @@ from spare_core.timesteps import GAP_BINS, TIMESTEP_SAMPLERS
 from . import comfy_bridge as bridge
 from .adapter_nodes import require_adapter
 from .chart import loss_chart, to_image_tensor
+from .concept_pool import carried
 from .common import (ADAPTER, CATEGORY, CFG_INPUT, MEMORY_INPUTS, PRESERVE_DEFAULT, SEED,
                      SURROGATE_DEFAULT, node_guidance, node_size, parse_prompts, prompts_input,
                      require_text, size_input)
@@ -135,7 +136,11 @@ class SelfDistillUnlearn:
                 "height": size_input(),
                 "pool_size": ("INT", {"default": SPARE.num_samples, "min": 1, "max": 512,
                                       "tooltip": "Images generated per concept and per "
-                                                 "preserved prompt for training."}),
+                                                 "preserved prompt for training. The concept's "
+                                                 "are ComputeSaliency's when the adapter came "
+                                                 "from its map and it generated at least as "
+                                                 "many with the same pool_steps, cfg, size and "
+                                                 "MODEL (sampled once)."}),
                 "pool_steps": ("INT", {"default": SPARE.sample_steps, "min": 1, "max": 1000,
                                        "tooltip": "DDIM steps per generated latent."}),
                 "cfg": CFG_INPUT,
@@ -226,8 +231,19 @@ class SelfDistillUnlearn:
 
         obj = make_objective(objective)
         uses_preserve = getattr(obj, "uses_preserve", True)
+        sampled = carried(adapter)  # ComputeSaliency's concept images, when they are these
+        if sampled is not None:
+            asked = dict(per_concept=int(pool_size), steps=int(pool_steps),
+                         guidance=float(task.pool.guidance), size=(width, height),
+                         model=bridge.sampling_identity(model))
+            for t in tasks:
+                t.concept_latents = sampled.take([c for c, _ in t.pairs], **asked)
+            if any(t.concept_latents is not None for t in tasks):
+                log.info("SelfDistillUnlearn: training on the concept images ComputeSaliency "
+                         "sampled (same prompts, steps, guidance, size and MODEL)")
         gaps = GAP_BINS if timestep_sampler == "concept" else 0
-        pools = [pool_steps * (len(t.pairs) + (len(t.preserve) if uses_preserve else 0)) + gaps
+        pools = [pool_steps * ((0 if t.concept_latents is not None else len(t.pairs))
+                               + (len(t.preserve) if uses_preserve else 0)) + gaps
                  for t in tasks]
         with bridge.autograd_enabled():
             den = bridge.ComfyDenoiser(model, clip, width, height,

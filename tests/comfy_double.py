@@ -982,15 +982,18 @@ def _inputs(defn: dict) -> list[tuple[str, object, dict, bool]]:
 
 
 def is_widget(kind) -> bool:
-    return kind is FILE_LIST or isinstance(kind, list) or kind in WIDGET_TYPES
+    """A widget input: a file list, a V1 combo (its options as the type), a V3 combo (type
+    ``"COMBO"``, the options in its dict, as comfy_api's io.Combo describes it) or a literal."""
+    return kind is FILE_LIST or isinstance(kind, list) or kind == "COMBO" or kind in WIDGET_TYPES
 
 
 def check_value(where: str, kind, opts: dict, value) -> list[str]:
     """execution.validate_inputs for one literal (widget) value."""
     if kind is FILE_LIST:
         return [] if isinstance(value, str) and value else [f"{where}: file name expected, got {value!r}"]
-    if isinstance(kind, list):
-        return [] if value in kind else [f"{where}: {value!r} is not one of {kind}"]
+    if isinstance(kind, list) or kind == "COMBO":
+        options = kind if isinstance(kind, list) else opts.get("options", [])
+        return [] if value in options else [f"{where}: {value!r} is not one of {options}"]
     ok = {"INT": isinstance(value, int) and not isinstance(value, bool),
           "FLOAT": isinstance(value, (int, float)) and not isinstance(value, bool),
           "STRING": isinstance(value, str), "BOOLEAN": isinstance(value, bool)}[kind]

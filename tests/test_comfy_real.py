@@ -624,6 +624,49 @@ def test_interrupt_leaves_no_file_and_the_model_unchanged(comfy, erased):
     print(f"interrupted at progress {pressed[0]}; no adapter file; original model unchanged")
 
 
+def test_a_compiled_model_trains_and_samples_what_the_eager_one_does(comfy, erased):
+    """TorchCompileModel (inductor) in front of the shipped workflow: the erasure trains on the
+    compiled MODEL, and its 'before' and 'after' samples equal the eager model's (the same
+    adapter applied to the plain checkpoint): the bridge gives the shared network back its own
+    Parameter objects after each node, so the compiled module never computes on stale ones."""
+    import shutil
+
+    import torch
+
+    if not shutil.which(os.environ.get("CXX", "g++")):
+        pytest.skip("inductor needs a C++ compiler on the CPU")
+    wf = tiny_workflow()
+    ck, empty, init, unl, apply_ = (node_of(wf, k) for k in (
+        "CheckpointLoaderSimple", "EmptyLatentImage", "SparseLoRAInit", "SelfDistillUnlearn",
+        "ApplyUnlearnAdapter"))
+    run = keep(wf, [ck, "2", "3", empty, init, unl, apply_])
+    run["50"] = {"class_type": "TorchCompileModel",
+                 "inputs": {"model": [ck, 0], "backend": "inductor"}}
+    for nid in (init, unl, apply_):
+        run[nid]["inputs"]["model"] = ["50", 0]
+    run["60"] = {"class_type": "ApplyUnlearnAdapter",
+                 "inputs": {"model": [ck, 0], "adapter": [unl, 0], "strength": 1.0}}
+    sample_branch(run, "70", ["50", 0], "compiled_before")
+    sample_branch(run, "71", [apply_, 0], "compiled_after")
+    sample_branch(run, "72", [ck, 0], "eager_before")
+    sample_branch(run, "73", ["60", 0], "eager_after")
+    assert validate_api_prompt(run, comfy.info) == []
+    t = time.time()
+    history, messages = comfy.run(run, timeout=1500)
+    assert history["status"]["status_str"] == "success", json.dumps(messages)[-3000:]
+    before, after, eager_before, eager_after = (
+        _latent(comfy, history, n) for n in ("700", "710", "720", "730"))
+    scale = float(eager_before.abs().max())
+    tol = 1e-3 * max(scale, 1.0)  # inductor's fused kernels round differently from eager
+    torch.testing.assert_close(before, eager_before, rtol=0, atol=tol)
+    torch.testing.assert_close(after, eager_after, rtol=0, atol=tol)
+    effect = float((eager_after - eager_before).abs().max())
+    assert effect > 10 * tol
+    print(f"compiled MODEL: trained and sampled in {time.time() - t:.0f}s; compiled vs eager max "
+          f"|diff| {float((before - eager_before).abs().max()):.1e} (before), "
+          f"{float((after - eager_after).abs().max()):.1e} (after); effect {effect:.2e}")
+
+
 def test_readme_client_runs_the_api_workflow(comfy, tmp_path):
     """The ~20-line client in workflows/README.md, as a studio would run it."""
     with open(os.path.join(REPO, "workflows", "README.md")) as f:

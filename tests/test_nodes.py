@@ -207,6 +207,87 @@ def test_apply_refuses_an_adapter_for_other_layers_and_patches_nothing(env):
     assert model.patches == {}
 
 
+def test_nodes_give_the_model_back_its_own_weight_objects(env):
+    """Training needs normal tensors where the checkpoint holds inference tensors; the bridge
+    puts aliases in their place for a node's run only. After ComputeSaliency, SparseLoRAInit and
+    SelfDistillUnlearn every module of the shared UNet and CLIP holds the very Parameter and
+    buffer objects it held before (still inference tensors, values unchanged), so whatever held
+    them sees no stale copy: a UNet compiled before the nodes ran (torch.compile, as
+    TorchCompileModel does) computes what the eager one does, before and after Apply."""
+    host, nodes = env["host"], env["nodes"]
+    model, clip = host.load_checkpoint(seed=3)
+    unet, encoder = model.model.diffusion_model, clip.encoder
+
+    def held(*modules):
+        return {(i, n): t for i, m in enumerate(modules)
+                for n, t in [*m.named_parameters(), *m.named_buffers()]}
+
+    before = held(unet, encoder)
+    values = {k: t.clone() for k, t in before.items()}
+    assert all(t.is_inference() for t in before.values())
+    compiled = torch.compile(unet, backend="eager")
+    x, t, c = probe(env, CONCEPT)
+    (sal,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT,
+                      samples=2, ranking="saliency", seed=0, sample_steps=2, cfg=3.0, **SIZE)
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, **INIT)
+    (trained, _loss) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
+                                concept=CONCEPT, surrogate=SURROGATE, preserve="a green line",
+                                steps=2, lr=1e-2, timestep_sampler="uniform",
+                                objective="self_distill", seed=0, pool_size=1, pool_steps=2,
+                                **SIZE)
+    after = held(unet, encoder)
+    assert after.keys() == before.keys()
+    moved = [k for k in before if after[k] is not before[k]]
+    assert not moved, f"{len(moved)} weight objects replaced, e.g. {moved[:3]}"
+    assert all(t.is_inference() and torch.equal(t, values[k]) for k, t in after.items())
+    (erased,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=trained, strength=1.0)
+    for patched in (model, erased):
+        host.load(patched)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, t.float(), context=c),
+                                       unet(x, t.float(), context=c))
+    assert not torch.equal(host.eps(erased, x, t, c), host.eps(model, x, t, c))
+
+
+def test_training_takes_the_saliency_images_when_it_would_sample_the_same(env, monkeypatch):
+    """ComputeSaliency's concept images ride on the SALIENCY and on SparseLoRAInit's adapter;
+    SelfDistillUnlearn trains on them when it would sample the same images (concept, steps,
+    guidance, size and MODEL), so the node path samples the concept once; asked otherwise, it
+    samples its own."""
+    import spare_core.tasks as tasks_mod
+
+    host, nodes, model, clip = env["host"], env["nodes"], env["model"], env["clip"]
+    drawn, real = [], tasks_mod.sample
+
+    def counted(den, prompts, **kwargs):
+        drawn.append(prompts[0])
+        return real(den, prompts, **kwargs)
+
+    monkeypatch.setattr(tasks_mod, "sample", counted)
+    (sal,) = host.run(nodes["ComputeSaliency"], model=model, clip=clip, concept=CONCEPT,
+                      samples=3, ranking="saliency", seed=0, sample_steps=2, cfg=3.0, **SIZE)
+    (init,) = host.run(nodes["SparseLoRAInit"], model=model, saliency=sal, **INIT)
+    (erased,) = host.run(nodes["ApplyUnlearnAdapter"], model=model, adapter=env["trained"],
+                         strength=1.0)
+
+    def train(on=model, **kwargs):
+        drawn.clear()
+        settings = dict(concept=CONCEPT, surrogate=SURROGATE, preserve="a green line", steps=1,
+                        lr=1e-2, timestep_sampler="uniform", objective="self_distill", seed=0,
+                        pool_size=2, pool_steps=2, cfg=3.0, **SIZE)
+        host.run(nodes["SelfDistillUnlearn"], model=on, clip=clip, adapter=init,
+                 **{**settings, **kwargs})
+        return list(drawn)
+
+    assert train() == ["a green line"]  # the concept's 2 images: the first 2 of the saliency's 3
+    assert train(pool_size=3) == ["a green line"]
+    assert train(pool_size=4) == [CONCEPT, "a green line"]  # more than it sampled
+    assert train(pool_steps=3) == [CONCEPT, "a green line"]
+    assert train(cfg=5.0) == [CONCEPT, "a green line"]
+    assert train(on=erased) == [CONCEPT, "a green line"]  # another MODEL (patched) samples others
+    assert train(concept="a yellow star") == ["a yellow star", "a green line"]
+
+
 def test_fingerprint_ignores_other_clones_patches(env):
     host, model, trained = env["host"], env["model"], env["trained"]
     want = model_fingerprint(model.model.diffusion_model)
@@ -740,7 +821,8 @@ def test_esd_objective_skips_the_preserve_pools_and_says_the_surrogate_is_unused
                          concept="", surrogate=SURROGATE, preserve="a green line\nthe sea",
                          steps=2, lr=1e-2, timestep_sampler="uniform", objective="esd", seed=0,
                          batch_size=2, pool_size=2, pool_steps=3, cfg=3.0, **SIZE)
-    assert host.progress[-1] == (5, 5)  # one 3-step concept pool + 2 steps: no preserve pools
+    # the concept's pool is ComputeSaliency's (sampled alike), no preserve pools: the 2 steps
+    assert host.progress[-1] == (2, 2)
     assert "ignores the surrogate" in caplog.text and "not sampled" in caplog.text
     assert ad.meta["surrogate"] == "" and ad.meta["objective"] == "esd"
 

@@ -356,6 +356,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_on_a_dit(host):
     b = bridge()
     for on in (False, True):
         with b.autograd_enabled():
+            b.load_for_compute(model)  # trainable weights for this scope, as a node does
             den.enable_gradient_checkpointing(on)
             w = den.unet.double_blocks[0].img_attn.qkv.weight
             w.requires_grad_(True)

@@ -217,6 +217,22 @@ def test_api_validation_catches_mistakes(api, info, break_it, expected):
     assert any(expected in e for e in validate_api_prompt(broken, info))
 
 
+def test_api_validation_reads_v3_combos():
+    """A V3 node's combo (comfy_api io.Combo, as TorchCompileModel's backend) is described as
+    ``["COMBO", {"options": [...]}]``: a literal from its options passes, others do not."""
+    info = {"TorchCompileModel": {"input": {"required": {
+        "model": ["MODEL", {}], "backend": ["COMBO", {"options": ["inductor", "cudagraphs"]}]}},
+        "output": ["MODEL"]}, "Loader": {"input": {}, "output": ["MODEL"]}}
+
+    def prompt(backend):
+        return {"1": {"class_type": "Loader", "inputs": {}},
+                "2": {"class_type": "TorchCompileModel",
+                      "inputs": {"model": ["1", 0], "backend": backend}}}
+
+    assert validate_api_prompt(prompt("inductor"), info) == []
+    assert any("is not one of" in e for e in validate_api_prompt(prompt("tvm"), info))
+
+
 def test_ui_validation_catches_mistakes(ui, info):
     broken = copy.deepcopy(ui)
     node = next(n for n in broken["nodes"] if n["type"] == "SelfDistillUnlearn")
