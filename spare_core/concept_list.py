@@ -116,7 +116,8 @@ def add_arguments(p) -> None:
                         f"{LIST_PER_CONCEPT_METHOD}; other methods opt in")
     p.add_argument("--shared", action="store_true",
                    help="train one adapter for the whole list instead, in the time of one "
-                        "concept's run (it erases less as the list grows)")
+                        "concept's run (it erases less as a list of styles grows; for a list "
+                        "of objects given one surrogate it keeps the other objects best)")
     p.add_argument("--fusion", choices=FUSIONS, default=None,
                    help="how --per-concept adapters become one: least_squares (MACE's closed "
                         "form on each concept's and the preserved prompts' layer inputs), sum "

@@ -192,8 +192,8 @@ def test_canvas_arguments_are_refused_before_loading(argv, message, capsys):
 
 def test_bench_request_of_a_mixed_list_keeps_both_domains_and_picks_kept_surrogates():
     """A list of styles and objects: each concept turns into a kept concept of its own domain
-    (an object's default is the next object that is not erased), and every concept left of
-    both domains is preserved."""
+    (every object of a list into one: the next object that is not erased after the list's
+    first), and every concept left of both domains is preserved."""
     from spare_core.canvas.bench import CanvasBench
 
     b = CanvasBench()
@@ -204,6 +204,8 @@ def test_bench_request_of_a_mixed_list_keeps_both_domains_and_picks_kept_surroga
     assert not {"stripes style", "a circle", "a square"} & set(req["preserve"])
     assert len(req["preserve"]) == 16 - 3
     assert b.request(["circle"])["surrogate"] == "a square"   # one object: the next, as before
+    objects = b.request(["heart", "circle", "hourglass"])["surrogate"].splitlines()
+    assert objects == ["a square"] * 3  # after heart: hourglass and circle are erased too
     with pytest.raises(ValueError, match="its target's domain"):
         b.request(["stripes", "circle"], ["plain", "plain"])
 

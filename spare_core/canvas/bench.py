@@ -4,9 +4,9 @@ FD as UnlearnCanvas does (:mod:`spare_core.canvas.metrics`).
 
 The erasure is given the concept's one-domain prompt (``"stripes style"``, ``"a circle"``), the
 surrogate's (default: ``"plain style"`` for a style, UnlearnCanvas's photo class; for an object
-the next object that is not erased) and the other concepts of the domain (of both domains,
-for a mixed list) as preserved prompts; it is measured on the full prompts
-``a {object} in {style} style``.
+the next object that is not erased, one for all the objects of a list) and the other concepts
+of the domain (of both domains, for a mixed list) as preserved prompts; it is measured on the
+full prompts ``a {object} in {style} style``.
 """
 from __future__ import annotations
 
@@ -31,12 +31,16 @@ class CanvasBench:
         return target
 
     def default_surrogate(self, target: str, erased: Sequence[str] = ()) -> str:
-        """``plain`` for a style (``dots`` for plain); for an object the next object of the
-        list that is not ``erased`` too."""
+        """``plain`` for a style (``dots`` for plain); for an object the next object that is
+        not erased, after the first object of ``erased`` (or after ``target`` alone): one kept
+        object for every object of a list, as every style of a list turns into plain. (Each
+        object into a kept object of its own cost the kept objects 3 to 9 points of accuracy:
+        benchmarks/RESULTS.md, "Four objects".)"""
         if domain_of(target) == "style":
             return "plain" if target != "plain" else "dots"
-        i = OBJECTS.index(target)
-        return next(o for o in OBJECTS[i + 1:] + OBJECTS[:i] if o not in erased)
+        first = next((c for c in erased if domain_of(c) == "object"), target)
+        i = OBJECTS.index(first)
+        return next(o for o in OBJECTS[i + 1:] + OBJECTS[:i] if o not in erased and o != target)
 
     def _surrogates(self, targets: Sequence[str], surrogates) -> list[str]:
         from .metrics import check_erased
