@@ -281,6 +281,37 @@ def test_text_encoders_can_live_apart_from_the_network(tmp_path):
     torch.testing.assert_close(on_cpu.encode(["a cat"]).seq, den.encode(["a cat"]).seq)
 
 
+def test_text_encoders_apart_encode_each_prompt_once_until_an_adapter_changes_them(tmp_path):
+    """With the encoders apart (on the CPU), a prompt is encoded once however often the run asks
+    (a pool asks for its prompt once per image), the rows come back in the order asked, and a
+    hook on an encoder (as an attached text-encoder adapter) makes them encode again."""
+    from spare_core import load_denoiser
+
+    pipe, den = tiny_family_denoiser("flux")
+    pipe.save_pretrained(str(tmp_path / "pipe"))
+    loaded = load_denoiser(str(tmp_path / "pipe"), device="meta", text_encoders_device="cpu",
+                           height=64, width=64, max_sequence_length=8)
+    calls, inner = [], loaded.encode.encode
+
+    def counted(prompts):
+        calls.append(list(prompts))
+        return inner(prompts)
+
+    loaded.encode.encode = counted
+    ctx = loaded.encode(["a cat", "a cat", "a dog", "a cat"])
+    assert calls == [["a cat", "a dog"]] and ctx.shape[0] == 4 and ctx.device.type == "meta"
+    loaded.encode(["a dog", "a cat"])
+    assert len(calls) == 1
+    kept = loaded.encode.kept
+    torch.testing.assert_close(kept["a dog"].seq, den.encode(["a dog"]).seq)
+    handle = loaded.encode.encoders[0].register_forward_hook(lambda m, i, o: o)
+    loaded.encode(["a cat"])
+    assert calls[-1] == ["a cat"] and len(calls) == 2
+    handle.remove()
+    loaded.encode(["a cat"])
+    assert len(calls) == 3  # the hook's removal changes them back: encoded again
+
+
 def test_unsupported_folder_is_refused_before_loading(tmp_path):
     from spare_core import load_denoiser
 

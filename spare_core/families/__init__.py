@@ -123,10 +123,43 @@ def load_denoiser(folder: str, dtype: torch.dtype = torch.float32,
         if isinstance(part, torch.nn.Module):
             part.to(text_encoders_device if apart and name in TEXT_ENCODERS else device)
     den = denoiser_from_pipeline(pipe, **kwargs)
-    if apart:
-        encode = den.encode
-
-        def encode_to_device(prompts):  # the contexts go where the network computes
-            return encode(prompts).to(device)
-        den.encode = encode_to_device
+    if apart:  # the contexts go where the network computes, each prompt encoded once
+        encoders = [m for n, m in pipe.components.items() if n in TEXT_ENCODERS
+                    and isinstance(m, torch.nn.Module)]
+        den.encode = EncodeOnce(den.encode, encoders, device)
     return den
+
+
+class EncodeOnce:
+    """``encode(prompts)`` for text encoders kept apart from the network (on the CPU: T5-XXL
+    takes seconds a prompt there): each distinct prompt is encoded once and its context kept on
+    the encoders' device (T5-XXL's: 4 MB a prompt); every call returns the contexts of its
+    prompts, in order, on ``device``. The kept contexts are dropped whenever a module of the
+    encoders gains or loses a forward hook or a parametrization: an adapter attached to a text
+    encoder (``adapter.applied_to``) changes what they compute."""
+
+    def __init__(self, encode, encoders, device) -> None:
+        self.encode, self.encoders, self.device = encode, list(encoders), device
+        self.kept: dict[str, object] = {}
+        self.state: tuple = ()
+
+    def _state(self) -> tuple:
+        from torch.nn.utils import parametrize
+
+        return tuple((id(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+                     for enc in self.encoders for m in enc.modules()
+                     if m._forward_hooks or m._forward_pre_hooks
+                     or parametrize.is_parametrized(m))
+
+    def __call__(self, prompts):
+        from ..conditioning import cat
+
+        state = self._state()
+        if state != self.state:
+            self.kept, self.state = {}, state
+        prompts = list(prompts)
+        new = [p for p in dict.fromkeys(prompts) if p not in self.kept]
+        if new:
+            ctx = self.encode(new)
+            self.kept.update({p: ctx[i:i + 1] for i, p in enumerate(new)})
+        return cat([self.kept[p] for p in prompts]).to(self.device)
