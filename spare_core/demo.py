@@ -12,6 +12,7 @@ import os
 import time
 
 from . import cli_args as A
+from .recipes import RECIPES
 from .canvas.names import STYLES
 
 FILES = ("grid.png", "metrics.json")
@@ -40,7 +41,8 @@ def add_command(sub) -> None:
     p.add_argument("--n", type=A.positive_int, default=None,
                    help="samples per prompt for the metrics (default 10 per digit; 3 per canvas "
                         "prompt)")
-    p.add_argument("--steps", type=A.positive_int, default=100, help="SPARE training steps")
+    p.add_argument("--steps", type=A.positive_int, default=RECIPES["spare"].steps,
+                   help="SPARE training steps (its recipe's)")
     p.add_argument("--sample-steps", type=A.positive_int, default=None,
                    help="ancestral DDPM steps of the evaluation sampler (default: the model's, "
                         "50 for digits, 25 for canvas)")

@@ -183,7 +183,8 @@ def test_help_and_bad_arguments_need_no_torch(pipe_dir, tmp_path):
                           ("--sample-steps", f"recipe, spare {spare.sample_steps}")]:
         block = " ".join(unlearn_help.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0].split())
         assert f"(default: {default}" in block or f"{default})" in block, (flag, block)
-    assert "(default: 100)" in demo_help and "(default: 20)" in bench_help
+    from spare_core.recipes import RECIPES  # the demo trains the recipe's steps
+    assert f"(default: {RECIPES['spare'].steps})" in demo_help and "(default: 20)" in bench_help
     assert not os.path.exists(out)
 
 

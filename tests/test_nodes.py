@@ -1079,7 +1079,7 @@ def test_node_defaults_come_from_the_spare_recipe(env):
     assert (nodes["SaliencyPreview"].INPUT_TYPES()["optional"]["module_fraction"][1]["default"]
             == spare.hparams["module_fraction"])
     unl = nodes["SelfDistillUnlearn"].INPUT_TYPES()
-    assert unl["required"]["steps"][1]["default"] == spare.steps == 100
+    assert unl["required"]["steps"][1]["default"] == spare.steps == 150
     assert unl["required"]["lr"][1]["default"] == spare.lr == 6e-3
     assert unl["optional"]["batch_size"][1]["default"] == spare.batch_size == 8
     assert unl["optional"]["pool_size"][1]["default"] == spare.num_samples

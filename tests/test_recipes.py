@@ -65,6 +65,8 @@ def test_cli_leaves_every_default_to_the_recipe():
     sub = next(x for x in p._actions if x.dest == "cmd").choices["unlearn"]
     text = " ".join(sub.format_help().split())
     assert f"spare {SPARE.steps})" in text and f"default {SPARE.hparams['module_selection']})" in text
+    demo = p.parse_args(["demo"])  # the demo trains the recipe's steps too
+    assert demo.steps == SPARE.steps
 
 
 def test_node_defaults_are_the_recipe(tmp_path):
