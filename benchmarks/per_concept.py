@@ -46,8 +46,8 @@ def main() -> int:
                         "sweep takes them, e.g. spare:preserve_weight=2")
     p.add_argument("--surrogate", default=None,
                    help="the surrogate of every target, or one per target (comma-separated); "
-                        "default: the bench's (canvas: plain for a style, the next object kept "
-                        "for an object)")
+                        "default: the bench's (canvas: plain for a style; one kept object for "
+                        "every object of the list)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--n", type=int, default=20)
     p.add_argument("--steps", type=int, default=None)
@@ -66,17 +66,14 @@ def main() -> int:
                         "(default: unlearn_concepts' ls_preserve_weight)")
     a = p.parse_args()
 
-    from spare_core.bench import Row, format_row, mean_over_seeds, markdown_table
+    from spare_core.bench import Row, format_row, mean_over_seeds, markdown_table, parse_methods
     from spare_core.embedded import get
     from spare_core.fusion import fuse_sum, fuse_ties
-    from spare_core.methods import run_method
+    from spare_core.methods import METHODS, run_method
     from spare_core.multi_concept import unlearn_concepts
     from spare_core.recipes import recipe
     from spare_core.tasks import concept_pairs
     from spare_core.threads import apply as apply_threads
-
-    from spare_core.bench import parse_methods
-    from spare_core.methods import METHODS
 
     variant = parse_methods(a.method, tuple(METHODS))[0]  # errors before any model loads
     bench = get(a.model)

@@ -9,10 +9,11 @@ concept images to the last training step, with the peak device memory of each ph
 
 The network, its stand-in text encoders (fixed random contexts of the real shapes, made on the
 host: the encoders' own time is not counted) and the fp8 storage are those of
-``benchmarks/memory.py``. The settings are the recipe's (``spare_core.recipes``) with the memory
-controls the CLI's ``auto`` picks on a card under 6x the weights (gradient checkpointing,
-forget and preserve back-propagated apart, saliency micro-batch 1), two preserved prompts as in
-the shipped workflows; ``--steps`` and ``--samples`` shrink a smoke run. Phases: the concept
+``benchmarks/memory.py``. The settings are the recipe's (``spare_core.recipes``), two preserved
+prompts as in the shipped workflows, and the memory controls ``spare unlearn`` picks on this
+device (``spare_core.auto_settings.choose``: on where free memory is under 6x the weights;
+printed), or forced with ``--controls on|off`` (on: the nodes' defaults); ``--steps`` and
+``--samples`` shrink a smoke run. Phases: the concept
 images, (saliency: only for a ranked module selection), each preserved prompt's pool, the
 timestep gaps, the training steps. This is the API and CLI path; the ComfyUI node path needs a
 ComfyUI on the same machine and is not timed here.
@@ -32,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from memory import DITS, NAMES, PRESERVE, build  # noqa: E402  (the meter's networks)
 
 from spare_core import run_method  # noqa: E402
-from spare_core.recipes import RECIPES  # noqa: E402
+from spare_core.auto_settings import choose  # noqa: E402
+from spare_core.recipes import RECIPES, SALIENCY_MICRO_BATCH  # noqa: E402
 
 SPARE = RECIPES["spare"]
 
@@ -89,22 +91,30 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=SPARE.steps, help="training steps (the recipe's)")
     p.add_argument("--samples", type=int, default=SPARE.num_samples,
                    help="images per concept and per preserved prompt (the recipe's)")
+    p.add_argument("--controls", choices=["auto", "on", "off"], default="auto",
+                   help="gradient checkpointing, split backward and saliency micro-batch 1: "
+                        "as spare unlearn's auto picks them on this device, or forced")
     a = p.parse_args(argv)
     dtype = getattr(torch, a.dtype)
     device = torch.device(a.device)
     t0 = time.perf_counter()
     den = build(a.device, dtype, a.size, a.arch, fp8=a.storage == "fp8")
     built = time.perf_counter() - t0
+    forced = None if a.controls == "auto" else a.controls == "on"
+    auto = choose(a.device, sum(p.numel() for p in den.unet.parameters()), dtype=a.dtype,
+                  gradient_checkpointing=forced, split_backward=forced,
+                  micro_batch=None if forced is None else (1 if forced else SALIENCY_MICRO_BATCH),
+                  text_encoders="device")  # stand-in encoders: contexts made on the host
+    print("controls: " + "; ".join(auto.reasons or ["forced"]))
     clock = PhaseClock(device)
     clock.enter("set-up (prompts, checks)")
-    started = clock._now()
     run_method("spare", den, concept="a concept", surrogate="a surrogate",
                preserve=[f"kept prompt {i}" for i in range(PRESERVE)], steps=a.steps,
-               num_samples=a.samples, seed=0, gradient_checkpointing=True,
-               backward_per_term=True, saliency_batch_size=1, phase_progress=clock.phase,
-               progress=clock.step)
+               num_samples=a.samples, seed=0, gradient_checkpointing=auto.gradient_checkpointing,
+               backward_per_term=auto.split_backward, saliency_batch_size=auto.micro_batch,
+               phase_progress=clock.phase, progress=clock.step)
     clock.end()
-    total = clock._now() - started
+    total = sum(secs for _, secs, _ in clock.rows)
     what = f"{NAMES[a.arch]}, {a.size} px, {a.dtype}" + (", fp8 storage" if a.storage else "")
     print(f"\n{what} on {device} (built in {built:.0f} s): the whole erasure at the shipped "
           f"defaults ({a.steps} steps, {a.samples} images per prompt, {PRESERVE} preserved "

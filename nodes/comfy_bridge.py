@@ -337,11 +337,12 @@ def fingerprint(model, names: Sequence[str] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-def sampling_identity(model) -> str:
-    """What a MODEL samples with: its checkpoint's weights (:func:`fingerprint`) and its own
-    patches (ModelPatcher.patches_uuid, which a clone keeps and every new patch or weight wrapper
+def sampling_identity(model, checkpoint: str | None = None) -> str:
+    """What a MODEL samples with: its checkpoint's weights (:func:`fingerprint`, or
+    ``checkpoint`` where the caller has it already) and its own patches
+    (ModelPatcher.patches_uuid, which a clone keeps and every new patch or weight wrapper
     renews). Two MODELs with the same identity generate the same images."""
-    return f"{fingerprint(model)}/{getattr(model, 'patches_uuid', '')}"
+    return f"{checkpoint or fingerprint(model)}/{getattr(model, 'patches_uuid', '')}"
 
 
 class AfterCastDelta:

@@ -125,11 +125,12 @@ class ComputeSaliency:
                                    seed=seed, batch_size=micro_batch,
                                    gradient_checkpointing=gradient_checkpointing,
                                    progress=progress, should_stop=bridge.should_stop)
-        sal.meta.update(ranking=ranking, model_fingerprint=bridge.fingerprint(model),
-                        size=f"{width}x{height}")
+        checkpoint = bridge.fingerprint(model)
+        sal.meta.update(ranking=ranking, model_fingerprint=checkpoint, size=f"{width}x{height}")
         # SelfDistillUnlearn trains on these images when it would sample the same ones
         carry(sal, SampledPool(latents.detach().cpu(), tuple(concepts), samples, sample_steps,
-                               float(guidance), (width, height), bridge.sampling_identity(model)))
+                               float(guidance), (width, height),
+                               bridge.sampling_identity(model, checkpoint)))
         return (sal,)
 
 

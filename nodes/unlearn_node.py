@@ -165,10 +165,10 @@ class SelfDistillUnlearn:
                                "concept's own and the preserved prompts'), the sum of the deltas, "
                                "or TIES-merging; each concept gets the full steps. 'shared' trains "
                                "them together in one adapter, in the time of one, erasing less as "
-                               "the list grows (canvas, 4 / 7 styles: UA 0.91 / 0.64 against "
+                               "the list grows (canvas at 100 steps, 4 / 7 styles: UA 0.91 / 0.64 against "
                                "0.99 / 0.98 with least_squares), but keeps the other objects "
                                "best for a list of objects given one surrogate (4 objects, 2 "
-                               "seeds: mean of UA, IRA and CRA 0.988 against 0.962 with "
+                               "seeds, 100 steps: mean of UA, IRA and CRA 0.988 against 0.962 with "
                                "least_squares). One concept: no effect."}),
             },
         }

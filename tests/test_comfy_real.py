@@ -627,8 +627,10 @@ def test_interrupt_leaves_no_file_and_the_model_unchanged(comfy, erased):
 def test_a_compiled_model_trains_and_samples_what_the_eager_one_does(comfy, erased):
     """TorchCompileModel (inductor) in front of the shipped workflow: the erasure trains on the
     compiled MODEL, and its 'before' and 'after' samples equal the eager model's (the same
-    adapter applied to the plain checkpoint): the bridge gives the shared network back its own
-    Parameter objects after each node, so the compiled module never computes on stale ones."""
+    adapter applied to the plain checkpoint). End to end only: torch.compile reads a module's
+    parameters at each call, so this holds with or without the bridge's restore; that the nodes
+    give back the very Parameter objects is tests/test_nodes.py's
+    test_nodes_give_the_model_back_its_own_weight_objects."""
     import shutil
 
     import torch

@@ -34,8 +34,8 @@ class CanvasBench:
         """``plain`` for a style (``dots`` for plain); for an object the next object that is
         not erased, after the first object of ``erased`` (or after ``target`` alone): one kept
         object for every object of a list, as every style of a list turns into plain. (Each
-        object into a kept object of its own cost the kept objects 3 to 9 points of accuracy:
-        benchmarks/RESULTS.md, "Four objects".)"""
+        object into a kept object of its own cost the kept objects 3 to 36 points of accuracy:
+        benchmarks/RESULTS.md, "Four objects with one surrogate".)"""
         if domain_of(target) == "style":
             return "plain" if target != "plain" else "dots"
         first = next((c for c in erased if domain_of(c) == "object"), target)
