@@ -59,16 +59,23 @@ def main() -> int:
                         "on the whole list at once, e.g. 50,100 (a measured idea, not shipped)")
     p.add_argument("--no-per-concept", action="store_true",
                    help="only the original, the shared-adapter rows and the peers")
+    p.add_argument("--no-shared", action="store_true", help="no shared-adapter row")
+    p.add_argument("--ls-samples", type=int, default=None,
+                   help="latents per concept (and of the preserved prompts) whose layer inputs "
+                        "the least-squares fusion reads (default: unlearn_concepts')")
+    p.add_argument("--fusions", default="sum,ties,least_squares",
+                   help="the fused rows to measure (the jobs are the same for all)")
     p.add_argument("--peers", default="", help="other methods run on the whole list (one shared "
                    "edit each, at their recipes), e.g. uce,esd,salun")
-    p.add_argument("--ls-preserve-weight", type=float, default=None,
-                   help="weight of the preserved prompts' rows in the least-squares fusion "
-                        "(default: unlearn_concepts' ls_preserve_weight)")
+    p.add_argument("--ls-preserve-weight", default="",
+                   help="weight of the preserved prompts' rows in the least-squares fusion, or "
+                        "several (comma-separated: one least-squares row each, from the same "
+                        "jobs; default: unlearn_concepts' ls_preserve_weight)")
     a = p.parse_args()
 
     from spare_core.bench import Row, format_row, mean_over_seeds, markdown_table, parse_methods
     from spare_core.embedded import get
-    from spare_core.fusion import fuse_sum, fuse_ties
+    from spare_core.fusion import fuse_least_squares, fuse_sum, fuse_ties
     from spare_core.methods import METHODS, run_method
     from spare_core.multi_concept import unlearn_concepts
     from spare_core.recipes import recipe
@@ -76,6 +83,7 @@ def main() -> int:
     from spare_core.threads import apply as apply_threads
 
     variant = parse_methods(a.method, tuple(METHODS))[0]  # errors before any model loads
+    weights = [float(w) for w in a.ls_preserve_weight.split(",") if w.strip()]
     bench = get(a.model)
     den, clf = bench.load()
     apply_threads(den)
@@ -102,7 +110,8 @@ def main() -> int:
             return r
 
         rows = [row("original", None, None)]
-        for n_steps in [int(x) for x in a.shared_steps.split(",") if x.strip()] or [steps]:
+        for n_steps in [] if a.no_shared else ([int(x) for x in a.shared_steps.split(",")
+                                                 if x.strip()] or [steps]):
             t0 = time.perf_counter()
             shared = run_method(variant.name, den, **req, **{**kw, "steps": n_steps})
             rows.append(row(f"{a.method} shared" + ("" if n_steps == steps else f", {n_steps} steps"),
@@ -111,14 +120,22 @@ def main() -> int:
             t0 = time.perf_counter()
             res = unlearn_concepts(variant.name, den, concept_pairs(req["concept"], req["surrogate"]),
                                    preserve=req["preserve"], fusion="least_squares",
-                                   **({} if a.ls_preserve_weight is None
-                                      else {"ls_preserve_weight": a.ls_preserve_weight}), **kw)
+                                   **({"ls_preserve_weight": weights[0]} if weights else {}),
+                                   **({} if a.ls_samples is None else {"ls_samples": a.ls_samples}),
+                                   **kw)
             secs = time.perf_counter() - t0
-            rows.append(row(f"{a.method} per-concept sum", fuse_sum(res.parts), secs))
-            rows.append(row(f"{a.method} per-concept ties", fuse_ties(res.parts), secs))
-            ls = "least_squares" + ("" if a.ls_preserve_weight is None
-                                    else f" w={a.ls_preserve_weight:g}")
-            rows.append(row(f"{a.method} per-concept {ls}", res.adapter, secs))
+            fusions = a.fusions.split(",")
+            if "sum" in fusions:
+                rows.append(row(f"{a.method} per-concept sum", fuse_sum(res.parts), secs))
+            if "ties" in fusions:
+                rows.append(row(f"{a.method} per-concept ties", fuse_ties(res.parts), secs))
+            ls = "least_squares" + (f" w={weights[0]:g}" if weights else "")
+            if "least_squares" in fusions:
+                rows.append(row(f"{a.method} per-concept {ls}", res.adapter, secs))
+            for w in weights[1:]:  # the same jobs and Grams, solved again at weight w
+                res.sums.preserve_weight = w
+                rows.append(row(f"{a.method} per-concept least_squares w={w:g}",
+                                fuse_least_squares(res.parts, res.sums), secs))
             for name, fused in (("sum", fuse_sum(res.parts)), (ls, res.adapter)):
                 for n_steps in [int(x) for x in a.polish_steps.split(",") if x.strip()]:
                     t0 = time.perf_counter()

@@ -10,7 +10,7 @@ concept images to the last training step, with the peak device memory of each ph
 The network, its stand-in text encoders (fixed random contexts of the real shapes, made on the
 host: the encoders' own time is not counted) and the fp8 storage are those of
 ``benchmarks/memory.py``. The settings are the recipe's (``spare_core.recipes``), two preserved
-prompts as in the shipped workflows, and the memory controls ``spare unlearn`` picks on this
+prompts as in the shipped workflows (and the empty prompt the recipe adds, ``preserve_uncond``), and the memory controls ``spare unlearn`` picks on this
 device (``spare_core.auto_settings.choose``: on where free memory is under 6x the weights;
 printed), or forced with ``--controls on|off`` (on: the nodes' defaults); ``--steps`` and
 ``--samples`` shrink a smoke run. Phases: the concept
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     what = f"{NAMES[a.arch]}, {a.size} px, {a.dtype}" + (", fp8 storage" if a.storage else "")
     print(f"\n{what} on {device} (built in {built:.0f} s): the whole erasure at the shipped "
           f"defaults ({a.steps} steps, {a.samples} images per prompt, {PRESERVE} preserved "
-          f"prompts, {SPARE.hparams['module_selection']} r{SPARE.hparams['rank']}), "
+          f"prompts{' and the empty one' if SPARE.hparams['preserve_uncond'] else ''}, {SPARE.hparams['module_selection']} r{SPARE.hparams['rank']}), "
           f"{total:.1f} s\n")
     print("| phase | seconds | peak device GB |\n|---|---:|---:|")
     for name, secs, peak in clock.rows:

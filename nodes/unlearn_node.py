@@ -11,7 +11,7 @@ from spare_core.concept_list import DEFAULT_FUSION, FUSIONS
 from spare_core.loop import UnlearnConfig, unlearn
 from spare_core.probe.adversarial import AdversarialConceptTask
 from spare_core.recipes import RECIPES
-from spare_core.tasks import ConceptTask, PoolConfig
+from spare_core.tasks import ConceptTask, PoolConfig, with_unconditional
 from spare_core.objectives import make_objective
 from spare_core.timesteps import GAP_BINS, TIMESTEP_SAMPLERS
 
@@ -114,7 +114,10 @@ class SelfDistillUnlearn:
                                            "unconditional. Several concepts: one surrogate per "
                                            "line, or one for all."),
                 "preserve": prompts_input(PRESERVE_DEFAULT,
-                                          "Prompts to keep unchanged, one per line."),
+                                          "Prompts to keep unchanged, one per line. "
+                                          "self_distill also keeps the empty prompt (the "
+                                          "unconditional prediction that guidance subtracts "
+                                          "from every prompt's), as SPARE's recipe does."),
                 "steps": ("INT", {"default": SPARE.steps, "min": 1, "max": 100000,
                                   "tooltip": "Training steps."}),
                 "lr": ("FLOAT", {"default": SPARE.lr, "min": 1e-7, "max": 1.0, "step": 1e-5,
@@ -188,9 +191,13 @@ class SelfDistillUnlearn:
                                "taken from an adapter made by SparseLoRAInit from a saliency map)")
         concept = "\n".join(parse_prompts(concept))  # several: one per line, erased together
         surrogate = "\n".join(parse_prompts(surrogate))
-        keep = parse_prompts(preserve)
+        given = parse_prompts(preserve)
         if objective not in objective_names():
             raise ValueError(f"unknown objective {objective!r}; choose one of {objective_names()}")
+        # SPARE's recipe holds the unconditional prediction too (last, as spare_unlearn adds it)
+        uncond = objective == "self_distill" and SPARE.hparams["preserve_uncond"]
+        held = with_unconditional if uncond else list
+        keep = held(given)
         if micro_batch < 1:
             raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
         task = ConceptTask(concept, surrogate, keep,
@@ -204,8 +211,8 @@ class SelfDistillUnlearn:
         tasks = [task]
         if per_concept != "shared" and len(pairs) > 1:  # one task per concept, the others kept
             from spare_core.concept_list import plan_jobs
-            tasks = [ConceptTask(j.concept, j.surrogate, list(j.preserve), pool=task.pool)
-                     for j in plan_jobs(pairs, keep)]
+            tasks = [ConceptTask(j.concept, j.surrogate, held(j.preserve), pool=task.pool)
+                     for j in plan_jobs(pairs, given)]
         if adversarial and bridge.model_family(model) != "sd":
             raise ValueError("adversarial training runs the prompt attack, which needs the one "
                              "CLIP of an SD1.x/SD2.x checkpoint; switch adversarial off for "
@@ -275,7 +282,7 @@ class SelfDistillUnlearn:
         ignored = result.history.get("ignored", [])
         trained.meta.update(concept=concept,
                             surrogate="" if "surrogate" in ignored else surrogate,
-                            preserve=json.dumps([] if "preserve" in ignored else keep),
+                            preserve=json.dumps([] if "preserve" in ignored else given),
                             method="spare" if objective == "self_distill" else f"sparse_lora+{objective}",
                             objective=objective, steps=str(steps), lr=repr(float(lr)),
                             timestep_sampler=timestep_sampler, adversarial=str(bool(adversarial)).lower(),

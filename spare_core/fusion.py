@@ -180,6 +180,7 @@ class GramSums:
         self.gram = {n: torch.zeros(s[1], s[1], dtype=torch.float64, device=device)
                      for n, s in self.shapes.items()}
         self.preserve: dict[str, Tensor] = {}
+        self.preserve_weight = 1.0
 
     def add(self, deltas: Mapping[str, Tensor], grams: Mapping[str, Tensor]) -> None:
         """One concept: its dense deltas (missing = 0) and its inputs' Grams per module."""
@@ -194,12 +195,15 @@ class GramSums:
         return [t for n in self.shapes for t in (self.numerator[n], self.gram[n])]
 
     def set_preserve(self, grams: Mapping[str, Tensor], weight: float = 1.0) -> None:
-        self.preserve = {n: grams[n].double() * float(weight) for n in self.shapes}
+        """The preserved prompts' Grams (kept unweighted) and their ``weight`` in the solve
+        (``preserve_weight`` may be changed afterwards to solve again at another weight)."""
+        self.preserve = {n: grams[n].double() for n in self.shapes}
+        self.preserve_weight = float(weight)
 
     def solve(self, ridge: float = LS_RIDGE) -> dict[str, Tensor]:
         out = {}
         for n in self.shapes:
-            g = self.gram[n] + self.preserve.get(n, 0.0)
+            g = self.gram[n] + self.preserve_weight * self.preserve.get(n, 0.0)
             out[n] = least_squares_solve(self.numerator[n], g, ridge).cpu()
         return out
 

@@ -288,7 +288,7 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
                         steps=config.steps, lr=config.lr,
                         batch_size=config.batch_size, timestep_sampler=config.timestep_sampler,
                         forget_weight=hp["forget_weight"], preserve_weight=hp["preserve_weight"],
-                        compose=hp["compose"], seed=config.seed, progress=progress, should_stop=should_stop,
+                        preserve_uncond=hp["preserve_uncond"], compose=hp["compose"], seed=config.seed, progress=progress, should_stop=should_stop,
                         phase_progress=phase_progress, saliency_batch_size=saliency_batch_size,
                         gradient_checkpointing=config.gradient_checkpointing,
                         backward_per_term=config.backward_per_term, adversarial=adversarial)

@@ -35,7 +35,7 @@ from .denoiser import Denoiser, compute_dtype_of, device_of, prediction
 from .families.unet import adaptable_modules
 from .fusion import LS_RIDGE, TIES_DENSITY, GramSums, check_fusion, fuse, union_names
 from .loop import UnlearnResult
-from .tasks import concept_pairs
+from .tasks import concept_pairs, with_unconditional
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,12 @@ class ConceptJobError(RuntimeError):
 
 @dataclass
 class MultiConceptResult(UnlearnResult):
-    """The fused adapter, the run's history (``jobs``: one summary per concept) and ``parts``,
-    the per-concept adapters in list order."""
+    """The fused adapter, the run's history (``jobs``: one summary per concept), ``parts``, the
+    per-concept adapters in list order, and ``sums``, the least-squares fusion's statistics
+    (:class:`~spare_core.fusion.GramSums`; None for the other fusions)."""
 
     parts: list = field(default_factory=list)
+    sums: object = None
 
 
 # ---- torch.distributed, or one process ----
@@ -283,7 +285,8 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
     lr, seed, num_samples, the method's hyperparameters...; None = the recipe). ``fusion``:
     ``sum``, ``ties`` (``ties_density``) or ``least_squares`` (``ls_ridge``; ``ls_samples``
     latents per concept and as many of the preserved prompts for its input Grams, weighted
-    ``ls_preserve_weight``); ``fused_rank``: the fused LoRA's rank where the fusion is not an
+    ``ls_preserve_weight``; the empty prompt among them where the method preserves the
+    unconditional prediction, SPARE's ``preserve_uncond``); ``fused_rank``: the fused LoRA's rank where the fusion is not an
     exact concatenation (None: the sum of the jobs' ranks; 0: keep it dense). ``bars``: True for
     tqdm bars per rank, or a ``(job, total) -> (progress, phase_progress)`` factory.
 
@@ -350,8 +353,12 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
             seed = int(kw["seed"] or 0)
             mine = {job.index: _pool(denoiser, [job.concept], ls_samples, seed, settings)
                     for job in jobs[rank::size]}
-            kept = (_pool(denoiser, list(preserve), ls_samples, seed + 1, settings)
-                    if rank == 0 and preserve else None)
+            uncond = run_kwargs.get("preserve_uncond")
+            if uncond is None:
+                uncond = recipe(method).hparams.get("preserve_uncond", False)
+            kept_prompts = with_unconditional(preserve) if uncond else list(preserve)
+            kept = (_pool(denoiser, kept_prompts, ls_samples, seed + 1, settings)
+                    if rank == 0 and kept_prompts else None)
             sums = gram_sums(denoiser, parts, mine, kept, seed=seed,
                              preserve_weight=ls_preserve_weight)
         except Exception as e:
@@ -373,7 +380,7 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
                "jobs": [every[j.index][2] for j in jobs], "loss": [], "terms": [],
                "seconds": time.perf_counter() - t0,
                "trainable_params": fused.num_trainable(), "ignored": []}
-    return MultiConceptResult(fused, history, parts=parts)
+    return MultiConceptResult(fused, history, parts=parts, sums=sums)
 
 
 def _run_keys() -> set[str]:

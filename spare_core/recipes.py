@@ -110,10 +110,12 @@ RECIPES: dict[str, Recipe] = {
     "spare": Recipe(
         "concept", lr=6e-3, timestep_sampler="concept", **{**_CONCEPT_RUN, "steps": 150},
         hparams={**SPARE_LOCALIZATION, "alpha": None, "mask_fraction": None, "budget": None,
-                 "forget_weight": 1.0, "preserve_weight": 1.0, "compose": 0.0, "adversarial": False,
+                 "forget_weight": 1.0, "preserve_weight": 1.0, "preserve_uncond": True,
+                 "compose": 0.0, "adversarial": False,
                  "adv_every": 5, "adv_steps": 5, "adv_fraction": 0.5},
         reference="benchmarks/RESULTS.md: localisation screening and tuning on canvas and "
-                  "digits; 150 steps: 'The recipe at 150 steps, on every target'"),
+                  "digits; 150 steps: 'The recipe at 150 steps, on every target'; preserve_uncond: "
+                  "'The unconditional prediction held'"),
     "salun": Recipe(
         "concept", lr=None, timestep_sampler="uniform", **_CONCEPT_RUN,
         hparams={"mask_fraction": 0.5, "mask_scope": "global", "alpha": 0.5,

@@ -15,7 +15,7 @@ from .localize import (check_ranking_inputs, needs_saliency, network_for, rank_f
 from .saliency import Saliency
 from .sampling import sample
 from .sparse_lora import check_rank, check_selection, sparse_lora_on
-from .tasks import ConceptTask, PoolConfig
+from .tasks import ConceptTask, PoolConfig, with_unconditional
 from .text_encoder import TEXT_ENCODER
 
 
@@ -42,6 +42,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                   timestep_sampler: str = _R.timestep_sampler,
                   forget_weight: float = _H["forget_weight"],
                   preserve_weight: float = _H["preserve_weight"],
+                  preserve_uncond: bool = _H["preserve_uncond"],
                   compose: float = _H["compose"], seed: int = 0,
                   saliency_batch_size: int = SALIENCY_MICRO_BATCH, gradient_checkpointing: bool = False,
                   backward_per_term: bool = False, adversarial=None,
@@ -74,12 +75,16 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     :class:`~spare_core.probe.adversarial.AdversarialConfig`) trains against the prompt attack
     (:mod:`spare_core.probe.adversarial`); its seconds are in ``history["attack_seconds"]``.
     ``compose`` is the share of forget rows that put the concept beside a preserved prompt
-    (:class:`~spare_core.tasks.ConceptTask`).
+    (:class:`~spare_core.tasks.ConceptTask`). ``preserve_uncond`` adds the empty prompt to the
+    preserved ones (:func:`~spare_core.tasks.with_unconditional`): the unconditional prediction
+    that guidance subtracts from every prompt's stays the frozen model's.
     """
     guidance = guidance_for(denoiser, guidance)
+    given = list(preserve)  # what the contrastive ranking contrasts with: the prompts' words
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
-    task = concept_task = ConceptTask(concept, surrogate, list(preserve), pool=pool,
-                                      compose=compose)
+    task = concept_task = ConceptTask(
+        concept, surrogate, with_unconditional(given) if preserve_uncond else given, pool=pool,
+        compose=compose)
     if adversarial:
         from .probe.adversarial import AdversarialConceptTask, AdversarialConfig
 
@@ -104,7 +109,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                "adapted text encoder does not make: switch adversarial off")
         raise ValueError(f"module_selection 'text_encoder' trains a dense LoRA on the text "
                          f"encoder; {why}, or choose a UNet module selection")
-    check_ranking_inputs(module_selection, concept_task.preserve,
+    check_ranking_inputs(module_selection, given,
                          element_masks and needs_saliency(module_selection))
     if not (0.0 < module_fraction <= 1.0):
         raise ValueError(f"module fraction must be in (0, 1], got {module_fraction}")
@@ -121,7 +126,7 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
         ranking = module_selection if needs_saliency(module_selection) else "saliency"
         surrogates = [s for _, s in concept_task.pairs for _ in range(num_samples)]
         sal = ranking_saliency(denoiser, ranking, prompts, latents, surrogates=surrogates,
-                               preserve=concept_task.preserve, element_scores=element_masks,
+                               preserve=given, element_scores=element_masks,
                                seed=seed, should_stop=should_stop, batch_size=saliency_batch_size,
                                gradient_checkpointing=gradient_checkpointing,
                                progress=phase_callback(phase_progress, "saliency"))

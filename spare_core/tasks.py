@@ -65,6 +65,16 @@ def _part(x0: Tensor, ctx, t: Tensor, gen: torch.Generator, proc: ForwardProcess
     return make_part(x0, ctx, t, torch.randn(x0.shape, generator=gen), proc, dev, dtype)
 
 
+def with_unconditional(preserve: Sequence[str]) -> list[str]:
+    """``preserve`` with the empty prompt added (unless one is there): the unconditional
+    prediction, which classifier-free guidance subtracts from every prompt's at sampling
+    (``u + g (c - u)``), so an erasure that moves it moves every kept prompt's images, amplified
+    ``g - 1`` times (canvas, guidance 4: the kept prompts' FD 297 without it, 173 with it, the
+    original's 190; benchmarks/RESULTS.md, "The unconditional prediction")."""
+    kept = list(preserve)
+    return kept if any(not p.strip() for p in kept) else kept + [""]
+
+
 @dataclass
 class ConceptTask:
     """Forget ``concept`` by overwriting it with ``surrogate`` while keeping ``preserve`` prompts.
@@ -125,7 +135,7 @@ class ConceptTask:
                              f"evenly over {len(pairs)} concepts")
         if not 0.0 <= self.compose <= 1.0:
             raise ValueError(f"compose is a share of the forget rows, in [0, 1]; got {self.compose}")
-        if self.compose > 0 and not self.preserve:
+        if self.compose > 0 and not self.composable():
             raise ValueError("compose puts the concept beside the preserved prompts: give "
                              "preserve prompts, or set compose 0")
         if self.pool.size < 1 or self.pool.steps < 1 or self.pool.batch_size < 1:
@@ -178,12 +188,18 @@ class ConceptTask:
         """``(composed concept, composed surrogate)`` prompts, concept-major: for each concept
         line and each preserved prompt ``p``, ``"c, p"`` then ``"p, c"`` (empty without
         ``compose``). A composed empty surrogate keeps only ``p``."""
-        if not self.compose or not self.preserve:
+        words = self.composable()
+        if not self.compose or not words:
             return []
         def join(a: str, b: str) -> str:
             return ", ".join(x for x in (a, b) if x)
-        return [pair for c, s in self.pairs for p in self.preserve
+        return [pair for c, s in self.pairs for p in words
                 for pair in ((join(c, p), join(s, p)), (join(p, c), join(p, s)))]
+
+    def composable(self) -> list[str]:
+        """The preserved prompts a composition puts beside the concept: every one but the empty
+        (unconditional) prompt, which has no words."""
+        return [p for p in self.preserve if p.strip()]
 
     def prompt_table(self) -> tuple[list[str], Tensor]:
         """Every prompt this task encodes (after :meth:`prepare`): concepts, surrogates, ``""``
@@ -210,7 +226,7 @@ class ConceptTask:
         else:  # several concepts: each latent with its own concept and surrogate
             ctx, sur = self._ctx[self._owner[idx]], self._sur[self._owner[idx]]
         if self._composed:  # a share of the rows: the concept among the preserved prompts' words
-            per = 2 * len(self.preserve)  # compositions per concept line
+            per = 2 * len(self.composable())  # compositions per concept line
             rows = torch.rand(batch_size, generator=gen) < self.compose
             pick = self._owner[idx] * per + torch.randint(0, per, (batch_size,), generator=gen)
             ctx = torch.where(rows[:, None, None], self._cctx[pick], ctx)

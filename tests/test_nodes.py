@@ -42,7 +42,7 @@ def env(tmp_path_factory):
     # concept left empty, as in the shipped workflow: taken from the adapter's saliency map
     (trained, _loss) = host.run(nodes["SelfDistillUnlearn"], model=model, clip=clip, adapter=init,
                           concept="", surrogate=SURROGATE, preserve="a green line\n\n# note",
-                          steps=10, lr=2e-2, timestep_sampler="uniform",
+                          steps=20, lr=2e-2, timestep_sampler="uniform",
                           objective="self_distill", seed=0, batch_size=2, pool_size=2,
                           pool_steps=3, cfg=3.0, **SIZE)
     yield dict(host=host, nodes=nodes, model=model, clip=clip, sal=sal, init=init, trained=trained,
@@ -279,13 +279,14 @@ def test_training_takes_the_saliency_images_when_it_would_sample_the_same(env, m
                  **{**settings, **kwargs})
         return list(drawn)
 
-    assert train() == ["a green line"]  # the concept's 2 images: the first 2 of the saliency's 3
-    assert train(pool_size=3) == ["a green line"]
-    assert train(pool_size=4) == [CONCEPT, "a green line"]  # more than it sampled
-    assert train(pool_steps=3) == [CONCEPT, "a green line"]
-    assert train(cfg=5.0) == [CONCEPT, "a green line"]
-    assert train(on=erased) == [CONCEPT, "a green line"]  # another MODEL (patched) samples others
-    assert train(concept="a yellow star") == ["a yellow star", "a green line"]
+    kept = ["a green line", ""]  # the preserved prompt's pool, and the empty prompt's (recipe)
+    assert train() == kept  # the concept's 2 images: the first 2 of the saliency's 3
+    assert train(pool_size=3) == kept
+    assert train(pool_size=4) == [CONCEPT, *kept]  # more than it sampled
+    assert train(pool_steps=3) == [CONCEPT, *kept]
+    assert train(cfg=5.0) == [CONCEPT, *kept]
+    assert train(on=erased) == [CONCEPT, *kept]  # another MODEL (patched) samples others
+    assert train(concept="a yellow star") == ["a yellow star", *kept]
 
 
 def test_fingerprint_ignores_other_clones_patches(env):

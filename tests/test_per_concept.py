@@ -134,6 +134,28 @@ def test_least_squares_keeps_each_delta_on_its_inputs_and_the_preserved_ones_unc
         torch.testing.assert_close(fused @ xp, torch.zeros(out, xp.shape[1]), atol=1e-4, rtol=0)
 
 
+def test_least_squares_solves_again_at_another_preserve_weight():
+    """``preserve_weight`` changed after ``set_preserve`` solves as ``set_preserve(.., w)`` does
+    (the benchmark's rows at several weights from one run), and a heavier weight pulls the
+    fused delta toward zero on the preserved inputs, where the concepts' inputs overlap them."""
+    g = torch.Generator().manual_seed(1)
+    x1, xp = torch.randn(6, 30, generator=g), torch.randn(6, 30, generator=g)
+    a = UnlearnAdapter({"m": _lora((4, 6), 2, 1)})
+    grams = {"m": x1 @ x1.T / 30}, {"m": xp @ xp.T / 30}
+
+    def solved(weight, reweight=None):
+        sums = GramSums({"m": (4, 6)})
+        sums.add(a.merged(), grams[0])
+        sums.set_preserve(grams[1], weight)
+        if reweight is not None:
+            sums.preserve_weight = reweight
+        return fuse_least_squares([a], sums).merged()["m"]
+
+    torch.testing.assert_close(solved(1.0, reweight=16.0), solved(16.0))
+    on_kept = [float((solved(w) @ xp).norm()) for w in (1.0, 16.0)]
+    assert on_kept[1] < 0.5 * on_kept[0], on_kept
+
+
 def test_least_squares_run_on_a_model(den):
     res = unlearn_concepts("spare", den, ["a red circle", "a blue square"],
                            ["a green line", "a yellow dot"], ["a purple star"],

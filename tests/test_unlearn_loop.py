@@ -15,6 +15,9 @@ from spare_core.tasks import PoolConfig
 
 CONCEPT, SURROGATE, KEEP = "a cat", "a dog", ["green hills", "the ocean"]
 FAST = dict(num_samples=8, sample_steps=8, steps=60, lr=3e-3, batch_size=4)
+# the engine's mechanics on the given preserved prompts alone; the recipe's empty prompt among
+# them (preserve_uncond) has its own tests in test_preserve_uncond.py
+GIVEN_ONLY = dict(FAST, preserve_uncond=False)
 
 
 def _probe(den, prompt, seed=5, n=16):
@@ -29,7 +32,7 @@ def test_spare_forgets_concept_and_keeps_others(den):
     before_c, before_s = _probe(den, CONCEPT), _probe(den, SURROGATE)
     before_keep = {p: _probe(den, p) for p in KEEP}
     saved = unet_state(den.unet)
-    res = spare_unlearn(den, CONCEPT, SURROGATE, KEEP, **FAST)
+    res = spare_unlearn(den, CONCEPT, SURROGATE, KEEP, **GIVEN_ONLY)
     assert_state_equal(den.unet, saved)  # the input model is never written
     gap_before = (before_c - before_s).pow(2).mean()
     with res.adapter.applied(den.unet):
@@ -82,7 +85,7 @@ def test_compose_erases_the_concept_inside_compositions(den):
         before, target = _probe(den, unseen), _probe(den, twin)
         left = {}
         for compose in (0.0, 0.5):
-            res = spare_unlearn(den, CONCEPT, SURROGATE, KEEP, compose=compose, **FAST)
+            res = spare_unlearn(den, CONCEPT, SURROGATE, KEEP, compose=compose, **GIVEN_ONLY)
             with res.adapter.applied(den.unet):
                 left[compose] = float((_probe(den, unseen) - target).pow(2).mean()
                                       / (before - target).pow(2).mean())
