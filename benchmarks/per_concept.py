@@ -75,7 +75,7 @@ def main() -> int:
 
     from spare_core.bench import Row, format_row, mean_over_seeds, markdown_table, parse_methods
     from spare_core.embedded import get
-    from spare_core.fusion import fuse_least_squares, fuse_sum, fuse_ties
+    from spare_core.fusion import check_fusion, fuse_least_squares, fuse_sum, fuse_ties
     from spare_core.methods import METHODS, run_method
     from spare_core.multi_concept import unlearn_concepts
     from spare_core.recipes import recipe
@@ -84,6 +84,9 @@ def main() -> int:
 
     variant = parse_methods(a.method, tuple(METHODS))[0]  # errors before any model loads
     weights = [float(w) for w in a.ls_preserve_weight.split(",") if w.strip()]
+    fusions = [f.strip() for f in a.fusions.split(",") if f.strip()]
+    for f in fusions:  # a typo would measure nothing, silently
+        check_fusion(f)
     bench = get(a.model)
     den, clf = bench.load()
     apply_threads(den)
@@ -124,7 +127,6 @@ def main() -> int:
                                    **({} if a.ls_samples is None else {"ls_samples": a.ls_samples}),
                                    **kw)
             secs = time.perf_counter() - t0
-            fusions = a.fusions.split(",")
             if "sum" in fusions:
                 rows.append(row(f"{a.method} per-concept sum", fuse_sum(res.parts), secs))
             if "ties" in fusions:

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     what = f"{NAMES[a.arch]}, {a.size} px, {a.dtype}" + (", fp8 storage" if a.storage else "")
     print(f"\n{what} on {device} (built in {built:.0f} s): the whole erasure at the shipped "
           f"defaults ({a.steps} steps, {a.samples} images per prompt, {PRESERVE} preserved "
-          f"prompts{' and the empty one' if SPARE.hparams['preserve_uncond'] else ''}, {SPARE.hparams['module_selection']} r{SPARE.hparams['rank']}), "
+          f"prompts{' and the empty one' if SPARE.hparams['preserve_uncond'] else ''}, "
+          f"{SPARE.hparams['module_selection']} r{SPARE.hparams['rank']}), "
           f"{total:.1f} s\n")
     print("| phase | seconds | peak device GB |\n|---|---:|---:|")
     for name, secs, peak in clock.rows:

@@ -51,7 +51,7 @@ class MultiConceptResult(UnlearnResult):
     (:class:`~spare_core.fusion.GramSums`; None for the other fusions)."""
 
     parts: list = field(default_factory=list)
-    sums: object = None
+    sums: GramSums | None = None
 
 
 # ---- torch.distributed, or one process ----
