@@ -166,8 +166,11 @@ class ConceptTask:
 
         def pool_for(prompt: str, what: str) -> Tensor:
             cb = (lambda i, n: progress(what, i, n)) if progress else None
+            # the empty prompt guided against itself (sample's negative prompt is "") is its own
+            # prediction, u + g (u - u) = u: unguided, one UNet call per step instead of two
+            guidance = 1.0 if prompt == "" else self.pool.guidance
             return sample(denoiser, [prompt] * self.pool.size, steps=self.pool.steps,
-                          guidance=self.pool.guidance, method="ddim", generator=gen,
+                          guidance=guidance, method="ddim", generator=gen,
                           clip_x0=self.pool.clip_x0, batch_size=self.pool.batch_size, callback=cb)
 
         if self.concept_latents is None:

@@ -49,3 +49,26 @@ def test_the_unconditional_prediction_moves_less_when_it_is_preserved(den):
     d_off, d_on = _uncond_drift(den, off.adapter), _uncond_drift(den, on.adapter)
     assert d_off > 0
     assert d_on < 0.5 * d_off, (d_on, d_off)
+
+
+def test_the_empty_prompts_pool_is_the_guided_one_at_half_the_unet_rows(den, monkeypatch):
+    """The empty prompt's pool is sampled unguided: the same latents as guided sampling (the
+    prompt is its own unconditional), with one UNet row per latent and step instead of two."""
+    import spare_core.sampling as sampling
+    from spare_core.sampling import sample
+    from spare_core.tasks import PoolConfig
+
+    pool = PoolConfig(size=3, steps=4, guidance=4.0)
+    rows = []
+    real = sampling.eps_and_x0
+    monkeypatch.setattr(sampling, "eps_and_x0",
+                        lambda d, x, *a, **k: rows.append(x.shape[0]) or real(d, x, *a, **k))
+    task = ConceptTask("a cat", "a dog", ["the sea", ""], pool=pool)
+    task.prepare(den, "uniform", seed=0)
+    assert rows == [6] * 4 + [6] * 4 + [3] * 4  # concept, "the sea" guided; "" unguided
+
+    gen = torch.Generator().manual_seed(1)  # prepare's generator, drawn in the same order
+    for p in ("a cat", "the sea"):
+        sample(den, [p] * 3, steps=4, guidance=4.0, method="ddim", generator=gen)
+    guided = sample(den, [""] * 3, steps=4, guidance=4.0, method="ddim", generator=gen)
+    torch.testing.assert_close(task.preserve_latents[1], guided, rtol=1e-4, atol=1e-5)
