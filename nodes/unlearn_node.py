@@ -9,6 +9,7 @@ import torch
 from spare_core.adapter import UnlearnAdapter
 from spare_core.concept_list import DEFAULT_FUSION, FUSIONS
 from spare_core.loop import UnlearnConfig, unlearn
+from spare_core.multi_concept import gram_sums, list_pools, ls_inputs
 from spare_core.probe.adversarial import AdversarialConceptTask
 from spare_core.recipes import RECIPES
 from spare_core.tasks import ConceptTask, PoolConfig, with_unconditional
@@ -27,25 +28,6 @@ log = logging.getLogger(__name__)
 SPARE = RECIPES["spare"]
 # several concepts: one adapter, or one each then fused (DEFAULT_FUSION by default)
 PER_CONCEPT = ("shared", *FUSIONS)
-
-
-def least_squares_inputs(den, tasks, parts, keep, seed: int):
-    """The least-squares fusion's statistics (spare_core.multi_concept.gram_sums) from what the
-    per-concept jobs already hold: each concept's first LS_SAMPLES pool latents under its own
-    prompt, and as many of the preserved prompts' pool latents (round robin over ``keep``; none
-    when the objective kept no preserve pools). No new image is generated."""
-    from spare_core.multi_concept import LS_SAMPLES, gram_sums
-
-    mine = {i: ([t.pairs[0][0]] * len(t.concept_latents[:LS_SAMPLES]),
-                t.concept_latents[:LS_SAMPLES]) for i, t in enumerate(tasks)}
-    first, kept = tasks[0], [p for p in keep if p in tasks[0].preserve]
-    preserve = None
-    if kept and first.preserve_latents is not None:
-        pools = {p: first.preserve_latents[first.preserve.index(p)] for p in kept}
-        rows = [(kept[i % len(kept)], i // len(kept)) for i in range(LS_SAMPLES)]
-        rows = [(p, j) for p, j in rows if j < pools[p].shape[0]]
-        preserve = ([p for p, _ in rows], torch.stack([pools[p][j] for p, j in rows]))
-    return gram_sums(den, parts, mine, preserve, seed=seed)
 
 
 def objective_names() -> list[str]:
@@ -252,15 +234,34 @@ class SelfDistillUnlearn:
                 log.info("SelfDistillUnlearn: training on the concept images ComputeSaliency "
                          "sampled (same prompts, steps, guidance, size and MODEL)")
         gaps = GAP_BINS if timestep_sampler == "concept" else 0
-        pools = [pool_steps * ((0 if t.concept_latents is not None else len(t.pairs))
-                               + (len(t.preserve) if uses_preserve else 0)) + gaps
+        # per concept: the list's pools sampled once, shared by every job and the fusion
+        # (spare_core.multi_concept.list_pools); one task samples its own in its preparation
+        several = len(tasks) > 1
+        least_squares = per_concept == "least_squares" and several
+        listed = [] if not several else (
+            [t.concept for t in tasks if t.concept_latents is None]
+            + (keep if uses_preserve or least_squares else []))
+        pools = [pool_steps * ((0 if t.concept_latents is not None or several else len(t.pairs))
+                               + (len(t.preserve) if uses_preserve and not several else 0)) + gaps
                  for t in tasks]
         with bridge.autograd_enabled():
             den = bridge.ComfyDenoiser(model, clip, width, height,
                                        prompts=[*dict.fromkeys(x for pair in pairs for x in pair), *keep])  # CLIP first
             bridge.load_for_compute(model)
-            bar = bridge.Progress(sum(pools) + steps * len(tasks))
-            parts, runs, start = [], [], 0
+            bar = bridge.Progress(pool_steps * len(listed) + sum(pools) + steps * len(tasks))
+            start = pool_steps * len(listed)
+            if several:
+                shared = list_pools(den, listed, task.pool.size, int(seed),
+                                    {"sample_steps": pool_steps, "guidance": task.pool.guidance,
+                                     "clip_x0": None}, batch_size=task.pool.batch_size,
+                                    progress=PoolProgress(bar, pool_steps))
+                for t in tasks:
+                    if t.concept_latents is None:
+                        t.concept_latents = shared[t.concept]
+                shared.update({t.concept: t.concept_latents for t in tasks})
+                for t in tasks:
+                    t.preserve_latents = [shared.get(p) for p in t.preserve]
+            parts, runs = [], []
             for one, n_pool in zip(tasks, pools):
                 trained = copy_adapter(adapter)
                 if adversarial:
@@ -272,8 +273,10 @@ class SelfDistillUnlearn:
                 parts.append(trained)
                 runs.append((one.concept, result.history))
                 start += n_pool + steps
-            sums = (least_squares_inputs(den, tasks, parts, keep, int(seed))
-                    if per_concept == "least_squares" and len(parts) > 1 else None)
+            sums = None
+            if least_squares:  # from the pools the jobs trained on: no new image
+                mine, kept_rows = ls_inputs(shared, [t.concept for t in tasks], keep)
+                sums = gram_sums(den, parts, mine, kept_rows, seed=int(seed))
         if len(parts) > 1:
             from spare_core.fusion import fuse
             trained = fuse(per_concept, parts, sums=sums)

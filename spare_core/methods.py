@@ -164,6 +164,8 @@ def run_method(name: str, denoiser: Denoiser, *,
                phase_progress: Callable[[str, int, int], None] | None = None,
                gradient_checkpointing: bool = False, backward_per_term: bool = False,
                saliency_batch_size: int = SALIENCY_MICRO_BATCH,
+               concept_latents: Tensor | None = None,
+               preserve_latents: Mapping[str, Tensor] | None = None,
                **hparams) -> UnlearnResult:
     """Run method ``name`` (one of :data:`METHODS`) and return the trained adapter and history.
 
@@ -189,6 +191,11 @@ def run_method(name: str, denoiser: Denoiser, *,
     ``progress(step, steps, loss)`` reports training steps; ``phase_progress(what, done, total)``
     the work before them (concept samples, saliency, latent pools, encoding, timestep gaps).
 
+    ``concept_latents`` ``[N, C, H, W]`` (N/k per concept line) and ``preserve_latents``
+    (``{prompt: latents}``; prompts it lacks are sampled) give a concept method pools made before
+    by the frozen model, which are then not sampled again (a list's jobs share them:
+    :mod:`spare_core.multi_concept`); ``num_samples`` is then the given count.
+
     The result's ``history`` has the loop's keys plus ``method`` and ``lr``; methods that compute
     a saliency map (spare, salun) also set ``result.saliency``.
     """
@@ -198,6 +205,9 @@ def run_method(name: str, denoiser: Denoiser, *,
         raise ValueError(f"{name} does not take {unknown}; its options are "
                          f"{sorted(spec.hparams)}")
     hp = {**spec.hparams, **hparams}
+    if (concept_latents is not None or preserve_latents) and (name == "uce" or spec.kind != "concept"):
+        raise ValueError(f"{name} takes no latent pools (concept_latents / preserve_latents are "
+                         "for the concept methods that train on them)")
     if name == "uce":  # closed form: no training loop, steps and learning rate do not apply
         return _run_uce(denoiser, concept, surrogate, preserve, forget, keep, hp)
     rec = spec.recipe
@@ -226,10 +236,12 @@ def run_method(name: str, denoiser: Denoiser, *,
                 raise ValueError("spare (spare_unlearn) does not take grad_accum; raise batch_size")
             return _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples,
                               sample_steps, guidance, clip_x0, progress, should_stop,
-                              phase_progress, saliency_batch_size)
+                              phase_progress, saliency_batch_size, concept_latents,
+                              preserve_latents)
         return _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
                             num_samples, sample_steps, guidance, clip_x0, progress, should_stop,
-                            phase_progress, saliency_batch_size)
+                            phase_progress, saliency_batch_size, concept_latents,
+                            preserve_latents)
     if concept is not None:
         raise ValueError(f"{name} forgets data (forget=..., keep=...); concept prompts are for "
                          f"the concept methods {list(CONCEPT_METHODS)}")
@@ -258,6 +270,18 @@ def _run_uce(denoiser, concept, surrogate, preserve, forget, keep, hp) -> Unlear
     return UnlearnResult(adapter, history)
 
 
+def reads_pools(name: str, hparams: Mapping | None = None) -> tuple[bool, bool]:
+    """``(concept pools, preserve pools)``: whether concept method ``name`` at ``hparams`` (the
+    rest its defaults) trains on latent pools of its concepts, and of its preserved prompts (its
+    objective has a preserve term). UCE, a closed form, reads neither."""
+    hp = {**_spec(name).hparams, **(hparams or {})}
+    if name == "uce":
+        return False, False
+    if name == "spare":
+        return True, float(hp["preserve_weight"]) != 0.0
+    return True, bool(getattr(_objective(name, hp), "uses_preserve", True))
+
+
 def _objective(name: str, hp: dict):
     spec = METHODS[name]
     return make_objective(spec.objective, **{k: hp[k] for k in _OBJECTIVE_KEYS[name]})
@@ -272,7 +296,8 @@ def _finish(res: UnlearnResult, name: str, config: UnlearnConfig) -> UnlearnResu
 
 def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, sample_steps,
                guidance, clip_x0, progress, should_stop, phase_progress=None,
-               saliency_batch_size=SALIENCY_MICRO_BATCH) -> UnlearnResult:
+               saliency_batch_size=SALIENCY_MICRO_BATCH, concept_latents=None,
+               preserve_latents=None) -> UnlearnResult:
     from .spare import spare_unlearn
 
     adversarial = None
@@ -292,7 +317,8 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
                         seed=config.seed, progress=progress, should_stop=should_stop,
                         phase_progress=phase_progress, saliency_batch_size=saliency_batch_size,
                         gradient_checkpointing=config.gradient_checkpointing,
-                        backward_per_term=config.backward_per_term, adversarial=adversarial)
+                        backward_per_term=config.backward_per_term, adversarial=adversarial,
+                        concept_latents=concept_latents, preserve_latents=preserve_latents)
     out = UnlearnResult(res.adapter, dict(res.history))
     out.saliency = res.saliency
     return _finish(out, "spare", config)
@@ -300,7 +326,8 @@ def _run_spare(denoiser, concept, surrogate, preserve, config, hp, num_samples, 
 
 def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp, num_samples,
                  sample_steps, guidance, clip_x0, progress, should_stop,
-                 phase_progress=None, saliency_batch_size=SALIENCY_MICRO_BATCH) -> UnlearnResult:
+                 phase_progress=None, saliency_batch_size=SALIENCY_MICRO_BATCH,
+                 concept_latents=None, preserve_latents=None) -> UnlearnResult:
     from .esd import init_esd_adapter
     from .saliency import compute_saliency
     from .sampling import sample
@@ -308,19 +335,26 @@ def _run_concept(name, spec, denoiser, concept, surrogate, preserve, config, hp,
 
     objective = _objective(name, hp)  # checks the objective's options first
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
-    task = ConceptTask(concept if concept is not None else "", surrogate, list(preserve), pool=pool)
+    task = ConceptTask(concept if concept is not None else "", surrogate, list(preserve),
+                       concept_latents=concept_latents,
+                       preserve_latents=([preserve_latents.get(p) for p in preserve]
+                                         if preserve_latents else None), pool=pool)
     task.validate(denoiser)
     if hp["parameterization"] not in ("full", "lora"):
         raise ValueError(f"parameterization must be 'full' or 'lora', got {hp['parameterization']!r}")
     if name == "salun" and not (0.0 < hp["mask_fraction"] <= 1.0):
         raise ValueError(f"mask_fraction must be in (0, 1], got {hp['mask_fraction']}")
 
-    gen = torch.Generator().manual_seed(config.seed)
-    prompts = task.sample_prompts(num_samples)  # num_samples per concept line
-    latents = sample(denoiser, prompts, steps=sample_steps, guidance=guidance,
-                     method="ddim", generator=gen, clip_x0=clip_x0,
-                     callback=phase_callback(phase_progress, "concept samples"))
-    task.concept_latents = latents
+    if concept_latents is None:
+        gen = torch.Generator().manual_seed(config.seed)
+        prompts = task.sample_prompts(num_samples)  # num_samples per concept line
+        latents = sample(denoiser, prompts, steps=sample_steps, guidance=guidance,
+                         method="ddim", generator=gen, clip_x0=clip_x0,
+                         callback=phase_callback(phase_progress, "concept samples"))
+        task.concept_latents = latents
+    else:  # validated by the task: N/k per concept line
+        latents = concept_latents
+        prompts = task.sample_prompts(latents.shape[0] // len(task.pairs))
     saliency = None
     if name == "salun":
         saliency = compute_saliency(denoiser, prompts, latents, seed=config.seed,

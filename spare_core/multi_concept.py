@@ -6,10 +6,13 @@ adapter and one step budget. :func:`unlearn_concepts` instead runs ``run_method`
 concept (:class:`~spare_core.concept_list.ConceptJob`: its concept, surrogate, the shared
 preserved prompts plus the list's other concepts, the method's recipe, the same seed as a
 single-concept run) and fuses the results (:mod:`spare_core.fusion`: ``sum``, ``ties``,
-``least_squares``).
+``least_squares``). The latent pools are sampled once for the list (:func:`list_pools`, one
+per concept and per shared preserved prompt) and shared by the jobs and the fusion: a list of k
+samples k + P pools where k single runs sample k (1 + P).
 
 Spread over processes: under ``torchrun --nproc-per-node N`` (``torch.distributed`` initialised:
-gloo on CPU, NCCL on GPU) job ``j`` runs on rank ``j % N``. After each round of N jobs the ranks
+gloo on CPU, NCCL on GPU) each rank samples every N-th pool and the ranks exchange them; job
+``j`` runs on rank ``j % N``. After each round of N jobs the ranks
 exchange their status, so one failing rank makes every rank raise :class:`ConceptJobError` (naming
 the rank, the concept and the error) after its current job, and nothing is written. Then every
 rank receives every adapter (``all_gather_object``: LoRA state dicts are small); for
@@ -127,14 +130,14 @@ def rank_device(device: str) -> str:
     return device
 
 
-def rank_bars(job: ConceptJob, total: int):
+def rank_bars(job: ConceptJob | None, total: int):
     """``(progress, phase_progress)`` drawing tqdm bars named by rank and concept (one line per
-    rank: ``position`` = rank)."""
+    rank: ``position`` = rank); ``job`` None: the list's latent pools, before the jobs."""
     from tqdm.auto import tqdm
 
     rank, size = world()
     tag = f"rank {rank}/{size} " if size > 1 else ""
-    name = f"{tag}[{job.index + 1}/{total}] {job.concept[:24]}"
+    name = f"{tag}[{job.index + 1}/{total}] {job.concept[:24]}" if job else f"{tag}latent pools"
     bars: dict[str, object] = {}
 
     def bar(what: str, n: int):
@@ -212,7 +215,7 @@ def input_grams(denoiser: Denoiser, adapter: UnlearnAdapter, names: Sequence[str
 
 LS_SAMPLES = 16
 """Latents per concept (and for the preserved prompts) whose layer inputs the least-squares
-fusion reads. 16, chosen by the canvas lists (benchmarks/RESULTS.md, "The least-squares
+fusion reads, taken from the list's pools (the recipe's pool holds 16). 16, chosen by the canvas lists (benchmarks/RESULTS.md, "The least-squares
 fusion's inputs"): with 4, fewer rows than a 2-style list has preserved prompts, the kept
 prompts' FD rose 14% above the original's; with 16 no list of 2 to 14 concepts rose more than
 3.4% (either seed), erasure and retention kept."""
@@ -239,25 +242,77 @@ def gram_sums(denoiser: Denoiser, parts: Sequence[UnlearnAdapter],
     return sums
 
 
-def _pool(denoiser, prompts: Sequence[str], n: int, seed: int, settings: dict) -> tuple[list, Tensor]:
-    """``n`` prompts drawn round-robin from ``prompts`` and their latents (frozen model, DDIM)."""
+def pool_generator(seed: int, index: int) -> torch.Generator:
+    """The initial noise of a list's pool ``index`` at ``seed``: a stream of its own, so a pool
+    does not depend on which rank samples it and no two pools of a list (or of two seeds) share
+    their noise."""
+    return torch.Generator().manual_seed(1_000_003 * (seed + 1) + index)
+
+
+def list_pools(denoiser: Denoiser, prompts: Sequence[str], size: int, seed: int,
+               settings: Mapping, *, batch_size: int = 256,
+               progress: Callable[[str, int, int], None] | None = None) -> dict[str, Tensor]:
+    """One pool of ``size`` latents ``[size, C, H, W]`` per prompt of a list (its concepts, then
+    the shared preserved prompts), sampled once by the frozen model (DDIM; ``settings``:
+    ``sample_steps``, ``guidance``, ``clip_x0``; the empty prompt unguided, as
+    :class:`~spare_core.tasks.ConceptTask` does) for every job that reads it: a concept's pool is
+    its own job's forget set and the other jobs' preserve pool for it. Pool ``i`` starts from
+    :func:`pool_generator` ``(seed, i)``; under torch.distributed each rank samples every
+    N-th pool (rank r: pools r, r + N, ..., the concepts of its own jobs) and the ranks exchange
+    them. ``batch_size`` latents go through the UNet at once (twice that guided);
+    ``progress(what, done, total)`` per pool."""
     from .sampling import sample
 
-    chosen = [prompts[i % len(prompts)] for i in range(n)]
-    lat = sample(denoiser, chosen, steps=settings["sample_steps"], guidance=settings["guidance"],
-                 method="ddim", generator=torch.Generator().manual_seed(seed + 3),
-                 clip_x0=settings["clip_x0"])
-    return chosen, lat
+    rank, n_ranks = world()
+    mine, err = {}, None
+    try:
+        for i in range(rank, len(prompts), n_ranks):
+            p = prompts[i]
+            what = f"pool {i + 1}/{len(prompts)}"
+            cb = (lambda d, n, what=what: progress(what, d, n)) if progress else None
+            mine[p] = sample(denoiser, [p] * size, steps=settings["sample_steps"],
+                             guidance=settings["guidance"] if p.strip() else 1.0, method="ddim",
+                             generator=pool_generator(seed, i), clip_x0=settings["clip_x0"],
+                             batch_size=batch_size, callback=cb)
+    except Exception as e:
+        if n_ranks == 1:
+            raise
+        log.error("rank %d, latent pools:\n%s", rank, traceback.format_exc())
+        err = f"rank {rank} failed sampling the list's latent pools: {type(e).__name__}: {e}"
+    _check_all(rank, err)
+    pools: dict[str, Tensor] = {}
+    for part in _all_gather(mine):
+        pools.update(part)
+    return {p: pools[p] for p in prompts}
+
+
+def ls_inputs(pools: Mapping[str, Tensor], concepts: Sequence[str], kept: Sequence[str],
+              samples: int = LS_SAMPLES) -> tuple[dict, tuple | None]:
+    """The least-squares fusion's inputs from pools the jobs trained on, no new image:
+    ``({i: ([concept] * m, first m latents of its pool)}, (kept prompts, latents))``, at most
+    ``samples`` each; the preserved rows drawn round robin over ``kept`` (row j of each pool in
+    turn), None without kept prompts. ``concepts`` by job index."""
+    mine = {i: ([c] * len(pools[c][:samples]), pools[c][:samples]) for i, c in enumerate(concepts)}
+    rows = [(kept[i % len(kept)], i // len(kept)) for i in range(samples)] if kept else []
+    rows = [(p, j) for p, j in rows if j < pools[p].shape[0]]
+    preserve = ([p for p, _ in rows], torch.stack([pools[p][j] for p, j in rows])) if rows else None
+    return mine, preserve
 
 
 # ---- the jobs ----
 def _train_job(method: str, denoiser: Denoiser, job: ConceptJob, run_kwargs: dict,
-               bars) -> UnlearnResult:
+               bars, pools: Mapping[str, Tensor]) -> UnlearnResult:
+    """Job ``job`` through :func:`~spare_core.methods.run_method`, on the list's ``pools``
+    (its concept's as the forget set, the others' for its preserved prompts; empty: the
+    method samples its own, UCE)."""
     from .methods import run_method
 
     kw = dict(run_kwargs)
     if bars is not None:
         kw["progress"], kw["phase_progress"] = bars
+    if pools:
+        kw["concept_latents"] = pools[job.concept]
+        kw["preserve_latents"] = {p: x for p, x in pools.items() if p != job.concept}
     return run_method(method, denoiser, concept=job.concept, surrogate=job.surrogate,
                       preserve=list(job.preserve), **kw)
 
@@ -286,18 +341,25 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
     ``preserve``: the shared preserved prompts (each job adds the list's other concepts).
     ``**run_kwargs`` go to :func:`~spare_core.methods.run_method` unchanged for every job (steps,
     lr, seed, num_samples, the method's hyperparameters...; None = the recipe). ``fusion``:
-    ``sum``, ``ties`` (``ties_density``) or ``least_squares`` (``ls_ridge``; ``ls_samples``
-    latents per concept and as many of the preserved prompts for its input Grams, weighted
+    ``sum``, ``ties`` (``ties_density``) or ``least_squares`` (``ls_ridge``; at most ``ls_samples``
+    pool latents per concept and as many of the preserved prompts for its input Grams, weighted
     ``ls_preserve_weight``; the empty prompt among them where the method preserves the
     unconditional prediction, SPARE's ``preserve_uncond``); ``fused_rank``: the fused LoRA's rank where the fusion is not an
     exact concatenation (None: the sum of the jobs' ranks; 0: keep it dense). ``bars``: True for
-    tqdm bars per rank, or a ``(job, total) -> (progress, phase_progress)`` factory.
+    tqdm bars per rank, or a ``(job, total) -> (progress, phase_progress)`` factory (``job``
+    None for the list's latent pools).
+
+    The latent pools are sampled once for the list (:func:`list_pools`: each concept's, and each
+    shared preserved prompt's where the method reads them or the fusion is least squares) and
+    every job trains on them: its concept's pool as its forget set, the other concepts' and the
+    shared prompts' as its preserve pools; the least-squares fusion reads the same pools
+    (:func:`ls_inputs`).
 
     Runs in one process, or spread over torch.distributed's processes when initialised (module
     docstring). Returns the fused :class:`MultiConceptResult` on rank 0, None on the others;
     raises :class:`ConceptJobError` (on every rank) when a job fails.
     """
-    from .methods import CONCEPT_METHODS, METHODS
+    from .methods import CONCEPT_METHODS, METHODS, reads_pools
     from .recipes import guidance_for, recipe
 
     if method not in CONCEPT_METHODS:
@@ -316,6 +378,27 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
     factory = rank_bars if bars is True else (bars or None)
     t0 = time.perf_counter()
 
+    # the pools, sampled once for the whole list (each job would sample the shared preserved
+    # prompts', and the list's other concepts', again): what the method trains on, and what
+    # the least-squares fusion reads
+    uncond = run_kwargs.get("preserve_uncond")
+    if uncond is None:
+        uncond = recipe(method).hparams.get("preserve_uncond", False)
+    kept = with_unconditional(preserve) if uncond else list(preserve)
+    train_concepts, train_kept = reads_pools(
+        method, {k: v for k, v in run_kwargs.items() if k in METHODS[method].hparams})
+    least_squares = fusion == "least_squares"
+    pooled = ([j.concept for j in jobs] if train_concepts or least_squares else []) + (
+        kept if train_kept or least_squares else [])
+    pools: dict[str, Tensor] = {}
+    if pooled:
+        settings = {"sample_steps": run_kwargs.get("sample_steps") or recipe(method).sample_steps,
+                    "guidance": guidance_for(denoiser, run_kwargs.get("guidance")),
+                    "clip_x0": run_kwargs.get("clip_x0")}
+        n = run_kwargs.get("num_samples") or recipe(method).num_samples
+        pools = list_pools(denoiser, pooled, n, int(run_kwargs.get("seed") or 0), settings,
+                           progress=factory(None, len(jobs))[1] if factory else None)
+
     results: dict[int, tuple] = {}
     for start in range(0, len(jobs), size):
         job = jobs[start + rank] if start + rank < len(jobs) else None
@@ -323,7 +406,8 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
         if job is not None:
             try:
                 res = _train_job(method, denoiser, job, run_kwargs,
-                                 factory(job, len(jobs)) if factory else None)
+                                 factory(job, len(jobs)) if factory else None,
+                                 pools if train_concepts else {})
                 tensors, meta = res.adapter.to_tensors()
                 loss = res.history.get("loss") or []
                 results[job.index] = (tensors, meta, {
@@ -346,23 +430,13 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
     parts = [UnlearnAdapter.from_tensors(*every[j.index][:2]) for j in jobs]
 
     sums = None
-    if fusion == "least_squares":
-        sums, err = None, None
+    if least_squares:  # each rank its own concepts' Grams, rank 0 the preserved prompts'
+        err = None
         try:
-            kw = {k: run_kwargs.get(k) for k in ("sample_steps", "guidance", "clip_x0", "seed")}
-            settings = {"sample_steps": kw["sample_steps"] or recipe(method).sample_steps,
-                        "guidance": guidance_for(denoiser, kw["guidance"]),
-                        "clip_x0": kw["clip_x0"]}
-            seed = int(kw["seed"] or 0)
-            mine = {job.index: _pool(denoiser, [job.concept], ls_samples, seed, settings)
-                    for job in jobs[rank::size]}
-            uncond = run_kwargs.get("preserve_uncond")
-            if uncond is None:
-                uncond = recipe(method).hparams.get("preserve_uncond", False)
-            kept_prompts = with_unconditional(preserve) if uncond else list(preserve)
-            kept = (_pool(denoiser, kept_prompts, ls_samples, seed + 1, settings)
-                    if rank == 0 and kept_prompts else None)
-            sums = gram_sums(denoiser, parts, mine, kept, seed=seed,
+            mine, kept_rows = ls_inputs(pools, [j.concept for j in jobs], kept, ls_samples)
+            sums = gram_sums(denoiser, parts, {i: mine[i] for i in range(rank, len(jobs), size)},
+                             kept_rows if rank == 0 else None,
+                             seed=int(run_kwargs.get("seed") or 0),
                              preserve_weight=ls_preserve_weight)
         except Exception as e:
             if size == 1:
@@ -394,6 +468,6 @@ def _run_keys() -> set[str]:
     from .methods import run_method
 
     task_inputs = {"concept", "surrogate", "preserve", "forget", "keep", "forget_prompts",
-                   "keep_prompts", "encode", "hparams"}
+                   "keep_prompts", "encode", "hparams", "concept_latents", "preserve_latents"}
     return {n for n, p in inspect.signature(run_method).parameters.items()
             if p.kind == p.KEYWORD_ONLY} - task_inputs

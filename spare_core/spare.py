@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -46,6 +46,8 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
                   compose: float = _H["compose"], seed: int = 0,
                   saliency_batch_size: int = SALIENCY_MICRO_BATCH, gradient_checkpointing: bool = False,
                   backward_per_term: bool = False, adversarial=None,
+                  concept_latents: torch.Tensor | None = None,
+                  preserve_latents: Mapping[str, torch.Tensor] | None = None,
                   progress: Callable[[int, int, float], None] | None = None,
                   should_stop: Callable[[], bool] | None = None,
                   phase_progress: Callable[[str, int, int], None] | None = None) -> SpareResult:
@@ -78,13 +80,19 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     (:class:`~spare_core.tasks.ConceptTask`). ``preserve_uncond`` adds the empty prompt to the
     preserved ones (:func:`~spare_core.tasks.with_unconditional`): the unconditional prediction
     that guidance subtracts from every prompt's stays the frozen model's.
+    ``concept_latents`` ``[N, C, H, W]`` (N/k per concept line, in their order) and
+    ``preserve_latents`` (``{prompt: [n, C, H, W]}``, the empty prompt's included; prompts it
+    lacks are sampled, extra keys ignored) are pools made before, by the frozen model: given,
+    they are not sampled again (a list's jobs share them: :mod:`spare_core.multi_concept`).
     """
     guidance = guidance_for(denoiser, guidance)
     given = list(preserve)  # what the contrastive ranking contrasts with: the prompts' words
     pool = PoolConfig(size=num_samples, steps=sample_steps, guidance=guidance, clip_x0=clip_x0)
+    kept = with_unconditional(given) if preserve_uncond else given
     task = concept_task = ConceptTask(
-        concept, surrogate, with_unconditional(given) if preserve_uncond else given, pool=pool,
-        compose=compose)
+        concept, surrogate, kept, concept_latents=concept_latents,
+        preserve_latents=[preserve_latents.get(p) for p in kept] if preserve_latents else None,
+        pool=pool, compose=compose)
     if adversarial:
         from .probe.adversarial import AdversarialConceptTask, AdversarialConfig
 
@@ -116,11 +124,15 @@ def spare_unlearn(denoiser: Denoiser, concept: str, surrogate: str = "",
     if mask_fraction is not None and not (0.0 < mask_fraction <= 1.0):
         raise ValueError(f"sparsity (mask fraction) must be in (0, 1], got {mask_fraction}")
 
-    gen = torch.Generator().manual_seed(seed)
-    prompts = task.sample_prompts(num_samples)  # num_samples per concept line
-    latents = sample(denoiser, prompts, steps=sample_steps, guidance=guidance,
-                     method="ddim", generator=gen, clip_x0=clip_x0,
-                     callback=phase_callback(phase_progress, "concept samples"))
+    if concept_latents is None:
+        gen = torch.Generator().manual_seed(seed)
+        prompts = task.sample_prompts(num_samples)  # num_samples per concept line
+        latents = sample(denoiser, prompts, steps=sample_steps, guidance=guidance,
+                         method="ddim", generator=gen, clip_x0=clip_x0,
+                         callback=phase_callback(phase_progress, "concept samples"))
+    else:  # validated by the task: N/k per concept line
+        num_samples = concept_latents.shape[0] // len(concept_task.pairs)
+        prompts, latents = task.sample_prompts(num_samples), concept_latents
     sal = None
     if needs_saliency(module_selection) or element_masks:
         ranking = module_selection if needs_saliency(module_selection) else "saliency"

@@ -83,8 +83,9 @@ class ConceptTask:
     Several concepts are erased together when ``concept`` holds one per line; ``surrogate`` then
     holds one per line too (or one for all): :func:`concept_pairs`. ``concept_latents``
     ``[N, C, H, W]`` (e.g. from the saliency stage; with k concepts, N/k per concept in their
-    order) and ``preserve_latents`` (one tensor per preserved prompt) are generated with the
-    frozen model when not given (``pool.size`` per concept). ``surrogate`` may be ``""`` (the
+    order) and ``preserve_latents`` (one tensor per preserved prompt, or None for a prompt whose
+    pool is to be made) are generated with the frozen model when not given (``pool.size`` per
+    concept and per preserved prompt). ``surrogate`` may be ``""`` (the
     unconditional prediction).
 
     ``compose`` (0 to 1) is the share of forget rows whose prompt puts the concept in a
@@ -97,7 +98,7 @@ class ConceptTask:
     surrogate: str = ""
     preserve: Sequence[str] = ()
     concept_latents: Tensor | None = None
-    preserve_latents: Sequence[Tensor] | None = None
+    preserve_latents: Sequence[Tensor | None] | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
     compose: float = 0.0
 
@@ -177,9 +178,10 @@ class ConceptTask:
             self.concept_latents = torch.cat([pool_for(c, "concept pool") for c in concepts])
         k = len(concepts)
         self._owner = torch.arange(k).repeat_interleave(self.concept_latents.shape[0] // k)
-        if self.preserve and self.preserve_latents is None:
-            self.preserve_latents = [pool_for(p, f"preserve pool {i + 1}")
-                                     for i, p in enumerate(self.preserve)]
+        if self.preserve:  # the pools not given (None entries too), in the prompts' order
+            given = list(self.preserve_latents or [None] * len(self.preserve))
+            self.preserve_latents = [x if x is not None else pool_for(p, f"preserve pool {i + 1}")
+                                     for i, (p, x) in enumerate(zip(self.preserve, given))]
         one = k == 1  # one concept: its [1, L, D] contexts, as before
         self.sampler = make_timestep_sampler(
             timestep_sampler, denoiser, self.concept_latents,

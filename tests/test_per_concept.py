@@ -1,5 +1,6 @@
-"""Per-concept training, then fusion (spare_core.multi_concept, spare_core.fusion): each job equals
-a single-concept run with the list's other concepts preserved; each fusion's algebra; the fused
+"""Per-concept training, then fusion (spare_core.multi_concept, spare_core.fusion): the list's
+latent pools are sampled once, one per prompt; each job equals a single-concept run on them with
+the list's other concepts preserved; each fusion's algebra; the fused
 adapter's files; the same run over 2 gloo processes (torchrun) equals the one-process run; a
 failing rank stops every rank with one clear error and no file; the CLI's list file."""
 import os
@@ -17,7 +18,7 @@ from spare_core.concept_list import parse_concept_list, plan_jobs
 from spare_core.files import read_safetensors
 from spare_core.fusion import (GramSums, fuse_least_squares, fuse_sum, fuse_ties, ties_merge)
 from spare_core.methods import run_method
-from spare_core.multi_concept import ConceptJobError, unlearn_concepts
+from spare_core.multi_concept import ConceptJobError, list_pools, ls_inputs, unlearn_concepts
 from test_cli import pipe_dir  # noqa: F401  (the tiny pipeline folder fixture)
 from tiny_models import tiny_denoiser
 
@@ -38,17 +39,95 @@ def _equal_adapters(a, b):
         assert torch.equal(ta[k], tb[k]), k
 
 
-def test_each_job_equals_a_single_concept_run_with_the_others_preserved(den):
+def _list_pools(den, prompts):
+    """The pools unlearn_concepts samples at FAST for ``prompts`` (concepts, then preserved)."""
+    from spare_core.recipes import guidance_for
+
+    settings = {"sample_steps": FAST["sample_steps"], "guidance": guidance_for(den, None),
+                "clip_x0": None}
+    return list_pools(den, prompts, FAST["num_samples"], FAST["seed"], settings)
+
+
+def test_each_job_equals_a_single_concept_run_on_the_lists_pools(den):
     res = unlearn_concepts("spare", den, ["a red circle", "a blue square"], "a green line",
                            ["a purple star"], **FAST)
+    pools = _list_pools(den, ["a red circle", "a blue square", "a purple star", ""])
     for part, (concept, other) in zip(res.parts, [("a red circle", "a blue square"),
                                                   ("a blue square", "a red circle")]):
         alone = run_method("spare", den, concept=concept, surrogate="a green line",
-                           preserve=["a purple star", other], **FAST)
+                           preserve=["a purple star", other], concept_latents=pools[concept],
+                           preserve_latents=pools, **FAST)
         _equal_adapters(part, alone.adapter)
     assert [j["concept"] for j in res.history["jobs"]] == ["a red circle", "a blue square"]
     assert res.adapter.meta["concept"] == "a red circle\na blue square"
     assert res.adapter.meta["fusion"] == DEFAULT_FUSION == "least_squares"
+
+
+def test_a_list_samples_each_prompts_pool_once(den, monkeypatch):
+    """k concepts and P shared preserved prompts (the empty one among them): k + P pools for
+    the whole list, from list_pools, none in the jobs (k single runs would sample k (1 + P),
+    each job of a list k (1 + P) - 1 more than that without sharing); each pool on its own noise."""
+    import spare_core.sampling as sampling
+    import spare_core.spare as spare
+    import spare_core.tasks as tasks
+
+    calls = []
+    real = sampling.sample
+
+    def counted(d, prompts, **kw):
+        calls.append(list(prompts))
+        return real(d, prompts, **kw)
+
+    def refused(*a, **k):
+        raise AssertionError("a job sampled a pool the list had")
+
+    monkeypatch.setattr(sampling, "sample", counted)
+    monkeypatch.setattr(spare, "sample", refused)
+    monkeypatch.setattr(tasks, "sample", refused)
+    concepts = ["a red circle", "a blue square", "a yellow dot"]
+    unlearn_concepts("spare", den, concepts, "a green line", ["a purple star"], **FAST)
+    assert sorted(c[0] for c in calls) == sorted(concepts + ["a purple star", ""])
+    assert all(len(c) == FAST["num_samples"] and len(set(c)) == 1 for c in calls)
+    pools = _list_pools(den, concepts + ["a purple star"])
+    assert not torch.equal(pools["a red circle"], pools["a blue square"])
+
+
+def test_the_pools_do_not_depend_on_the_ranks_split(den):
+    """Pool i starts from its own generator: sampled alone it is the list's pool i."""
+    both = _list_pools(den, ["a red circle", "a purple star"])
+    alone = _list_pools(den, ["a red circle"])
+    torch.testing.assert_close(both["a red circle"], alone["a red circle"])
+
+
+def test_least_squares_inputs_read_the_pools_round_robin():
+    pools = {"c1": torch.arange(3.0).view(3, 1, 1, 1), "c2": torch.arange(3.0, 6.0).view(3, 1, 1, 1),
+             "k": torch.full((2, 1, 1, 1), 10.0), "": torch.full((2, 1, 1, 1), 20.0)}
+    mine, kept = ls_inputs(pools, ["c1", "c2"], ["k", ""], samples=2)
+    assert mine[0][0] == ["c1", "c1"] and torch.equal(mine[1][1], pools["c2"][:2])
+    assert kept[0] == ["k", "", "k", ""][:2]
+    mine, kept = ls_inputs(pools, ["c1"], ["k", ""], samples=8)  # each pool holds 2: 4 rows
+    assert len(mine[0][0]) == 3 and kept[0] == ["k", "", "k", ""]
+    assert kept[1].flatten().tolist() == [10.0, 20.0, 10.0, 20.0]
+    assert ls_inputs(pools, ["c1"], [], samples=2)[1] is None
+
+
+def test_given_pools_are_checked_and_not_sampled_again(den, monkeypatch):
+    import spare_core.spare as spare
+    import spare_core.tasks as tasks
+
+    pools = _list_pools(den, ["a red circle", "a purple star", ""])
+    with pytest.raises(ValueError, match="latents must be"):
+        run_method("spare", den, concept="a red circle", concept_latents=torch.zeros(2, 1, 2, 2),
+                   **FAST)
+    with pytest.raises(ValueError, match="takes no latent pools"):
+        run_method("uce", den, concept="a red circle", concept_latents=pools["a red circle"])
+    monkeypatch.setattr(spare, "sample", lambda *a, **k: pytest.fail("sampled the concept"))
+    seen = []
+    real = tasks.sample
+    monkeypatch.setattr(tasks, "sample", lambda d, p, **k: seen.append(p[0]) or real(d, p, **k))
+    run_method("spare", den, concept="a red circle", preserve=["a purple star", "a moon"],
+               concept_latents=pools["a red circle"], preserve_latents=pools, **FAST)
+    assert seen == ["a moon"]  # only the prompt the pools lacked
 
 
 def test_plan_adds_the_other_concepts_to_each_preserve_set():
@@ -311,13 +390,28 @@ def _node_run(tmp_path, monkeypatch, **settings):
 
 
 def test_node_per_concept_sum_is_the_sum_of_single_concept_runs(tmp_path, monkeypatch):
-    """SelfDistillUnlearn with two concepts and per_concept 'sum' equals the sum of two
-    single-concept runs of the node, each preserving the other concept."""
+    """SelfDistillUnlearn with two concepts and per_concept 'sum' samples each prompt's pool
+    once for the list (the concepts', the preserved prompt's, the empty prompt's), and equals
+    the sum of two single-concept runs of the node on the same pools, each preserving the other
+    concept."""
+    import spare_core.tasks as tasks
     from comfy_double import load_pack
 
     host, nodes, common = _node_run(tmp_path, monkeypatch, pool_size=1)
+    unlearn_node = sys.modules[f"{load_pack().__name__}.nodes.unlearn_node"]
+    made, real = {}, unlearn_node.list_pools
+
+    def recorded(den, prompts, *a, **k):
+        out = real(den, prompts, *a, **k)
+        made.update(out)
+        return {p: out[p] for p in prompts}
+
+    monkeypatch.setattr(unlearn_node, "list_pools", recorded)
+    monkeypatch.setattr(tasks, "sample", lambda *a, **k: pytest.fail("a job sampled a pool"))
     (fused, _loss) = host.run(nodes["SelfDistillUnlearn"], concept="a red circle\na blue square",
                         preserve="a purple star", per_concept="sum", **common)
+    assert sorted(made) == sorted(["a red circle", "a blue square", "a purple star", ""])
+    monkeypatch.setattr(tasks, "sample", lambda d, prompts, **k: made[prompts[0]])  # the same pools
     singles = [host.run(nodes["SelfDistillUnlearn"], concept=c, preserve=f"a purple star\n{o}",
                         **common)[0]
                for c, o in (("a red circle", "a blue square"), ("a blue square", "a red circle"))]
