@@ -251,9 +251,7 @@ class SelfDistillUnlearn:
             bar = bridge.Progress(pool_steps * len(listed) + sum(pools) + steps * len(tasks))
             start = pool_steps * len(listed)
             if several:
-                shared = list_pools(den, listed, task.pool.size, int(seed),
-                                    {"sample_steps": pool_steps, "guidance": task.pool.guidance,
-                                     "clip_x0": None}, batch_size=task.pool.batch_size,
+                shared = list_pools(den, listed, task.pool, int(seed),
                                     progress=PoolProgress(bar, pool_steps))
                 for t in tasks:
                     if t.concept_latents is None:

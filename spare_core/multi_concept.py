@@ -38,7 +38,7 @@ from .denoiser import Denoiser, compute_dtype_of, device_of, prediction
 from .families.unet import adaptable_modules
 from .fusion import LS_RIDGE, TIES_DENSITY, GramSums, check_fusion, fuse, union_names
 from .loop import UnlearnResult
-from .tasks import concept_pairs, with_unconditional
+from .tasks import PoolConfig, concept_pairs, sample_pool, with_unconditional
 
 log = logging.getLogger(__name__)
 
@@ -249,31 +249,22 @@ def pool_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(1_000_003 * (seed + 1) + index)
 
 
-def list_pools(denoiser: Denoiser, prompts: Sequence[str], size: int, seed: int,
-               settings: Mapping, *, batch_size: int = 256,
+def list_pools(denoiser: Denoiser, prompts: Sequence[str], pool: PoolConfig, seed: int,
                progress: Callable[[str, int, int], None] | None = None) -> dict[str, Tensor]:
-    """One pool of ``size`` latents ``[size, C, H, W]`` per prompt of a list (its concepts, then
-    the shared preserved prompts), sampled once by the frozen model (DDIM; ``settings``:
-    ``sample_steps``, ``guidance``, ``clip_x0``; the empty prompt unguided, as
-    :class:`~spare_core.tasks.ConceptTask` does) for every job that reads it: a concept's pool is
-    its own job's forget set and the other jobs' preserve pool for it. Pool ``i`` starts from
+    """One pool of ``pool.size`` latents per prompt of a list (its concepts, then the shared
+    preserved prompts), sampled once by the frozen model (:func:`~spare_core.tasks.sample_pool`,
+    as a task samples its own) for every job that reads it: a concept's pool is its own job's
+    forget set and the other jobs' preserve pool for it. Pool ``i`` starts from
     :func:`pool_generator` ``(seed, i)``; under torch.distributed each rank samples every
     N-th pool (rank r: pools r, r + N, ..., the concepts of its own jobs) and the ranks exchange
-    them. ``batch_size`` latents go through the UNet at once (twice that guided);
-    ``progress(what, done, total)`` per pool."""
-    from .sampling import sample
-
+    them. ``progress(what, done, total)`` per pool."""
     rank, n_ranks = world()
     mine, err = {}, None
     try:
         for i in range(rank, len(prompts), n_ranks):
-            p = prompts[i]
             what = f"pool {i + 1}/{len(prompts)}"
             cb = (lambda d, n, what=what: progress(what, d, n)) if progress else None
-            mine[p] = sample(denoiser, [p] * size, steps=settings["sample_steps"],
-                             guidance=settings["guidance"] if p.strip() else 1.0, method="ddim",
-                             generator=pool_generator(seed, i), clip_x0=settings["clip_x0"],
-                             batch_size=batch_size, callback=cb)
+            mine[prompts[i]] = sample_pool(denoiser, prompts[i], pool, pool_generator(seed, i), cb)
     except Exception as e:
         if n_ranks == 1:
             raise
@@ -392,11 +383,11 @@ def unlearn_concepts(method: str, denoiser: Denoiser, concepts, surrogate="",
         kept if train_kept or least_squares else [])
     pools: dict[str, Tensor] = {}
     if pooled:
-        settings = {"sample_steps": run_kwargs.get("sample_steps") or recipe(method).sample_steps,
-                    "guidance": guidance_for(denoiser, run_kwargs.get("guidance")),
-                    "clip_x0": run_kwargs.get("clip_x0")}
-        n = run_kwargs.get("num_samples") or recipe(method).num_samples
-        pools = list_pools(denoiser, pooled, n, int(run_kwargs.get("seed") or 0), settings,
+        pool = PoolConfig(size=run_kwargs.get("num_samples") or recipe(method).num_samples,
+                          steps=run_kwargs.get("sample_steps") or recipe(method).sample_steps,
+                          guidance=guidance_for(denoiser, run_kwargs.get("guidance")),
+                          clip_x0=run_kwargs.get("clip_x0"))
+        pools = list_pools(denoiser, pooled, pool, int(run_kwargs.get("seed") or 0),
                            progress=factory(None, len(jobs))[1] if factory else None)
 
     results: dict[int, tuple] = {}

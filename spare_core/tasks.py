@@ -65,6 +65,17 @@ def _part(x0: Tensor, ctx, t: Tensor, gen: torch.Generator, proc: ForwardProcess
     return make_part(x0, ctx, t, torch.randn(x0.shape, generator=gen), proc, dev, dtype)
 
 
+def sample_pool(denoiser: Denoiser, prompt: str, pool: PoolConfig, generator: torch.Generator,
+                callback: Callable[[int, int], None] | None = None) -> Tensor:
+    """``pool.size`` latents ``[size, C, H, W]`` of ``prompt`` from the frozen model (DDIM).
+    The empty prompt guided against itself (sample's negative prompt is "") is its own
+    prediction, u + g (u - u) = u: it is sampled unguided, one UNet call per step instead of two."""
+    return sample(denoiser, [prompt] * pool.size, steps=pool.steps,
+                  guidance=pool.guidance if prompt.strip() else 1.0, method="ddim",
+                  generator=generator, clip_x0=pool.clip_x0, batch_size=pool.batch_size,
+                  callback=callback)
+
+
 def with_unconditional(preserve: Sequence[str]) -> list[str]:
     """``preserve`` with the empty prompt added (unless one is there): the unconditional
     prediction, which classifier-free guidance subtracts from every prompt's at sampling
@@ -167,12 +178,7 @@ class ConceptTask:
 
         def pool_for(prompt: str, what: str) -> Tensor:
             cb = (lambda i, n: progress(what, i, n)) if progress else None
-            # the empty prompt guided against itself (sample's negative prompt is "") is its own
-            # prediction, u + g (u - u) = u: unguided, one UNet call per step instead of two
-            guidance = 1.0 if prompt == "" else self.pool.guidance
-            return sample(denoiser, [prompt] * self.pool.size, steps=self.pool.steps,
-                          guidance=guidance, method="ddim", generator=gen,
-                          clip_x0=self.pool.clip_x0, batch_size=self.pool.batch_size, callback=cb)
+            return sample_pool(denoiser, prompt, self.pool, gen, cb)
 
         if self.concept_latents is None:
             self.concept_latents = torch.cat([pool_for(c, "concept pool") for c in concepts])

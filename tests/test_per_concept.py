@@ -42,10 +42,11 @@ def _equal_adapters(a, b):
 def _list_pools(den, prompts):
     """The pools unlearn_concepts samples at FAST for ``prompts`` (concepts, then preserved)."""
     from spare_core.recipes import guidance_for
+    from spare_core.tasks import PoolConfig
 
-    settings = {"sample_steps": FAST["sample_steps"], "guidance": guidance_for(den, None),
-                "clip_x0": None}
-    return list_pools(den, prompts, FAST["num_samples"], FAST["seed"], settings)
+    pool = PoolConfig(size=FAST["num_samples"], steps=FAST["sample_steps"],
+                      guidance=guidance_for(den, None))
+    return list_pools(den, prompts, pool, FAST["seed"])
 
 
 def test_each_job_equals_a_single_concept_run_on_the_lists_pools(den):
@@ -65,38 +66,27 @@ def test_each_job_equals_a_single_concept_run_on_the_lists_pools(den):
 
 def test_a_list_samples_each_prompts_pool_once(den, monkeypatch):
     """k concepts and P shared preserved prompts (the empty one among them): k + P pools for
-    the whole list, from list_pools, none in the jobs (k single runs would sample k (1 + P),
-    each job of a list k (1 + P) - 1 more than that without sharing); each pool on its own noise."""
-    import spare_core.sampling as sampling
+    the whole list, from list_pools, none in the jobs (k single runs would sample k (1 + P)).
+    That a pool does not depend on the ranks' split is the 2-process test's (the same file)."""
     import spare_core.spare as spare
     import spare_core.tasks as tasks
 
     calls = []
-    real = sampling.sample
+    real = tasks.sample
 
-    def counted(d, prompts, **kw):
+    def counted(d, prompts, **kw):  # every pool, the list's or a job's, is sampled here
         calls.append(list(prompts))
         return real(d, prompts, **kw)
 
     def refused(*a, **k):
-        raise AssertionError("a job sampled a pool the list had")
+        raise AssertionError("a job sampled its concept images the list had")
 
-    monkeypatch.setattr(sampling, "sample", counted)
+    monkeypatch.setattr(tasks, "sample", counted)
     monkeypatch.setattr(spare, "sample", refused)
-    monkeypatch.setattr(tasks, "sample", refused)
     concepts = ["a red circle", "a blue square", "a yellow dot"]
     unlearn_concepts("spare", den, concepts, "a green line", ["a purple star"], **FAST)
     assert sorted(c[0] for c in calls) == sorted(concepts + ["a purple star", ""])
     assert all(len(c) == FAST["num_samples"] and len(set(c)) == 1 for c in calls)
-    pools = _list_pools(den, concepts + ["a purple star"])
-    assert not torch.equal(pools["a red circle"], pools["a blue square"])
-
-
-def test_the_pools_do_not_depend_on_the_ranks_split(den):
-    """Pool i starts from its own generator: sampled alone it is the list's pool i."""
-    both = _list_pools(den, ["a red circle", "a purple star"])
-    alone = _list_pools(den, ["a red circle"])
-    torch.testing.assert_close(both["a red circle"], alone["a red circle"])
 
 
 def test_least_squares_inputs_read_the_pools_round_robin():
@@ -406,11 +396,14 @@ def test_node_per_concept_sum_is_the_sum_of_single_concept_runs(tmp_path, monkey
         made.update(out)
         return {p: out[p] for p in prompts}
 
+    calls, real_sample = [], tasks.sample
     monkeypatch.setattr(unlearn_node, "list_pools", recorded)
-    monkeypatch.setattr(tasks, "sample", lambda *a, **k: pytest.fail("a job sampled a pool"))
+    monkeypatch.setattr(tasks, "sample",  # every pool, the list's or a job's, is sampled here
+                        lambda d, prompts, **k: calls.append(prompts[0]) or real_sample(d, prompts, **k))
     (fused, _loss) = host.run(nodes["SelfDistillUnlearn"], concept="a red circle\na blue square",
                         preserve="a purple star", per_concept="sum", **common)
-    assert sorted(made) == sorted(["a red circle", "a blue square", "a purple star", ""])
+    assert sorted(made) == sorted(calls) == sorted(["a red circle", "a blue square",
+                                                    "a purple star", ""])
     monkeypatch.setattr(tasks, "sample", lambda d, prompts, **k: made[prompts[0]])  # the same pools
     singles = [host.run(nodes["SelfDistillUnlearn"], concept=c, preserve=f"a purple star\n{o}",
                         **common)[0]
